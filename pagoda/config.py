@@ -1,0 +1,115 @@
+"""Engine configuration: a few dataclasses, validated in one place.
+
+User-facing errors are `ConfigError` (a `ValueError`) naming the field, the
+value and the limit.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+# On CPU the KV cache lives in RAM next to everything else; 2 GiB holds
+# ~90k tokens of SmolLM2 in bf16 and leaves room on small machines.
+DEFAULT_CPU_KV_CACHE_BYTES = 2 * 1024**3
+
+
+class ConfigError(ValueError):
+    def __init__(self, field_name: str, value: object, limit: str):
+        self.field_name = field_name
+        self.value = value
+        super().__init__(f"{field_name}={value!r} is invalid: {limit}.")
+
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """'auto' is bfloat16 on CPU (AMX makes bf16 matmuls fast; see README) and on CUDA."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16
+    if dtype not in _DTYPES:
+        raise ConfigError("dtype", dtype, f"must be 'auto' or one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", str(device), "CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError("device", str(device), "must be 'cpu', 'cuda' or 'auto'")
+    return dev
+
+
+@dataclass
+class SchedulerConfig:
+    # Tokens processed per step across all requests (prefill chunks + decodes).
+    max_num_batched_tokens: int = 2048
+    # Requests running at once.
+    max_num_seqs: int = 256
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1:
+            raise ConfigError("max_num_batched_tokens", self.max_num_batched_tokens, "must be >= 1")
+        if self.max_num_seqs < 1:
+            raise ConfigError("max_num_seqs", self.max_num_seqs, "must be >= 1")
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = 16
+    # Bytes for K and V of all layers. None: DEFAULT_CPU_KV_CACHE_BYTES on CPU,
+    # `gpu_memory_utilization` of the free GPU memory on CUDA.
+    kv_cache_memory: int | None = None
+    gpu_memory_utilization: float = 0.9
+    # Overrides the memory budget with an exact block count (tests).
+    num_blocks: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size > 1024:
+            raise ConfigError("block_size", self.block_size, "must be in [1, 1024]")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ConfigError("kv_cache_memory", self.kv_cache_memory, "must be > 0 bytes")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError("gpu_memory_utilization", self.gpu_memory_utilization, "must be in (0, 1]")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ConfigError("num_blocks", self.num_blocks, "must be >= 1")
+
+
+@dataclass
+class EngineConfig:
+    model: str = DEFAULT_MODEL
+    tokenizer: str | None = None
+    dtype: str | torch.dtype = "auto"
+    device: str | torch.device | None = None
+    load_format: str = "auto"  # auto | safetensors | gguf | dummy
+    max_model_len: int | None = None
+    seed: int = 0
+    num_threads: int | None = None
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+
+    def __post_init__(self) -> None:
+        if self.load_format not in ("auto", "safetensors", "gguf", "dummy"):
+            raise ConfigError("load_format", self.load_format, "must be auto, safetensors, gguf or dummy")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ConfigError("max_model_len", self.max_model_len, "must be >= 1")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ConfigError("num_threads", self.num_threads, f"must be in [1, {os.cpu_count()}]")

@@ -1,0 +1,79 @@
+"""The typed contract between the scheduler (CPU bookkeeping) and the worker.
+
+The scheduler says who runs and with how many tokens (`SchedulerOutput`);
+the worker answers with what it sampled (`ModelRunnerOutput`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pagoda.request import Request, TokenLogprobs
+
+
+@dataclass
+class ScheduledRequest:
+    """One request's share of a step.
+
+    The worker computes K/V for tokens `request.all_token_ids[start:start+num_new_tokens]`
+    at positions `start..start+num_new_tokens-1`, attending to every earlier
+    position of the request through `block_table`. It must treat `request`
+    as read-only apart from its RNG.
+    """
+
+    request: Request
+    start: int
+    num_new_tokens: int
+    block_table: list[int]
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_new_tokens
+
+    @property
+    def samples(self) -> bool:
+        """True when this chunk reaches the end of the sequence: sample a token."""
+        return self.end == self.request.num_tokens
+
+    @property
+    def prompt_logprob_positions(self) -> range:
+        """Positions of this chunk whose logits give new prompt logprobs.
+
+        Position p's logits score prompt token p+1, so positions
+        0..num_prompt-2 count, each only once even if the request is
+        recomputed after preemption.
+        """
+        request = self.request
+        if request.sampling_params.prompt_logprobs is None:
+            return range(0)
+        first = max(self.start, len(request.prompt_logprobs))
+        last = min(self.end, request.num_prompt_tokens - 1)
+        return range(first, max(first, last))
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    num_preempted: int = 0
+
+    @property
+    def total_num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass
+class ModelRunnerOutput:
+    """Per request id: the sampled token (only for chunks that sample)."""
+
+    sampled_token_ids: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    # New prompt logprobs computed in this step, in position order.
+    prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)

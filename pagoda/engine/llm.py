@@ -1,0 +1,107 @@
+"""The offline API users know from vLLM: LLM(model=...).generate(prompts, params)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tqdm.auto import tqdm
+
+from pagoda.config import DEFAULT_MODEL, CacheConfig, EngineConfig, SchedulerConfig
+from pagoda.engine.llm_engine import LLMEngine, PromptInput
+from pagoda.outputs import RequestOutput
+from pagoda.sampling_params import SamplingParams
+
+Message = dict[str, str]
+
+
+class LLM:
+    """An engine for offline batched generation.
+
+    Keyword arguments map onto `EngineConfig`, `SchedulerConfig` and
+    `CacheConfig` fields (e.g. `dtype`, `max_model_len`, `max_num_seqs`,
+    `max_num_batched_tokens`, `block_size`, `kv_cache_memory`, `num_blocks`).
+    """
+
+    def __init__(self, model: str = DEFAULT_MODEL, show_progress: bool = True, **kwargs):
+        scheduler_keys = SchedulerConfig.__dataclass_fields__.keys()
+        cache_keys = CacheConfig.__dataclass_fields__.keys()
+        scheduler = SchedulerConfig(**{k: kwargs.pop(k) for k in list(kwargs) if k in scheduler_keys})
+        cache = CacheConfig(**{k: kwargs.pop(k) for k in list(kwargs) if k in cache_keys})
+        config = EngineConfig(model=model, scheduler=scheduler, cache=cache, **kwargs)
+        self.engine = LLMEngine(config, show_progress=show_progress)
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptInput | Sequence[PromptInput],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Runs all prompts to completion; outputs come back in prompt order."""
+        if isinstance(prompts, str) or (
+            isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts)
+        ):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError(
+                    f"sampling_params has {len(params_list)} entries but there are {len(prompts)} prompts; "
+                    "give one per prompt or a single one."
+                )
+        request_ids = []
+        try:
+            for prompt, params in zip(prompts, params_list):
+                request_ids.append(self.engine.add_request(prompt, params))
+        except Exception:
+            for request_id in request_ids:
+                self.engine.abort_request(request_id)
+            raise
+        return self._run(request_ids, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[Message] | list[list[Message]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Applies the tokenizer's chat template to each conversation, then generates."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [
+            self.apply_chat_template(conv, chat_template=chat_template, add_generation_prompt=add_generation_prompt)
+            for conv in conversations
+        ]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def apply_chat_template(
+        self, messages: list[Message], chat_template: str | None = None, add_generation_prompt: bool = True
+    ) -> list[int]:
+        tokenizer = self.engine.tokenizer
+        text = tokenizer.apply_chat_template(
+            messages, chat_template=chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+        # The template already holds every special token the model expects.
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        finished: dict[str, RequestOutput] = {}
+        wanted = set(request_ids)
+        bar = tqdm(total=len(request_ids), desc="Generating", unit=" req", disable=not use_tqdm)
+        try:
+            while self.engine.has_unfinished_requests() and len(finished) < len(wanted):
+                for output in self.engine.step():
+                    if output.finished and output.request_id in wanted:
+                        finished[output.request_id] = output
+                        bar.update(1)
+        finally:
+            bar.close()
+        return [finished[request_id] for request_id in request_ids]

@@ -1,0 +1,299 @@
+"""The synchronous engine: add requests, step, collect outputs.
+
+One `step()` = schedule -> run the model once -> update requests ->
+detokenize and check stop strings -> build outputs. The engine owns request
+lifecycle: a request with n > 1 becomes n sequences (children) that are
+scheduled independently and reported together.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from pagoda.config import DEFAULT_CPU_KV_CACHE_BYTES, ConfigError, EngineConfig, resolve_device, resolve_dtype
+from pagoda.core.kv_cache_manager import KVCacheManager
+from pagoda.core.scheduler import RequestUpdate, Scheduler, SchedulerStats
+from pagoda.engine.detokenizer import IncrementalDetokenizer
+from pagoda.model.loader.loader import build_model, load_hf_config, load_tokenizer
+from pagoda.model.loader.resolve import resolve_model
+from pagoda.outputs import CompletionOutput, RequestMetrics, RequestOutput, logprob_dict
+from pagoda.request import Request, RequestStatus
+from pagoda.sampling_params import SamplingParams
+from pagoda.worker.kv_cache import allocate_kv_caches, kv_bytes_per_token, num_blocks_for_budget
+from pagoda.worker.model_runner import ModelRunner
+from pagoda.worker.sampler import Sampler
+
+logger = logging.getLogger(__name__)
+
+PromptInput = str | list[int]
+
+
+class PromptError(ValueError):
+    """A prompt the engine cannot take (empty, too long, unknown token ids)."""
+
+
+@dataclass
+class _Sequence:
+    """One of a request's n samples: the scheduler's Request plus its text."""
+
+    request: Request
+    detokenizer: IncrementalDetokenizer
+
+
+@dataclass
+class _ParentRequest:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    sequences: list[_Sequence] = field(default_factory=list)
+    finished_time: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(seq.request.is_finished for seq in self.sequences)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, show_progress: bool = True):
+        self.config = config
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.source = resolve_model(config.model)
+        self.hf_config = load_hf_config(self.source)
+        self.tokenizer = load_tokenizer(self.source, config.tokenizer)
+        self.max_model_len = self._derive_max_model_len()
+        self.model = build_model(
+            self.hf_config,
+            self.source,
+            load_format=config.load_format,
+            dtype=self.dtype,
+            device=self.device,
+            max_position=max(self.max_model_len, getattr(self.hf_config, "max_position_embeddings", 0) or 0),
+            seed=config.seed,
+            show_progress=show_progress,
+        )
+        self.vocab_size = self.hf_config.vocab_size
+        self.eos_token_ids = self._eos_token_ids()
+
+        block_size = config.cache.block_size
+        num_blocks = self._num_kv_blocks()
+        capacity = num_blocks * block_size
+        if self.max_model_len > capacity:
+            raise ConfigError(
+                "max_model_len",
+                self.max_model_len,
+                f"the KV cache holds only {capacity} tokens ({num_blocks} blocks of {block_size}); "
+                "lower max_model_len or give the cache more memory (kv_cache_memory)",
+            )
+        self.kv_caches = allocate_kv_caches(self.hf_config, num_blocks, block_size, self.dtype, self.device)
+        self.kv_cache_manager = KVCacheManager(num_blocks, block_size)
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager, self.max_model_len)
+        self.runner = ModelRunner(
+            self.model, self.kv_caches, block_size, Sampler(self.vocab_size, config.seed), self.device
+        )
+        self._parents: dict[str, _ParentRequest] = {}
+        self._seq_to_parent: dict[str, str] = {}
+        self._ids = itertools.count()
+        self.num_steps = 0
+
+    # -- set-up ------------------------------------------------------------
+
+    def _derive_max_model_len(self) -> int:
+        trained = getattr(self.hf_config, "max_position_embeddings", None) or 2048
+        # No sliding-window attention yet: stay within the window, where it is full attention.
+        window = getattr(self.hf_config, "sliding_window", None)
+        if window and getattr(self.hf_config, "use_sliding_window", True):
+            trained = min(trained, window)
+        requested = self.config.max_model_len
+        if requested is None:
+            return trained
+        rope = getattr(self.hf_config, "rope_scaling", None) or getattr(self.hf_config, "rope_parameters", None)
+        scaled = bool(rope) and (rope.get("rope_type") or rope.get("type") or "default") != "default"
+        if requested > trained and not scaled:
+            raise ConfigError(
+                "max_model_len", requested, f"the model was trained for at most {trained} tokens"
+            )
+        return requested
+
+    def _num_kv_blocks(self) -> int:
+        cache = self.config.cache
+        if cache.num_blocks is not None:
+            return cache.num_blocks
+        per_token = kv_bytes_per_token(self.hf_config, self.dtype)
+        budget = cache.kv_cache_memory
+        if budget is None:
+            if self.device.type == "cuda":
+                free, total = torch.cuda.mem_get_info(self.device)
+                budget = int(free - total * (1 - cache.gpu_memory_utilization))
+            else:
+                budget = DEFAULT_CPU_KV_CACHE_BYTES
+        blocks = num_blocks_for_budget(budget, cache.block_size, per_token)
+        if blocks < 1:
+            raise ConfigError("kv_cache_memory", budget, f"too small for one block ({cache.block_size * per_token} bytes)")
+        return blocks
+
+    def _eos_token_ids(self) -> frozenset[int]:
+        ids: set[int] = set()
+        for value in (getattr(self.hf_config, "eos_token_id", None), getattr(self.tokenizer, "eos_token_id", None)):
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, (list, tuple)):
+                ids.update(value)
+        generation_config = Path(self.source.folder) / "generation_config.json"
+        if self.source.kind == "hf" and generation_config.is_file():
+            value = json.loads(generation_config.read_text()).get("eos_token_id")
+            ids.update([value] if isinstance(value, int) else value or [])
+        return frozenset(ids)
+
+    # -- requests ----------------------------------------------------------
+
+    def tokenize(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise PromptError("prompt: text prompts need a tokenizer; pass token ids instead.")
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        raise PromptError(f"prompt={prompt!r:.80} is invalid: must be a string or a list of token ids.")
+
+    def add_request(self, prompt: PromptInput, params: SamplingParams | None = None, request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self._parents:
+            raise ValueError(f"request_id={request_id!r} is already in use.")
+        text, token_ids = self.tokenize(prompt)
+        self._validate_prompt(token_ids)
+        params.validate_against_vocab(self.vocab_size)
+        parent = _ParentRequest(request_id, text, token_ids, params)
+        for index in range(params.n):
+            child_params = params
+            if params.n > 1 and params.seed is not None:
+                child_params = replace(params, seed=params.seed + index)
+            seq_id = request_id if params.n == 1 else f"{request_id}#{index}"
+            request = Request(seq_id, token_ids, child_params, self.eos_token_ids)
+            parent.sequences.append(_Sequence(request, IncrementalDetokenizer(self.tokenizer, token_ids, child_params)))
+            self._seq_to_parent[seq_id] = request_id
+        self._parents[request_id] = parent
+        for seq in parent.sequences:
+            self.scheduler.add_request(seq.request)
+        return request_id
+
+    def _validate_prompt(self, token_ids: list[int]) -> None:
+        if not token_ids:
+            raise PromptError("prompt is empty: it must have at least 1 token.")
+        if len(token_ids) > self.max_model_len:
+            raise PromptError(
+                f"prompt has {len(token_ids)} tokens, more than max_model_len={self.max_model_len}."
+            )
+        bad = next((t for t in token_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise PromptError(f"prompt token id {bad} is invalid: must be in [0, {self.vocab_size}).")
+
+    def abort_request(self, request_id: str) -> None:
+        parent = self._parents.pop(request_id, None)
+        if parent is None:
+            return
+        self.scheduler.abort_requests([seq.request.request_id for seq in parent.sequences])
+        for seq in parent.sequences:
+            self._seq_to_parent.pop(seq.request.request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._parents)
+
+    def stats(self) -> SchedulerStats:
+        return self.scheduler.stats()
+
+    # -- the loop ----------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one engine step; returns an output for every request that changed."""
+        scheduler_output = self.scheduler.schedule()
+        if scheduler_output.is_empty:
+            return []
+        runner_output = self.runner.execute(scheduler_output)
+        updates = self.scheduler.update_from_output(scheduler_output, runner_output)
+        self.num_steps += 1
+        changed: dict[str, _ParentRequest] = {}
+        for update in updates:
+            parent_id = self._seq_to_parent.get(update.request.request_id)
+            if parent_id is None:
+                continue
+            self._process_update(update, self._parents[parent_id])
+            changed[parent_id] = self._parents[parent_id]
+        outputs = []
+        for parent_id, parent in changed.items():
+            outputs.append(self._make_output(parent))
+            if parent.finished:
+                self._parents.pop(parent_id)
+                for seq in parent.sequences:
+                    self._seq_to_parent.pop(seq.request.request_id, None)
+        return outputs
+
+    def _process_update(self, update: RequestUpdate, parent: _ParentRequest) -> None:
+        seq = next(s for s in parent.sequences if s.request is update.request)
+        request = update.request
+        if update.new_token_ids:
+            # Special tokens that end the request (EOS, stop ids) are not text.
+            text_ids = update.new_token_ids
+            if request.status == RequestStatus.FINISHED_STOPPED and not request.sampling_params.include_stop_str_in_output:
+                text_ids = text_ids[:-1]
+            if seq.detokenizer.add_tokens(text_ids) and not request.is_finished:
+                request.stop_reason = seq.detokenizer.stop_reason
+                self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
+            elif seq.detokenizer.stop_reason is not None:
+                request.stop_reason = seq.detokenizer.stop_reason
+        if request.is_finished:
+            seq.detokenizer.flush()
+            if parent.finished and parent.finished_time is None:
+                parent.finished_time = time.monotonic()
+
+    def _make_output(self, parent: _ParentRequest) -> RequestOutput:
+        completions = []
+        for index, seq in enumerate(parent.sequences):
+            request = seq.request
+            logprobs = None
+            cumulative = None
+            if parent.params.logprobs is not None:
+                logprobs = [logprob_dict(entry) for entry in request.output_logprobs]
+                cumulative = sum(entry.logprob for entry in request.output_logprobs)
+            completions.append(
+                CompletionOutput(
+                    index=index,
+                    text=seq.detokenizer.visible_text(request.is_finished),
+                    token_ids=list(request.output_token_ids),
+                    cumulative_logprob=cumulative,
+                    logprobs=logprobs,
+                    finish_reason=request.status.finish_reason,
+                    stop_reason=request.stop_reason,
+                )
+            )
+        prompt_logprobs = None
+        if parent.params.prompt_logprobs is not None:
+            first = parent.sequences[0].request
+            prompt_logprobs = [None] + [logprob_dict(entry) for entry in first.prompt_logprobs]
+        head = parent.sequences[0].request
+        return RequestOutput(
+            request_id=parent.request_id,
+            prompt=parent.prompt,
+            prompt_token_ids=parent.prompt_token_ids,
+            outputs=completions,
+            finished=parent.finished,
+            prompt_logprobs=prompt_logprobs,
+            metrics=RequestMetrics(
+                arrival_time=head.arrival_time,
+                first_scheduled_time=head.first_scheduled_time,
+                first_token_time=head.first_token_time,
+                finished_time=parent.finished_time,
+                num_preemptions=sum(s.request.num_preemptions for s in parent.sequences),
+            ),
+        )

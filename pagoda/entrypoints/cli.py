@@ -1,0 +1,138 @@
+"""The `pagoda` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from pagoda.config import DEFAULT_MODEL
+
+_DESCRIPTION = """pagoda: an LLM inference engine (paged KV cache, continuous batching).
+
+commands:
+  generate   complete one prompt with a model and print the text as it comes
+"""
+
+
+def _add_engine_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model and engine")
+    group.add_argument("--model", default=DEFAULT_MODEL,
+                       help=f"alias, HF folder (config.json + safetensors) or .gguf file (default: {DEFAULT_MODEL})")
+    group.add_argument("--tokenizer", default=None, help="tokenizer folder, if not the model's own")
+    group.add_argument("--dtype", default="auto", help="auto (bfloat16), float32, bfloat16 or float16")
+    group.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"],
+                       help="dummy = random weights at the real size (for benchmarks)")
+    group.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    group.add_argument("--kv-cache-memory", type=int, default=None, metavar="BYTES",
+                       help="bytes for the KV cache (default: 2 GiB on CPU)")
+    group.add_argument("--max-num-seqs", type=int, default=256, help="requests running at once")
+    group.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per engine step")
+    group.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+
+
+def _engine_kwargs(args: argparse.Namespace) -> dict:
+    return dict(
+        tokenizer=args.tokenizer,
+        dtype=args.dtype,
+        load_format=args.load_format,
+        max_model_len=args.max_model_len,
+        kv_cache_memory=args.kv_cache_memory,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        num_threads=args.threads,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pagoda", description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    gen = commands.add_parser(
+        "generate",
+        help="complete one prompt and print the text as it comes",
+        description="Complete one prompt with a model, streaming the text to stdout.",
+    )
+    gen.add_argument("prompt", help="the prompt text")
+    gen.add_argument("--chat", action="store_true",
+                     help="send the prompt as a user message through the model's chat template")
+    gen.add_argument("--system", default=None, help="system message (with --chat)")
+    gen.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most (default: 128)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--min-p", type=float, default=0.0)
+    gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    gen.add_argument("--stats", action="store_true", help="print token counts and speed to stderr")
+    _add_engine_args(gen)
+    gen.set_defaults(handler=_generate)
+    return parser
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from pagoda.engine.llm import LLM
+    from pagoda.sampling_params import SamplingParams
+
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=args.stop,
+    )
+    llm = LLM(args.model, **_engine_kwargs(args))
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": args.prompt}
+        ]
+        prompt = llm.apply_chat_template(messages)
+    else:
+        prompt = args.prompt
+    engine = llm.engine
+    start = time.perf_counter()
+    request_id = engine.add_request(prompt, params)
+    shown = 0
+    output = None
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.request_id == request_id:
+                text = output.outputs[0].text
+                sys.stdout.write(text[shown:])
+                sys.stdout.flush()
+                shown = len(text)
+    sys.stdout.write("\n")
+    if args.stats and output is not None:
+        elapsed = time.perf_counter() - start
+        completion = output.outputs[0]
+        print(
+            f"[{len(output.prompt_token_ids)} prompt tokens, {len(completion.token_ids)} generated, "
+            f"finish_reason={completion.finish_reason}, {len(completion.token_ids) / elapsed:.1f} tokens/s]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return args.handler(args)
+    except ValueError as error:  # our validation errors: one clear sentence, no stack trace
+        print(f"pagoda: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

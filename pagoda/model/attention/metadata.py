@@ -1,0 +1,41 @@
+"""Per-step attention metadata, built by the model runner and passed down.
+
+Token layout of a step: all decode tokens first (one per decoding request),
+then each prefill chunk's tokens, request after request. A "decode" here is
+any request with exactly one new token and earlier context; everything else
+is a "prefill chunk" (a whole prompt, a piece of one, or a recompute).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class PrefillChunk:
+    query_start: int  # index of the chunk's first token in the step's token list
+    query_len: int
+    context_len: int  # tokens of this request already in the cache before the chunk
+    # Cache slots of all context_len + query_len positions; None when
+    # context_len == 0 (keys/values come straight from this step's tokens).
+    key_slots: torch.Tensor | None
+    # [query_len, context_len + query_len] bool, True where attention is allowed.
+    causal_mask: torch.Tensor
+
+    @property
+    def seq_len(self) -> int:
+        return self.context_len + self.query_len
+
+
+@dataclass
+class AttentionMetadata:
+    # [num_tokens] cache slot (block * block_size + offset) each token's K/V is written to.
+    slot_mapping: torch.Tensor
+    num_decodes: int = 0
+    # [num_decodes, max_seq_len] cache slots to gather, padded with slot 0.
+    decode_key_slots: torch.Tensor | None = None
+    # [num_decodes, 1, 1, max_seq_len] bool, True for real (non-padding) keys.
+    decode_key_mask: torch.Tensor | None = None
+    prefills: list[PrefillChunk] = field(default_factory=list)

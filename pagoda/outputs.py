@@ -1,0 +1,50 @@
+"""What the engine hands back to users (vLLM's RequestOutput shape)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pagoda.request import TokenLogprobs
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None
+    # One entry per generated token when logprobs were asked for: {token_id: logprob}
+    # holding the top-k and the sampled token.
+    logprobs: list[dict[int, float]] | None
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
+    stop_reason: int | str | None = None  # the stop string or stop token id that matched
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestMetrics:
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+    num_preemptions: int = 0
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    # prompt_logprobs[0] is None (the first token has no context); then one
+    # {token_id: logprob} per prompt token, holding the top-k and the actual token.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    metrics: RequestMetrics | None = field(default=None, repr=False)
+
+
+def logprob_dict(entry: TokenLogprobs) -> dict[int, float]:
+    return {**entry.top, entry.token_id: entry.logprob}

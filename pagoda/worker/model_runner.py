@@ -1,0 +1,125 @@
+"""Turns a SchedulerOutput into flat tensors, runs the model once, samples.
+
+The runner owns the KV tensors and the device; it reads requests but never
+changes their bookkeeping (the scheduler does that from our output).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pagoda.core.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from pagoda.model.attention.metadata import AttentionMetadata, PrefillChunk
+from pagoda.worker.sampler import Sampler, token_logprobs
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: nn.Module,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        block_size: int,
+        sampler: Sampler,
+        device: torch.device,
+    ):
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.sampler = sampler
+        self.device = device
+
+    @torch.inference_mode()
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        # Decodes first (batched attention), then prefill chunks.
+        items = sorted(scheduler_output.scheduled, key=lambda s: not self._is_decode(s))
+        input_ids, positions, meta = self._prepare(items)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+
+        sample_rows, sample_items = [], []
+        prompt_rows: list[int] = []
+        prompt_owner: list[tuple[ScheduledRequest, int]] = []  # (item, position)
+        offset = 0
+        for item in items:
+            for position in item.prompt_logprob_positions:
+                prompt_rows.append(offset + position - item.start)
+                prompt_owner.append((item, position))
+            if item.samples:
+                sample_rows.append(offset + item.num_new_tokens - 1)
+                sample_items.append(item)
+            offset += item.num_new_tokens
+
+        out = ModelRunnerOutput()
+        if sample_rows:
+            logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
+            result = self.sampler(logits, [item.request for item in sample_items])
+            for item, token, logprobs in zip(sample_items, result.token_ids, result.logprobs):
+                out.sampled_token_ids[item.request_id] = token
+                if logprobs is not None:
+                    out.logprobs[item.request_id] = logprobs
+        if prompt_rows:
+            logits = self.model.compute_logits(hidden[torch.tensor(prompt_rows, device=self.device)])
+            logprobs = torch.log_softmax(logits, dim=-1)
+            for row, (item, position) in enumerate(prompt_owner):
+                request = item.request
+                next_token = request.prompt_token_ids[position + 1]
+                entry = token_logprobs(logprobs[row], next_token, request.sampling_params.prompt_logprobs)
+                out.prompt_logprobs.setdefault(request.request_id, []).append(entry)
+        return out
+
+    @staticmethod
+    def _is_decode(item: ScheduledRequest) -> bool:
+        return item.num_new_tokens == 1 and item.start > 0
+
+    def _slots(self, block_table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Cache slots of `positions` given a block table (same leading dims)."""
+        bs = self.block_size
+        return block_table.gather(-1, positions // bs) * bs + positions % bs
+
+    def _prepare(self, items: list[ScheduledRequest]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        device = self.device
+        token_ids: list[int] = []
+        position_list: list[int] = []
+        for item in items:
+            token_ids.extend(item.request.all_token_ids[item.start : item.end])
+            position_list.extend(range(item.start, item.end))
+        input_ids = torch.tensor(token_ids, dtype=torch.long, device=device)
+        positions = torch.tensor(position_list, dtype=torch.long, device=device)
+
+        decodes = [item for item in items if self._is_decode(item)]
+        max_blocks = max(len(item.block_table) for item in items)
+        tables = torch.zeros(len(items), max_blocks, dtype=torch.long)
+        for row, item in enumerate(items):
+            tables[row, : len(item.block_table)] = torch.tensor(item.block_table, dtype=torch.long)
+        tables = tables.to(device)
+
+        # Slot of every token of this step.
+        row_of_token = torch.repeat_interleave(
+            torch.arange(len(items), device=device),
+            torch.tensor([item.num_new_tokens for item in items], device=device),
+        )
+        slot_mapping = self._slots(tables[row_of_token], positions.unsqueeze(1)).squeeze(1)
+        meta = AttentionMetadata(slot_mapping=slot_mapping, num_decodes=len(decodes))
+
+        if decodes:
+            seq_lens = torch.tensor([item.end for item in decodes], device=device)
+            max_len = int(seq_lens.max())
+            key_positions = torch.arange(max_len, device=device).unsqueeze(0).expand(len(decodes), -1)
+            meta.decode_key_mask = (key_positions < seq_lens.unsqueeze(1)).view(len(decodes), 1, 1, max_len)
+            key_positions = key_positions.minimum(seq_lens.unsqueeze(1) - 1)  # padding -> a valid slot
+            meta.decode_key_slots = self._slots(tables[: len(decodes)], key_positions)
+
+        query_start = len(decodes)
+        for row in range(len(decodes), len(items)):
+            item = items[row]
+            seq = torch.arange(item.end, device=device)
+            query_pos = seq[item.start :]
+            mask = seq.unsqueeze(0) <= query_pos.unsqueeze(1)
+            key_slots = None
+            if item.start > 0:
+                key_slots = self._slots(tables[row], seq)
+            meta.prefills.append(
+                PrefillChunk(query_start, item.num_new_tokens, item.start, key_slots, mask)
+            )
+            query_start += item.num_new_tokens
+        return input_ids, positions, meta

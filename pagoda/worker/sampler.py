@@ -1,0 +1,162 @@
+"""Batched sampling: one pass over the logits of every request that samples.
+
+Order of operations (HF's, so greedy-with-penalties matches transformers):
+logit_bias -> min_tokens mask -> repetition / presence / frequency penalties
+-> greedy argmax, or temperature -> top-k -> top-p -> min-p -> sample.
+
+Logprobs are always those of the raw model distribution (before any of the
+above), like vLLM's default and OpenAI's.
+
+Randomness: a request with a seed draws from its own generator, one draw
+per token, so its tokens do not depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pagoda.request import Request, TokenLogprobs
+from pagoda.sampling_params import SamplingType
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]
+
+
+class Sampler:
+    def __init__(self, vocab_size: int, seed: int = 0):
+        self.vocab_size = vocab_size
+        # Shared generator for requests without a seed (no global RNG state).
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
+        """logits: [len(requests), vocab] float32 (any device)."""
+        want_logprobs = [r.sampling_params.logprobs is not None for r in requests]
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
+
+        logits = apply_logit_processors(logits, requests)
+        greedy = logits.argmax(dim=-1)
+        random_rows = [i for i, r in enumerate(requests) if r.sampling_params.sampling_type == SamplingType.RANDOM]
+        if random_rows:
+            rows = torch.tensor(random_rows, device=logits.device)
+            sampled = self._sample(logits[rows], [requests[i] for i in random_rows])
+            greedy[rows] = sampled
+        token_ids = greedy.tolist()
+
+        logprobs: list[TokenLogprobs | None] = [None] * len(requests)
+        if raw_logprobs is not None:
+            for i, request in enumerate(requests):
+                k = request.sampling_params.logprobs
+                if k is not None:
+                    logprobs[i] = token_logprobs(raw_logprobs[i], token_ids[i], k)
+        return SamplerOutput(token_ids, logprobs)
+
+    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        params = [r.sampling_params for r in requests]
+        device = logits.device
+        temperature = torch.tensor([p.temperature for p in params], device=device, dtype=logits.dtype)
+        logits = logits / temperature.unsqueeze(1)
+        top_k = torch.tensor([p.top_k if p.top_k > 0 else 0 for p in params], device=device)
+        top_p = torch.tensor([p.top_p for p in params], device=device, dtype=logits.dtype)
+        min_p = torch.tensor([p.min_p for p in params], device=device, dtype=logits.dtype)
+        logits = filter_logits(logits, top_k, top_p, min_p)
+        probs = torch.softmax(logits, dim=-1)
+        # Exponential race: argmax(p / E) with E ~ Exp(1) is a draw from p.
+        noise = torch.empty_like(probs)
+        for i, request in enumerate(requests):
+            noise[i].exponential_(generator=request.generator or self.generator)
+        return (probs / noise).argmax(dim=-1)
+
+
+def apply_logit_processors(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    """Logit bias, min_tokens and penalties; returns a new tensor when it changes anything."""
+    if not any(_needs_processing(r) for r in requests):
+        return logits
+    logits = logits.clone()
+    for i, request in enumerate(requests):
+        p = request.sampling_params
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias.keys()), device=logits.device)
+            logits[i, ids] += torch.tensor(list(p.logit_bias.values()), device=logits.device, dtype=logits.dtype)
+        if request.num_output_tokens < p.min_tokens:
+            banned = set(p.stop_token_ids or ())
+            if not p.ignore_eos:
+                banned |= request.eos_token_ids
+            if banned:
+                logits[i, torch.tensor(sorted(banned), device=logits.device)] = float("-inf")
+        if p.needs_penalties:
+            logits[i] = apply_penalties(
+                logits[i], request.prompt_token_ids, request.output_token_ids,
+                p.repetition_penalty, p.presence_penalty, p.frequency_penalty,
+            )
+    return logits
+
+
+def _needs_processing(request: Request) -> bool:
+    p = request.sampling_params
+    return bool(p.logit_bias) or p.needs_penalties or request.num_output_tokens < p.min_tokens
+
+
+def apply_penalties(
+    logits: torch.Tensor,
+    prompt_ids: list[int],
+    output_ids: list[int],
+    repetition: float,
+    presence: float,
+    frequency: float,
+) -> torch.Tensor:
+    """One row. Repetition (HF/CTRL): over prompt+output, logit/p if > 0 else logit*p.
+    Presence/frequency (OpenAI): over output only, logit -= presence*[count>0] + frequency*count.
+    """
+    logits = logits.clone()
+    if repetition != 1.0:
+        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), device=logits.device, dtype=torch.long)
+        if seen.numel():
+            score = logits[seen]
+            logits[seen] = torch.where(score < 0, score * repetition, score / repetition)
+    if (presence or frequency) and output_ids:
+        counts = torch.zeros_like(logits)
+        ids = torch.tensor(output_ids, device=logits.device, dtype=torch.long)
+        counts.scatter_add_(0, ids, torch.ones_like(ids, dtype=logits.dtype))
+        logits -= frequency * counts + presence * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def filter_logits(
+    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
+) -> torch.Tensor:
+    """Sets filtered-out entries to -inf. Per row: top_k (0 = off), top_p (1 = off), min_p (0 = off).
+
+    top-p keeps the smallest set of most likely tokens whose probability sums
+    to at least top_p (the token that crosses the threshold is kept).
+    """
+    if bool((top_k == 0).all()) and bool((top_p >= 1.0).all()) and bool((min_p <= 0.0).all()):
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    vocab = logits.shape[-1]
+    ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)
+    k = torch.where(top_k > 0, top_k, vocab).unsqueeze(1)
+    remove = ranks >= k
+    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    remove |= mass_before >= top_p.unsqueeze(1)
+    remove |= probs < (min_p.unsqueeze(1) * probs[:, :1])
+    remove[:, 0] = False  # the most likely token always survives
+    mask = torch.zeros_like(remove).scatter_(1, order, remove)
+    return logits.masked_fill(mask, float("-inf"))
+
+
+def token_logprobs(row_logprobs: torch.Tensor, token_id: int, k: int) -> TokenLogprobs:
+    """The chosen token's logprob and rank (1 = most likely) plus the top k."""
+    chosen = row_logprobs[token_id]
+    rank = int((row_logprobs > chosen).sum()) + 1
+    top: dict[int, float] = {}
+    if k > 0:
+        values, ids = row_logprobs.topk(k)
+        top = dict(zip(ids.tolist(), values.tolist()))
+    return TokenLogprobs(token_id=token_id, logprob=float(chosen), rank=rank, top=top)
