@@ -125,7 +125,9 @@ def test_block_quant_dequantize_matches_reference(
     assert np.all(_max_block_error(random_matrix, weight.numpy()) <= bound)
 
 
-@pytest.mark.parametrize("qtype", [QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K])
+@pytest.mark.parametrize(
+    "qtype", [QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K], ids=lambda qtype: qtype.name
+)
 def test_k_quants_dequantize(qtype: QType) -> None:
     block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
     rows, blocks_per_row = 3, 2
@@ -300,6 +302,7 @@ TORCH_DTYPES = {QType.F32: torch.float32, QType.F16: torch.float16, QType.BF16: 
         ("qwen2", QType.F32),
         ("qwen3", QType.F32),
     ],
+    ids=lambda value: value.name if isinstance(value, QType) else value,
 )
 def test_round_trip_weights(tmp_path: Path, case: str, storage: QType) -> None:
     arch, hf_config, metadata = ROUND_TRIP_CASES[case]

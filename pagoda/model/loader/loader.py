@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import torch
@@ -15,6 +16,8 @@ from pagoda.model.loader.hf_folder import iter_safetensors_weights
 from pagoda.model.loader.resolve import ModelSource
 from pagoda.model.registry import model_class_for
 
+logger = logging.getLogger(__name__)
+
 
 def load_hf_config(source: ModelSource) -> PretrainedConfig:
     if source.kind == "gguf":
@@ -23,12 +26,22 @@ def load_hf_config(source: ModelSource) -> PretrainedConfig:
     return AutoConfig.from_pretrained(str(source.folder))
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def load_tokenizer(source: ModelSource, tokenizer: str | None = None):
-    """The tokenizer named by `tokenizer`, else the model's own."""
+    """The tokenizer named by `tokenizer`, else the model's own.
+
+    None for a folder without tokenizer files (dummy or test checkpoints):
+    the engine then takes token-id prompts only and returns no text.
+    """
     if tokenizer is not None:
         return AutoTokenizer.from_pretrained(tokenizer)
     if source.kind == "gguf":
         return load_gguf_tokenizer(source.path)
+    if not any((source.folder / name).is_file() for name in _TOKENIZER_FILES):
+        logger.warning("no tokenizer files in %s: token-id prompts only, no text output", source.folder)
+        return None
     return AutoTokenizer.from_pretrained(str(source.folder))
 
 
