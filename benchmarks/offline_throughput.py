@@ -420,7 +420,6 @@ def summarize(throughput: list[dict], singles: list[dict], value_key: str) -> di
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: " + ", ".join(f"{k}={v}" for k, v in QUICK.items())
@@ -436,12 +435,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--single-output-len", type=int, default=None, help=f"default {FULL['single_output_len']}")
     parser.add_argument("--single-repeats", type=int, default=None,
                         help=f"single-stream runs, best is reported (default {FULL['single_repeats']})")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the request lengths and prompt tokens")
-    parser.add_argument("--num-threads", type=int, default=2, help="torch threads for every system")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the request lengths and prompt tokens (default 0)")
+    parser.add_argument("--num-threads", type=int, default=2, help="torch threads for every system (default 2)")
     parser.add_argument("--pagoda-dtypes", nargs="+", default=["bfloat16", "float32"],
-                        choices=["bfloat16", "float32"], help="dtypes pagoda is run in")
+                        choices=["bfloat16", "float32"], help="dtypes pagoda is run in (default: bfloat16 float32)")
     parser.add_argument("--hf-dtypes", nargs="+", default=["float32", "bfloat16"],
-                        choices=["bfloat16", "float32"], help="dtypes HF is run in")
+                        choices=["bfloat16", "float32"], help="dtypes HF is run in (default: float32 bfloat16)")
     parser.add_argument("--skip-hf", action="store_true", help="run pagoda only")
     parser.add_argument("--skip-pagoda", action="store_true", help="run HF only")
     parser.add_argument("--skip-single-stream", action="store_true", help="skip the batch-of-1 decode test")

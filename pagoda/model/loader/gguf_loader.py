@@ -338,11 +338,13 @@ def _write_tokenizer_cache(path: Path, target: Path) -> None:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         tokenizer.save_pretrained(staging)
+        staging.chmod(0o755)  # mkdtemp creates it private (0700); make it an ordinary directory
         try:
             os.rename(staging, target)
         except OSError:
             if not target.is_dir():
                 raise
+            # Another process renamed its complete copy into place first: keep that one.
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already after a successful rename
 
