@@ -56,8 +56,8 @@ FULL = dict(
     hf_batch_size=32, single_prompt_len=32, single_output_len=128, single_repeats=3,
 )
 QUICK = dict(
-    num_requests=16, min_prompt_len=16, max_prompt_len=128, min_output_len=16, max_output_len=64,
-    hf_batch_size=8, single_prompt_len=32, single_output_len=64, single_repeats=1,
+    num_requests=16, min_prompt_len=16, max_prompt_len=64, min_output_len=8, max_output_len=32,
+    hf_batch_size=8, single_prompt_len=32, single_output_len=32, single_repeats=1,
 )
 
 
@@ -312,7 +312,7 @@ def run_hf_dtype(args, model, dtype: str, pad_id: int, requests, single_prompt):
     return row, single, single_tokens
 
 
-def run_hf(args, gguf_path: Path, requests, single_prompt):
+def run_hf(args, gguf_path: Path, requests, single_prompt, on_result) -> None:
     import transformers
     from transformers import AutoModelForCausalLM
 
@@ -329,7 +329,6 @@ def run_hf(args, gguf_path: Path, requests, single_prompt):
         eos = eos[0] if eos else None
     pad_id = eos if eos is not None else 0
 
-    rows, singles, tokens = [], [], {}
     # fp32 first: casting to bf16 is one-way.
     order = sorted(args.hf_dtypes, key=lambda d: 0 if d == "float32" else 1)
     for dtype in order:
@@ -337,13 +336,9 @@ def run_hf(args, gguf_path: Path, requests, single_prompt):
             model = model.to(torch.bfloat16)
         row, single, single_tokens = run_hf_dtype(args, model, dtype, pad_id, requests, single_prompt)
         row["load_s"] = load_s
-        rows.append(row)
-        if single is not None:
-            singles.append(single)
-            tokens[dtype] = single_tokens
+        on_result(dtype, row, single, single_tokens)
     del model
     gc.collect()
-    return rows, singles, tokens
 
 
 # -- report -----------------------------------------------------------------
@@ -360,8 +355,16 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 def print_report(report: dict) -> None:
     rows = report["throughput"]
-    print()
     cfg = report["config"]
+    m = report["machine"]
+    print()
+    print(f"Machine: {m.get('cpu_model')}, {m.get('cpu_count')} CPUs, torch {m.get('torch')} "
+          f"({m.get('torch_cpu_capability')}), transformers {m.get('transformers')}, "
+          f"git {str(m.get('git_commit'))[:10]} ({m.get('git_dirty_files')} modified files)")
+    loads = [x for x in (m.get("loadavg_at_start"), m.get("loadavg_now")) if x]
+    if loads and max(x[0] for x in loads) > (m.get("cpu_count") or 1) * 0.75 + 0.5:
+        print(f"WARNING: load average {loads[0][0]:.2f} at start, {loads[-1][0]:.2f} at end: other processes were "
+              "using the CPU, so these numbers are not reliable")
     print(f"Throughput: {cfg['num_requests']} requests, prompts {cfg['min_prompt_len']}-{cfg['max_prompt_len']} "
           f"tokens, outputs {cfg['min_output_len']}-{cfg['max_output_len']} tokens, "
           f"HF static batch {cfg['hf_batch_size']}, {cfg['num_threads']} threads")
@@ -474,6 +477,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.num_threads)
     torch.manual_seed(args.seed)
+    load_at_start = _safe(os.getloadavg)
+    if load_at_start and load_at_start[0] > 0.5:
+        log(f"warning: load average is {load_at_start[0]:.2f} before the benchmark starts; other processes "
+            "competing for the CPU make every number here unreliable")
 
     gguf_path = (args.model_path or find_default_gguf()).resolve()
     pagoda_model = str(gguf_path) if args.model_path else PAGODA_MODEL_ALIAS
@@ -482,34 +489,6 @@ def main(argv=None) -> int:
     single_prompt = single_stream_prompt(args, vocab_size)
     log(f"model {gguf_path.name}, vocab {vocab_size}; {len(requests)} requests, "
         f"{sum(len(p) for p, _ in requests)} prompt tokens, {sum(n for _, n in requests)} output tokens")
-
-    throughput: list[dict] = []
-    singles: list[dict] = []
-    single_tokens: dict[str, list[int]] = {}
-    if not args.skip_pagoda:
-        for dtype in args.pagoda_dtypes:
-            row, single, toks = run_pagoda(args, pagoda_model, dtype, requests, single_prompt)
-            throughput.append(row)
-            if single is not None:
-                singles.append(single)
-                single_tokens[f"pagoda_{dtype}"] = toks
-    if not args.skip_hf:
-        rows, hf_singles, hf_tokens = run_hf(args, gguf_path, requests, single_prompt)
-        throughput.extend(rows)
-        singles.extend(hf_singles)
-        single_tokens.update({f"hf_{d}": t for d, t in hf_tokens.items()})
-
-    summary = {
-        "throughput": summarize(throughput, singles, "output_tok_s"),
-        "single_stream": summarize(throughput, singles, "tok_s") if singles else None,
-    }
-    # Informational only (random-token prompts; bf16 rounding legitimately diverges).
-    agreement = {}
-    for dtype in ("float32", "bfloat16"):
-        a, b = single_tokens.get(f"pagoda_{dtype}"), single_tokens.get(f"hf_{dtype}")
-        if a is not None and b is not None:
-            agreement[f"pagoda vs HF ({dtype})"] = common_prefix(a, b)
-    summary["greedy_agreement"] = agreement
 
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     config.update({
@@ -520,21 +499,61 @@ def main(argv=None) -> int:
         "total_prompt_tokens": sum(len(p) for p, _ in requests),
         "total_output_tokens": sum(n for _, n in requests),
     })
-    report = {
-        "benchmark": "offline_throughput",
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": machine_info(),
-        "config": config,
-        "throughput": throughput,
-        "single_stream": singles,
-        "summary": summary,
-    }
-    print_report(report)
+    machine = machine_info()
+    machine["loadavg_at_start"] = load_at_start
+    throughput: list[dict] = []
+    singles: list[dict] = []
+    single_tokens: dict[str, list[int]] = {}
 
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.output.with_name(args.output.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(args.output)
+    def build_report(complete: bool) -> dict:
+        summary = {
+            "throughput": summarize(throughput, singles, "output_tok_s"),
+            "single_stream": summarize(throughput, singles, "tok_s") if singles else None,
+        }
+        # Informational only: bf16 rounding may legitimately make greedy outputs diverge.
+        agreement = {}
+        for dtype in ("float32", "bfloat16"):
+            a, b = single_tokens.get(f"pagoda_{dtype}"), single_tokens.get(f"hf_{dtype}")
+            if a is not None and b is not None:
+                agreement[f"pagoda vs HF ({dtype})"] = common_prefix(a, b)
+        summary["greedy_agreement"] = agreement
+        machine["loadavg_now"] = _safe(os.getloadavg)
+        return {
+            "benchmark": "offline_throughput",
+            "complete": complete,
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "machine": machine,
+            "config": config,
+            "throughput": throughput,
+            "single_stream": singles,
+            "summary": summary,
+        }
+
+    def save(complete: bool = False) -> dict:
+        # Written after every system so a long run that is cut short keeps what it measured.
+        report = build_report(complete)
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.output.with_name(args.output.name + ".tmp")
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        tmp.replace(args.output)
+        return report
+
+    def record(key: str, row: dict, single: dict | None, toks: list[int] | None) -> None:
+        throughput.append(row)
+        if single is not None:
+            singles.append(single)
+            single_tokens[key] = toks
+        save()
+
+    if not args.skip_pagoda:
+        for dtype in args.pagoda_dtypes:
+            record(f"pagoda_{dtype}", *run_pagoda(args, pagoda_model, dtype, requests, single_prompt))
+    if not args.skip_hf:
+        run_hf(args, gguf_path, requests, single_prompt,
+               on_result=lambda dtype, *res: record(f"hf_{dtype}", *res))
+
+    report = save(complete=True)
+    print_report(report)
     print(f"\nResults written to {args.output}")
     return 0
 

@@ -67,13 +67,13 @@ class SamplingParams:
         self._validate()
 
     def _validate(self) -> None:
-        if not isinstance(self.n, int) or self.n < 1:
+        if not _is_int(self.n) or self.n < 1:
             raise SamplingParamsError("n", self.n, "must be an integer >= 1")
         if not _is_number(self.temperature) or self.temperature < 0 or math.isnan(self.temperature):
             raise SamplingParamsError("temperature", self.temperature, "must be >= 0")
         if not _is_number(self.top_p) or not (0.0 < self.top_p <= 1.0):
             raise SamplingParamsError("top_p", self.top_p, "must be in (0, 1]")
-        if not isinstance(self.top_k, int) or self.top_k < -1:
+        if not _is_int(self.top_k) or self.top_k < -1:
             raise SamplingParamsError("top_k", self.top_k, "must be -1 or 0 (disabled) or a positive integer")
         if not _is_number(self.min_p) or not (0.0 <= self.min_p <= 1.0):
             raise SamplingParamsError("min_p", self.min_p, "must be in [0, 1]")
@@ -81,13 +81,13 @@ class SamplingParams:
             value = getattr(self, name)
             if not _is_number(value) or not (-2.0 <= value <= 2.0):
                 raise SamplingParamsError(name, value, "must be in [-2, 2]")
-        if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
+        if not _is_number(self.repetition_penalty) or not self.repetition_penalty > 0:
             raise SamplingParamsError("repetition_penalty", self.repetition_penalty, "must be > 0")
-        if self.seed is not None and not isinstance(self.seed, int):
+        if self.seed is not None and not _is_int(self.seed):
             raise SamplingParamsError("seed", self.seed, "must be an integer or None")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
             raise SamplingParamsError("max_tokens", self.max_tokens, "must be an integer >= 1")
-        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
             raise SamplingParamsError("min_tokens", self.min_tokens, "must be an integer >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise SamplingParamsError(
@@ -95,12 +95,12 @@ class SamplingParams:
             )
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 0 or value > 20):
+            if value is not None and (not _is_int(value) or value < 0 or value > 20):
                 raise SamplingParamsError(name, value, "must be an integer in [0, 20] or None")
         self._stop_list = _normalize_stop(self.stop)
         if self.stop_token_ids is not None:
             if not isinstance(self.stop_token_ids, (list, tuple)) or not all(
-                isinstance(t, int) and t >= 0 for t in self.stop_token_ids
+                _is_int(t) and t >= 0 for t in self.stop_token_ids
             ):
                 raise SamplingParamsError(
                     "stop_token_ids", self.stop_token_ids, "must be a list of non-negative integers"
@@ -110,7 +110,7 @@ class SamplingParams:
             if not isinstance(self.logit_bias, dict):
                 raise SamplingParamsError("logit_bias", self.logit_bias, "must be a mapping token id -> bias")
             for tok, bias in self.logit_bias.items():
-                if not isinstance(tok, int) or tok < 0 or not _is_number(bias) or not (-100 <= bias <= 100):
+                if not _is_int(tok) or tok < 0 or not _is_number(bias) or not (-100 <= bias <= 100):
                     raise SamplingParamsError(
                         "logit_bias", {tok: bias}, "keys must be token ids >= 0 and values in [-100, 100]"
                     )
@@ -138,6 +138,10 @@ class SamplingParams:
             for tok in ids:
                 if tok >= vocab_size:
                     raise SamplingParamsError(name, tok, f"token ids must be < vocab size {vocab_size}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value: object) -> bool:

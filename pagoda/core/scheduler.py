@@ -171,7 +171,8 @@ class Scheduler:
             request=request,
             start=request.num_computed_tokens,
             num_new_tokens=num_new,
-            block_table=self.kv_cache.block_table(request.request_id),
+            # A copy: the plan of this step must not change when the table grows.
+            block_table=list(self.kv_cache.block_table(request.request_id)),
         )
 
     # -- results -----------------------------------------------------------

@@ -144,7 +144,7 @@ def filter_logits(
     sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
     probs = torch.softmax(sorted_logits, dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
-    remove |= mass_before >= top_p.unsqueeze(1)
+    remove |= (mass_before >= top_p.unsqueeze(1)) & (top_p < 1.0).unsqueeze(1)
     remove |= probs < (min_p.unsqueeze(1) * probs[:, :1])
     remove[:, 0] = False  # the most likely token always survives
     mask = torch.zeros_like(remove).scatter_(1, order, remove)

@@ -77,7 +77,7 @@ def test_top_k(k: int, expected) -> None:
         (0.74, 2),
         (0.8, 3),  # 0.75 < 0.8 -> third token (0.15) kept
         (0.95, 4),
-        (0.999, 4),  # the 1e-9 tail is cut only once mass reaches 0.999... (0.5+.25+.15+.1 = 1.0)
+        (0.999, 4),  # 0.5+.25+.15+.1 = 1.0 >= 0.999: the 1e-9 tail is cut
     ],
 )
 def test_top_p_keeps_the_token_crossing_the_threshold(top_p: float, n_kept: int) -> None:
@@ -412,6 +412,7 @@ def _frequencies(tokens: list[int], vocab: int) -> list[float]:
         ({"temperature": 2.0}, [math.sqrt(p) / sum(math.sqrt(q) for q in (0.2, 0.3, 0.5)) for p in (0.2, 0.3, 0.5)]),
         ({"temperature": 0.5}, [p * p / sum(q * q for q in (0.2, 0.3, 0.5)) for p in (0.2, 0.3, 0.5)]),
         ({"top_k": 2}, [0.0, 0.375, 0.625]),
+        ({"top_k": -1}, [0.2, 0.3, 0.5]),
         ({"top_p": 0.6}, [0.0, 0.375, 0.625]),
         ({"min_p": 0.5}, [0.0, 0.375, 0.625]),
     ],
