@@ -20,7 +20,7 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model", default=DEFAULT_MODEL,
                        help=f"alias, HF folder (config.json + safetensors) or .gguf file (default: {DEFAULT_MODEL})")
     group.add_argument("--tokenizer", default=None, help="tokenizer folder, if not the model's own")
-    group.add_argument("--dtype", default="auto", help="auto (bfloat16), float32, bfloat16 or float16")
+    group.add_argument("--dtype", default="auto", help="auto (bfloat16 where the hardware multiplies it natively, else float32), float32, bfloat16 or float16")
     group.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"],
                        help="dummy = random weights at the real size (for benchmarks)")
     group.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
