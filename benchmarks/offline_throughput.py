@@ -50,6 +50,9 @@ PAGODA_MODEL_ALIAS = "smollm2-135m-instruct"
 # Token ids below this are special tokens in SmolLM2 (<|endoftext|>, <|im_start|>, ...).
 MIN_TOKEN_ID = 20
 
+# Other processes keeping more than this many cores busy make a measurement suspect.
+CONTENDED_CORES = 0.15
+
 # Defaults for a full run and for --quick; explicit flags override either.
 FULL = dict(
     num_requests=128, min_prompt_len=16, max_prompt_len=512, min_output_len=16, max_output_len=256,
@@ -159,6 +162,48 @@ def machine_info() -> dict:
     return info
 
 
+class CpuMonitor:
+    """How busy the CPUs were with *other* processes while something was measured.
+
+    /proc/stat busy time of all CPUs minus this process's own CPU time, divided by
+    the wall time: ~0 on a quiet machine, ~1 when another process kept a whole core busy.
+    """
+
+    def __init__(self):
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample():
+        try:
+            fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+            hz = os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError):
+            return None
+        user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+        own = os.times()
+        return time.perf_counter(), (user + nice + system + irq + softirq) / hz, steal / hz, own.user + own.system
+
+    def stop(self) -> dict:
+        end = self._sample()
+        if self.start is None or end is None:
+            return {}
+        wall = end[0] - self.start[0]
+        if wall <= 0:
+            return {}
+        other = (end[1] - self.start[1]) - (end[3] - self.start[3])
+        return {
+            "other_procs_cpu_cores": round(max(other, 0.0) / wall, 3),
+            "own_cpu_cores": round((end[3] - self.start[3]) / wall, 3),
+            "steal_cpu_cores": round((end[2] - self.start[2]) / wall, 3),
+        }
+
+
+def check(ok: bool, message: str) -> None:
+    """Like assert, but not stripped by python -O."""
+    if not ok:
+        raise RuntimeError(message)
+
+
 def _safe(fn):
     try:
         return fn()
@@ -206,15 +251,17 @@ def run_pagoda(args, model: str, dtype: str, requests, single_prompt) -> tuple[d
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _, n in requests]
     prompts = [p for p, _ in requests]
     log(f"pagoda {dtype}: generating {len(requests)} requests")
+    monitor = CpuMonitor()
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params)
     wall = time.perf_counter() - t0
-    assert len(outs) == len(requests), f"pagoda returned {len(outs)} outputs for {len(requests)} requests"
+    cpu = monitor.stop()
+    check(len(outs) == len(requests), f"pagoda returned {len(outs)} outputs for {len(requests)} requests")
     for i, (out, (_, n)) in enumerate(zip(outs, requests)):
         got = len(out.outputs[0].token_ids)
-        assert got == n, f"pagoda {dtype}: request {i} generated {got} tokens, expected exactly {n}"
+        check(got == n, f"pagoda {dtype}: request {i} generated {got} tokens, expected exactly {n}")
     useful = sum(n for _, n in requests)
-    extra = {"load_s": load_s, "num_steps": getattr(llm.engine, "num_steps", None)}
+    extra = {"load_s": load_s, "num_steps": getattr(llm.engine, "num_steps", None), **cpu}
     row = result_row("pagoda", dtype, wall, requests, useful, **extra)
     log(f"pagoda {dtype}: {wall:.1f} s, {row['output_tok_s']:.1f} output tok/s")
 
@@ -223,18 +270,18 @@ def run_pagoda(args, model: str, dtype: str, requests, single_prompt) -> tuple[d
     if not args.skip_single_stream:
         sp = SamplingParams(temperature=0, max_tokens=args.single_output_len, ignore_eos=True)
         times = []
+        monitor = CpuMonitor()
         for _ in range(args.single_repeats):
             t0 = time.perf_counter()
             out = llm.generate([single_prompt], [sp])[0]
             times.append(time.perf_counter() - t0)
             single_tokens = list(out.outputs[0].token_ids)
-            assert len(single_tokens) == args.single_output_len, (
-                f"pagoda {dtype} single stream generated {len(single_tokens)} tokens, "
-                f"expected {args.single_output_len}"
-            )
+            check(len(single_tokens) == args.single_output_len,
+                  f"pagoda {dtype} single stream generated {len(single_tokens)} tokens, "
+                  f"expected {args.single_output_len}")
         best = min(times)
         single = {"system": "pagoda", "dtype": dtype, "wall_s": best, "all_wall_s": times,
-                  "tok_s": args.single_output_len / best}
+                  "tok_s": args.single_output_len / best, **monitor.stop()}
         log(f"pagoda {dtype}: single stream {single['tok_s']:.1f} tok/s")
 
     del llm
@@ -262,7 +309,7 @@ def hf_generate(model, batch_prompts: list[list[int]], new_tokens: int, pad_id: 
             pad_token_id=pad_id,
         )
     generated = out.shape[1] - width
-    assert generated == new_tokens, f"HF generated {generated} tokens, expected {new_tokens}"
+    check(generated == new_tokens, f"HF generated {generated} tokens, expected {new_tokens}")
     return out[:, width:]
 
 
@@ -273,6 +320,7 @@ def run_hf_dtype(args, model, dtype: str, pad_id: int, requests, single_prompt):
 
     log(f"HF {dtype}: generating {len(requests)} requests in static batches of {bs}")
     wall = 0.0
+    monitor = CpuMonitor()
     padded_tokens = 0
     computed_out = 0
     for start in range(0, len(requests), bs):
@@ -286,9 +334,10 @@ def run_hf_dtype(args, model, dtype: str, pad_id: int, requests, single_prompt):
         computed_out += len(batch) * new_tokens
         log(f"HF {dtype}: batch {start // bs + 1}/{(len(requests) + bs - 1) // bs} "
             f"({len(batch)} reqs, {new_tokens} new tokens) {dt:.1f} s")
+    cpu = monitor.stop()
     useful = sum(n for _, n in requests)
     row = result_row(
-        "hf", dtype, wall, requests, useful,
+        "hf", dtype, wall, requests, useful, **cpu,
         batch_size=bs,
         computed_output_tokens=computed_out,
         wasted_output_fraction=1 - useful / computed_out,
@@ -300,6 +349,7 @@ def run_hf_dtype(args, model, dtype: str, pad_id: int, requests, single_prompt):
     single_tokens = None
     if not args.skip_single_stream:
         times = []
+        monitor = CpuMonitor()
         for _ in range(args.single_repeats):
             t0 = time.perf_counter()
             out = hf_generate(model, [single_prompt], args.single_output_len, pad_id)
@@ -307,7 +357,7 @@ def run_hf_dtype(args, model, dtype: str, pad_id: int, requests, single_prompt):
             single_tokens = out[0].tolist()
         best = min(times)
         single = {"system": "hf", "dtype": dtype, "wall_s": best, "all_wall_s": times,
-                  "tok_s": args.single_output_len / best}
+                  "tok_s": args.single_output_len / best, **monitor.stop()}
         log(f"HF {dtype}: single stream {single['tok_s']:.1f} tok/s")
     return row, single, single_tokens
 
@@ -361,29 +411,26 @@ def print_report(report: dict) -> None:
     print(f"Machine: {m.get('cpu_model')}, {m.get('cpu_count')} CPUs, torch {m.get('torch')} "
           f"({m.get('torch_cpu_capability')}), transformers {m.get('transformers')}, "
           f"git {str(m.get('git_commit'))[:10]} ({m.get('git_dirty_files')} modified files)")
-    loads = [x for x in (m.get("loadavg_at_start"), m.get("loadavg_now")) if x]
-    if loads and max(x[0] for x in loads) > (m.get("cpu_count") or 1) * 0.75 + 0.5:
-        print(f"WARNING: load average {loads[0][0]:.2f} at start, {loads[-1][0]:.2f} at end: other processes were "
-              "using the CPU, so these numbers are not reliable")
     print(f"Throughput: {cfg['num_requests']} requests, prompts {cfg['min_prompt_len']}-{cfg['max_prompt_len']} "
           f"tokens, outputs {cfg['min_output_len']}-{cfg['max_output_len']} tokens, "
           f"HF static batch {cfg['hf_batch_size']}, {cfg['num_threads']} threads")
-    header = f"{'system':<8} {'dtype':<9} {'wall s':>9} {'output tok/s':>13} {'req/s':>8} {'total tok/s':>12}"
+    header = (f"{'system':<8} {'dtype':<9} {'wall s':>9} {'output tok/s':>13} {'req/s':>8} {'total tok/s':>12} "
+              f"{'other CPU':>9}")
     print(header)
     print("-" * len(header))
     for r in rows:
         print(f"{r['system']:<8} {r['dtype']:<9} {r['wall_s']:>9.2f} {r['output_tok_s']:>13.1f} "
-              f"{r['req_s']:>8.3f} {r['total_tok_s']:>12.1f}")
+              f"{r['req_s']:>8.3f} {r['total_tok_s']:>12.1f} {_other(r):>9}")
     singles = report["single_stream"]
     if singles:
         print()
         print(f"Single stream: {cfg['single_prompt_len']}-token prompt, {cfg['single_output_len']} generated "
               f"tokens, best of {cfg['single_repeats']}")
-        header2 = f"{'system':<8} {'dtype':<9} {'wall s':>9} {'tok/s':>9}"
+        header2 = f"{'system':<8} {'dtype':<9} {'wall s':>9} {'tok/s':>9} {'other CPU':>9}"
         print(header2)
         print("-" * len(header2))
         for s in singles:
-            print(f"{s['system']:<8} {s['dtype']:<9} {s['wall_s']:>9.2f} {s['tok_s']:>9.1f}")
+            print(f"{s['system']:<8} {s['dtype']:<9} {s['wall_s']:>9.2f} {s['tok_s']:>9.1f} {_other(s):>9}")
     summary = report["summary"]
     print()
     for key, label in (("throughput", "Throughput (output tok/s)"), ("single_stream", "Single stream (tok/s)")):
@@ -395,9 +442,21 @@ def print_report(report: dict) -> None:
             line += (f", HF best = {s['hf_best']:.1f} ({s['hf_best_dtype']}), "
                      f"pagoda/HF = {s['ratio']:.2f}x")
         print(line)
+    busy = [r.get("other_procs_cpu_cores") or 0.0 for r in rows + (singles or [])]
+    print("\n'other CPU': cores kept busy by other processes during the measurement (should be ~0).")
+    if busy and max(busy) > CONTENDED_CORES:
+        print(f"WARNING: other processes used up to {max(busy):.2f} cores during the measurements; "
+              "those numbers are not reliable, re-run on a quiet machine.")
     if summary.get("greedy_agreement"):
         for k, v in summary["greedy_agreement"].items():
             print(f"Greedy agreement {k}: first {v} of {cfg['single_output_len']} single-stream tokens identical")
+
+
+def _other(row: dict) -> str:
+    value = row.get("other_procs_cpu_cores")
+    if value is None:
+        return "?"
+    return f"{value:.2f}" + ("!" if value > CONTENDED_CORES else "")
 
 
 def summarize(throughput: list[dict], singles: list[dict], value_key: str) -> dict | None:
@@ -477,10 +536,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.num_threads)
     torch.manual_seed(args.seed)
-    load_at_start = _safe(os.getloadavg)
-    if load_at_start and load_at_start[0] > 0.5:
-        log(f"warning: load average is {load_at_start[0]:.2f} before the benchmark starts; other processes "
-            "competing for the CPU make every number here unreliable")
+    probe = CpuMonitor()
+    time.sleep(1.0)
+    busy = probe.stop().get("other_procs_cpu_cores")
+    if busy is not None and busy > CONTENDED_CORES:
+        log(f"warning: other processes are using {busy:.2f} CPU cores right now; "
+            "competition for the CPU makes the numbers unreliable")
 
     gguf_path = (args.model_path or find_default_gguf()).resolve()
     pagoda_model = str(gguf_path) if args.model_path else PAGODA_MODEL_ALIAS
@@ -500,7 +561,7 @@ def main(argv=None) -> int:
         "total_output_tokens": sum(n for _, n in requests),
     })
     machine = machine_info()
-    machine["loadavg_at_start"] = load_at_start
+    machine["other_procs_cpu_cores_at_start"] = busy
     throughput: list[dict] = []
     singles: list[dict] = []
     single_tokens: dict[str, list[int]] = {}
@@ -517,7 +578,7 @@ def main(argv=None) -> int:
             if a is not None and b is not None:
                 agreement[f"pagoda vs HF ({dtype})"] = common_prefix(a, b)
         summary["greedy_agreement"] = agreement
-        machine["loadavg_now"] = _safe(os.getloadavg)
+        machine["loadavg"] = _safe(os.getloadavg)
         return {
             "benchmark": "offline_throughput",
             "complete": complete,

@@ -27,8 +27,8 @@ def allocate_kv_caches(
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
     shape = (num_blocks * block_size, kv_heads, head_dim_of(hf_config))
-    # Uninitialized on purpose (no 2 GiB memset at start-up): attention only
-    # ever reads slots written earlier, padding included (see model_runner).
+    # Uninitialized on purpose (no 2 GiB memset at start-up): attention reads
+    # only slots written earlier; padding repeats a real slot (model_runner).
     return [
         (torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
         for _ in range(hf_config.num_hidden_layers)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from pagoda.core.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
-from pagoda.model.attention.metadata import AttentionMetadata, PrefillChunk
+from pagoda.model.attention.metadata import AttentionMetadata, DecodeGroup, PrefillChunk
 from pagoda.worker.sampler import Sampler, token_logprobs
 
 
@@ -31,8 +31,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        # Decodes first (batched attention), then prefill chunks.
-        items = sorted(scheduler_output.scheduled, key=lambda s: not self._is_decode(s))
+        # Decodes first, longest first (batched attention), then prefill chunks.
+        items = sorted(
+            scheduler_output.scheduled, key=lambda s: (not self._is_decode(s), -s.end if self._is_decode(s) else 0)
+        )
         input_ids, positions, meta = self._prepare(items)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
 
@@ -99,15 +101,20 @@ class ModelRunner:
             torch.tensor([item.num_new_tokens for item in items], device=device),
         )
         slot_mapping = self._slots(tables[row_of_token], positions.unsqueeze(1)).squeeze(1)
-        meta = AttentionMetadata(slot_mapping=slot_mapping, num_decodes=len(decodes))
+        meta = AttentionMetadata(slot_mapping=slot_mapping)
 
-        if decodes:
-            seq_lens = torch.tensor([item.end for item in decodes], device=device)
-            max_len = int(seq_lens.max())
-            key_positions = torch.arange(max_len, device=device).unsqueeze(0).expand(len(decodes), -1)
-            meta.decode_key_mask = (key_positions < seq_lens.unsqueeze(1)).view(len(decodes), 1, 1, max_len)
-            key_positions = key_positions.minimum(seq_lens.unsqueeze(1) - 1)  # padding -> a valid slot
-            meta.decode_key_slots = self._slots(tables[: len(decodes)], key_positions)
+        start = 0
+        for count in _group_by_length([item.end for item in decodes]):
+            seq_lens = torch.tensor([item.end for item in decodes[start : start + count]], device=device)
+            max_len = int(seq_lens[0])
+            key_positions = torch.arange(max_len, device=device).unsqueeze(0).expand(count, -1)
+            key_mask = None
+            if int(seq_lens[-1]) != max_len:
+                key_mask = (key_positions < seq_lens.unsqueeze(1)).view(count, 1, 1, max_len)
+                key_positions = key_positions.minimum(seq_lens.unsqueeze(1) - 1)  # padding -> a real slot
+            key_slots = self._slots(tables[start : start + count], key_positions)
+            meta.decode_groups.append(DecodeGroup(start, count, key_slots, key_mask))
+            start += count
 
         query_start = len(decodes)
         for row in range(len(decodes), len(items)):
@@ -123,3 +130,22 @@ class ModelRunner:
             )
             query_start += item.num_new_tokens
         return input_ids, positions, meta
+
+
+# A decode group may pad its keys to at most this much more than it holds.
+_MAX_PADDING_RATIO = 1.25
+
+
+def _group_by_length(seq_lens: list[int]) -> list[int]:
+    """Splits lengths sorted longest-first into runs whose padded size
+    (count x longest) stays within _MAX_PADDING_RATIO of their real size."""
+    counts: list[int] = []
+    i = 0
+    while i < len(seq_lens):
+        longest, total, j = seq_lens[i], 0, i
+        while j < len(seq_lens) and longest * (j - i + 1) <= _MAX_PADDING_RATIO * (total + seq_lens[j]):
+            total += seq_lens[j]
+            j += 1
+        counts.append(j - i)
+        i = j
+    return counts

@@ -30,12 +30,24 @@ class PrefillChunk:
 
 
 @dataclass
+class DecodeGroup:
+    """Decodes of similar sequence length, attended to in one batched call.
+
+    Keys are padded to the longest sequence of the group; grouping by length
+    keeps that padding small.
+    """
+
+    start: int  # index of the group's first token in the step's token list
+    count: int
+    # [count, max_seq_len] cache slots to gather; padding repeats a real slot.
+    key_slots: torch.Tensor
+    # [count, 1, 1, max_seq_len] bool, True for real keys; None if no padding.
+    key_mask: torch.Tensor | None
+
+
+@dataclass
 class AttentionMetadata:
     # [num_tokens] cache slot (block * block_size + offset) each token's K/V is written to.
     slot_mapping: torch.Tensor
-    num_decodes: int = 0
-    # [num_decodes, max_seq_len] cache slots to gather, padded with slot 0.
-    decode_key_slots: torch.Tensor | None = None
-    # [num_decodes, 1, 1, max_seq_len] bool, True for real (non-padding) keys.
-    decode_key_mask: torch.Tensor | None = None
+    decode_groups: list[DecodeGroup] = field(default_factory=list)
     prefills: list[PrefillChunk] = field(default_factory=list)

@@ -45,13 +45,13 @@ def paged_attention(
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
 
     out = torch.empty(num_tokens, num_heads * head_dim, dtype=q.dtype, device=q.device)
-    if meta.num_decodes:
-        nd = meta.num_decodes
-        qd = q[:nd].view(nd, num_kv_heads, group, head_dim)
-        kd = k_cache[meta.decode_key_slots].transpose(1, 2)  # [nd, KVH, L, D]
-        vd = v_cache[meta.decode_key_slots].transpose(1, 2)
-        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_key_mask, scale=scale)
-        out[:nd] = od.reshape(nd, num_heads * head_dim)
+    for dg in meta.decode_groups:
+        s, n = dg.start, dg.count
+        qd = q[s : s + n].view(n, num_kv_heads, group, head_dim)
+        kd = k_cache[dg.key_slots].transpose(1, 2)  # [n, KVH, L, D]
+        vd = v_cache[dg.key_slots].transpose(1, 2)
+        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=dg.key_mask, scale=scale)
+        out[s : s + n] = od.reshape(n, num_heads * head_dim)
     for chunk in meta.prefills:
         out[chunk.query_start : chunk.query_start + chunk.query_len] = _prefill_chunk(
             q, k, v, k_cache, v_cache, chunk, num_kv_heads, group, scale
