@@ -102,6 +102,11 @@ class LLM:
                     if output.finished and output.request_id in wanted:
                         finished[output.request_id] = output
                         bar.update(1)
+        except BaseException:
+            # Interrupted (Ctrl-C, an error): free every block these requests hold.
+            for request_id in wanted - finished.keys():
+                self.engine.abort_request(request_id)
+            raise
         finally:
             bar.close()
         return [finished[request_id] for request_id in request_ids]

@@ -145,3 +145,25 @@ def test_text_of_multibyte_output_has_no_replacement_chars(smol):
     full = smol.get_tokenizer().decode(output.token_ids, skip_special_tokens=True)
     assert output.text == full
     assert ("\ufffd" in output.text) == ("\ufffd" in full)
+
+
+def test_interrupted_generate_frees_every_block(tiny, monkeypatch):
+    original = tiny.engine.runner.execute
+    calls = {"n": 0}
+
+    def interrupted(scheduler_output):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(scheduler_output)
+
+    monkeypatch.setattr(tiny.engine.runner, "execute", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tiny.generate([_prompt(20, s) for s in range(4)], SamplingParams(max_tokens=10, ignore_eos=True))
+    assert not tiny.engine.has_unfinished_requests()
+    assert not tiny.engine.scheduler.has_unfinished()
+    manager = tiny.engine.kv_cache_manager
+    assert manager.num_free_blocks == manager.pool.num_blocks
+    monkeypatch.undo()
+    # The engine still works afterwards.
+    assert len(tiny.generate([_prompt(5)], SamplingParams(max_tokens=3, ignore_eos=True))[0].outputs[0].token_ids) == 3

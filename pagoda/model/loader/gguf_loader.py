@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.metadata
+import logging
 import os
 import re
 import shutil
@@ -74,6 +75,8 @@ _SUPPORTED_ROPE_SCALING = ("linear", "yarn")
 _DEFAULT_ROPE_THETA = 10000.0
 
 _MISSING = object()
+
+logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- metadata
@@ -365,5 +368,6 @@ def load_gguf_tokenizer(path: str | Path, cache_dir: Path | None = None) -> PreT
     root = Path(cache_dir) if cache_dir is not None else default_tokenizer_cache_dir()
     target = root / f"{gguf_file_fingerprint(path)}-transformers-{transformers.__version__}"
     if not target.is_dir():
+        logger.warning("converting the GGUF tokenizer of %s (first run only; cached in %s)", path.name, root)
         _write_tokenizer_cache(path, target)
     return transformers.AutoTokenizer.from_pretrained(target)

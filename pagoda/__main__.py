@@ -1,0 +1,7 @@
+"""`python -m pagoda` is the `pagoda` command."""
+
+import sys
+
+from pagoda.entrypoints.cli import main
+
+sys.exit(main())
