@@ -1,7 +1,7 @@
 """The KV-cache tensors the worker owns, and how many blocks fit a budget.
 
-Per layer: K and V of shape [num_blocks * block_size, num_kv_heads, head_dim],
-addressed by slot = block_id * block_size + offset.
+Per layer: K and V of shape [num_blocks, block_size, num_kv_heads, head_dim],
+addressed by block id and offset (slot = block_id * block_size + offset).
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ def allocate_kv_caches(
     hf_config, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
-    shape = (num_blocks * block_size, kv_heads, head_dim_of(hf_config))
-    # Uninitialized on purpose (no 2 GiB memset at start-up): attention reads
-    # only slots written earlier; padding repeats a real slot (model_runner).
+    shape = (num_blocks, block_size, kv_heads, head_dim_of(hf_config))
+    # Zeroed: attention gathers whole blocks, so it reads (and masks out)
+    # slots never written, and masking needs finite values there.
     return [
-        (torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
+        (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
         for _ in range(hf_config.num_hidden_layers)
     ]

@@ -28,10 +28,15 @@ class ModelRunner:
         self.block_size = block_size
         self.sampler = sampler
         self.device = device
+        config = model.config
+        # Query heads per KV head: prefill masks are tiled this many times (torch_paged.py).
+        self.query_group = config.num_attention_heads // (
+            getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        )
 
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        # Decodes first, longest first (batched attention), then prefill chunks.
+        # Decodes first, longest first (grouped by length for batched attention), then prefill chunks.
         items = sorted(
             scheduler_output.scheduled, key=lambda s: (not self._is_decode(s), -s.end if self._is_decode(s) else 0)
         )
@@ -103,31 +108,29 @@ class ModelRunner:
         slot_mapping = self._slots(tables[row_of_token], positions.unsqueeze(1)).squeeze(1)
         meta = AttentionMetadata(slot_mapping=slot_mapping)
 
+        bs = self.block_size
         start = 0
         for count in _group_by_length([item.end for item in decodes]):
-            seq_lens = torch.tensor([item.end for item in decodes[start : start + count]], device=device)
-            max_len = int(seq_lens[0])
-            key_positions = torch.arange(max_len, device=device).unsqueeze(0).expand(count, -1)
+            group_items = decodes[start : start + count]
+            seq_lens = torch.tensor([item.end for item in group_items], device=device)
+            num_blocks = len(group_items[0].block_table)  # longest first
+            group_tables = tables[start : start + count, :num_blocks]
             key_mask = None
-            if int(seq_lens[-1]) != max_len:
-                key_mask = (key_positions < seq_lens.unsqueeze(1)).view(count, 1, 1, max_len)
-                key_positions = key_positions.minimum(seq_lens.unsqueeze(1) - 1)  # padding -> a real slot
-            key_slots = self._slots(tables[start : start + count], key_positions)
-            meta.decode_groups.append(DecodeGroup(start, count, key_slots, key_mask))
+            if any(item.end != num_blocks * bs for item in group_items):
+                key_positions = torch.arange(num_blocks * bs, device=device).unsqueeze(0)
+                key_mask = (key_positions < seq_lens.unsqueeze(1)).view(count, 1, 1, num_blocks * bs)
+            meta.decode_groups.append(DecodeGroup(start, count, group_tables, key_mask))
             start += count
 
         query_start = len(decodes)
         for row in range(len(decodes), len(items)):
             item = items[row]
             seq = torch.arange(item.end, device=device)
-            query_pos = seq[item.start :]
-            mask = seq.unsqueeze(0) <= query_pos.unsqueeze(1)
-            key_slots = None
-            if item.start > 0:
-                key_slots = self._slots(tables[row], seq)
-            meta.prefills.append(
-                PrefillChunk(query_start, item.num_new_tokens, item.start, key_slots, mask)
-            )
+            mask = seq.unsqueeze(0) <= seq[item.start :].unsqueeze(1)
+            if self.query_group > 1:
+                mask = mask.repeat(self.query_group, 1)
+            key_blocks = tables[row, : len(item.block_table)] if item.start > 0 else None
+            meta.prefills.append(PrefillChunk(query_start, item.num_new_tokens, item.start, key_blocks, mask))
             query_start += item.num_new_tokens
         return input_ids, positions, meta
 

@@ -18,6 +18,7 @@ def _requests():
 
 
 def _run(folder, **engine_kwargs):
+    engine_kwargs.setdefault("kv_cache_memory", 64 * 1024**2)
     llm = LLM(str(folder), dtype="float32", show_progress=False, **engine_kwargs)
     prompts, params = _requests()
     return llm, [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
@@ -26,7 +27,7 @@ def _run(folder, **engine_kwargs):
 def test_outputs_identical_across_batching_modes(tiny_llama):
     _, together = _run(tiny_llama)
 
-    llm_single = LLM(str(tiny_llama), dtype="float32", show_progress=False)
+    llm_single = LLM(str(tiny_llama), dtype="float32", show_progress=False, kv_cache_memory=64 * 1024**2)
     prompts, params = _requests()
     one_at_a_time = [llm_single.generate([p], [sp])[0].outputs[0].token_ids for p, sp in zip(prompts, params)]
     assert one_at_a_time == together

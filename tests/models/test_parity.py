@@ -61,7 +61,7 @@ def test_greedy_tokens_and_logprobs_match_transformers(case, tmp_path):
     arch, overrides = CASES[case]
     folder = make_tiny_checkpoint(tmp_path, arch, **overrides)
     prompts = _prompts(TINY_VOCAB)
-    llm = LLM(str(folder), dtype="float32", show_progress=False)
+    llm = LLM(str(folder), dtype="float32", show_progress=False, kv_cache_memory=64 * 1024**2)
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=5)
     outputs = llm.generate(prompts, params)  # all prompts in one batch
     hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()

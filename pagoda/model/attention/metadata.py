@@ -18,10 +18,11 @@ class PrefillChunk:
     query_start: int  # index of the chunk's first token in the step's token list
     query_len: int
     context_len: int  # tokens of this request already in the cache before the chunk
-    # Cache slots of all context_len + query_len positions; None when
-    # context_len == 0 (keys/values come straight from this step's tokens).
-    key_slots: torch.Tensor | None
-    # [query_len, context_len + query_len] bool, True where attention is allowed.
+    # The request's block table; None when context_len == 0 (keys and
+    # values come straight from this step's tokens).
+    key_blocks: torch.Tensor | None
+    # [group * query_len, context_len + query_len] bool, True where attention
+    # is allowed: the causal mask tiled once per query head sharing a KV head.
     causal_mask: torch.Tensor
 
     @property
@@ -33,15 +34,15 @@ class PrefillChunk:
 class DecodeGroup:
     """Decodes of similar sequence length, attended to in one batched call.
 
-    Keys are padded to the longest sequence of the group; grouping by length
-    keeps that padding small.
+    Keys are gathered whole blocks at a time and padded to the longest
+    sequence of the group; grouping by length keeps that padding small.
     """
 
     start: int  # index of the group's first token in the step's token list
     count: int
-    # [count, max_seq_len] cache slots to gather; padding repeats a real slot.
-    key_slots: torch.Tensor
-    # [count, 1, 1, max_seq_len] bool, True for real keys; None if no padding.
+    # [count, num_blocks] block tables; shorter ones padded with block 0.
+    block_tables: torch.Tensor
+    # [count, 1, 1, num_blocks * block_size] bool, True for real keys; None if none is padding.
     key_mask: torch.Tensor | None
 
 
