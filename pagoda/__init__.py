@@ -1,9 +1,33 @@
-"""pagoda: an LLM inference and serving engine."""
+"""pagoda: an LLM inference and serving engine.
 
-from pagoda.engine.llm import LLM
-from pagoda.engine.llm_engine import LLMEngine
-from pagoda.outputs import CompletionOutput, RequestOutput
-from pagoda.sampling_params import SamplingParams
+The public names are imported on first use, so `pagoda --help` does not
+pay for importing torch and transformers.
+"""
 
-__all__ = ["LLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput"]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "LLM": "pagoda.engine.llm",
+    "LLMEngine": "pagoda.engine.llm_engine",
+    "SamplingParams": "pagoda.sampling_params",
+    "RequestOutput": "pagoda.outputs",
+    "CompletionOutput": "pagoda.outputs",
+}
+__all__ = list(_EXPORTS)
+
+if TYPE_CHECKING:
+    from pagoda.engine.llm import LLM
+    from pagoda.engine.llm_engine import LLMEngine
+    from pagoda.outputs import CompletionOutput, RequestOutput
+    from pagoda.sampling_params import SamplingParams
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'pagoda' has no attribute {name!r}")

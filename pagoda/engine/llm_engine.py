@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from pagoda.config import DEFAULT_CPU_KV_CACHE_BYTES, ConfigError, EngineConfig, resolve_device, resolve_dtype
 from pagoda.core.kv_cache_manager import KVCacheManager
@@ -69,19 +70,28 @@ class LLMEngine:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.source = resolve_model(config.model)
-        self.hf_config = load_hf_config(self.source)
-        self.tokenizer = load_tokenizer(self.source, config.tokenizer)
-        self.max_model_len = self._derive_max_model_len()
-        self.model = build_model(
-            self.hf_config,
-            self.source,
-            load_format=config.load_format,
-            dtype=self.dtype,
-            device=self.device,
-            max_position=max(self.max_model_len, getattr(self.hf_config, "max_position_embeddings", 0) or 0),
-            seed=config.seed,
-            show_progress=show_progress,
-        )
+        # A bar over the loading stages; it appears only if loading takes over a second.
+        with tqdm(total=3, delay=1.0, leave=False, disable=not show_progress,
+                  bar_format="Loading {desc} ({n}/{total} stages done) [{elapsed}]") as bar:
+            bar.set_description_str(f"{config.model}: config")
+            self.hf_config = load_hf_config(self.source)
+            bar.update(1)
+            bar.set_description_str(f"{config.model}: tokenizer")
+            self.tokenizer = load_tokenizer(self.source, config.tokenizer)
+            bar.update(1)
+            bar.set_description_str(f"{config.model}: weights")
+            self.max_model_len = self._derive_max_model_len()
+            self.model = build_model(
+                self.hf_config,
+                self.source,
+                load_format=config.load_format,
+                dtype=self.dtype,
+                device=self.device,
+                max_position=max(self.max_model_len, getattr(self.hf_config, "max_position_embeddings", 0) or 0),
+                seed=config.seed,
+                show_progress=show_progress,
+            )
+            bar.update(1)
         self.vocab_size = self.hf_config.vocab_size
         self.eos_token_ids = self._eos_token_ids()
 
