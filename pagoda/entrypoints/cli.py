@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.handler(args)
-    except ValueError as error:  # our validation errors: one clear sentence, no stack trace
+    except (ValueError, OSError) as error:  # bad input or missing files: one clear sentence, no stack trace
         print(f"pagoda: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -68,6 +68,9 @@ def build_model(
     `dtype` on `device`; then the checkpoint (or random values for
     load_format='dummy') is copied in.
     """
+    expected_kind = {"safetensors": "hf", "gguf": "gguf"}.get(load_format)
+    if expected_kind is not None and expected_kind != source.kind:
+        raise ValueError(f"load_format={load_format!r} is invalid: {source.name!r} is a {source.kind} model.")
     model_cls = model_class_for(hf_config)
     with torch.device("meta"):
         model = model_cls(hf_config, max_position)
