@@ -18,7 +18,7 @@ _EXPORTS = {
     "RequestOutput": "pagoda.outputs",
     "CompletionOutput": "pagoda.outputs",
 }
-__all__ = list(_EXPORTS)
+__all__ = ["LLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput"]
 
 if TYPE_CHECKING:
     from pagoda.engine.llm import LLM

@@ -30,7 +30,14 @@ requires_smollm2 = pytest.mark.skipif(
 
 def make_tiny_checkpoint(folder: Path, arch: str, **overrides) -> Path:
     """Saves a random-weight HF model (config.json + safetensors) and returns its folder."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
 
     classes = {
         "llama": (LlamaConfig, LlamaForCausalLM),

@@ -18,7 +18,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from pagoda.config import DEFAULT_CPU_KV_CACHE_BYTES, ConfigError, EngineConfig, resolve_device, resolve_dtype
+from pagoda.config import (
+    DEFAULT_CPU_KV_CACHE_BYTES,
+    ConfigError,
+    EngineConfig,
+    resolve_device,
+    resolve_dtype,
+)
 from pagoda.core.kv_cache_manager import KVCacheManager
 from pagoda.core.scheduler import RequestUpdate, Scheduler, SchedulerStats
 from pagoda.engine.detokenizer import IncrementalDetokenizer
@@ -27,7 +33,11 @@ from pagoda.model.loader.resolve import resolve_model
 from pagoda.outputs import CompletionOutput, RequestMetrics, RequestOutput, logprob_dict
 from pagoda.request import Request, RequestStatus
 from pagoda.sampling_params import SamplingParams
-from pagoda.worker.kv_cache import allocate_kv_caches, kv_bytes_per_token, num_blocks_for_budget
+from pagoda.worker.kv_cache import (
+    allocate_kv_caches,
+    kv_bytes_per_token,
+    num_blocks_for_budget,
+)
 from pagoda.worker.model_runner import ModelRunner
 from pagoda.worker.sampler import Sampler
 

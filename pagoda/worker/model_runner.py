@@ -9,7 +9,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pagoda.core.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from pagoda.core.scheduler_output import (
+    ModelRunnerOutput,
+    ScheduledRequest,
+    SchedulerOutput,
+)
 from pagoda.model.attention.metadata import AttentionMetadata, DecodeGroup, PrefillChunk
 from pagoda.worker.sampler import Sampler, token_logprobs
 

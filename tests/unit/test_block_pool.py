@@ -10,7 +10,6 @@ import pytest
 from pagoda.core.block_pool import BlockPool, BlockPoolExhausted
 from pagoda.core.kv_cache_manager import KVCacheManager, cdiv
 
-
 # --------------------------------------------------------------------------- helpers
 
 

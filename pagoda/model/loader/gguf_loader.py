@@ -334,7 +334,9 @@ def _write_tokenizer_cache(path: Path, target: Path) -> None:
     ``target``, so ``target`` exists only when complete. When another process gets there
     first, its (complete) copy is kept.
     """
-    from transformers import AutoTokenizer  # imported lazily: slow, and only tokenizers need it
+    from transformers import (
+        AutoTokenizer,  # imported lazily: slow, and only tokenizers need it
+    )
 
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     target.parent.mkdir(parents=True, exist_ok=True)

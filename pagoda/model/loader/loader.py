@@ -11,7 +11,11 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
 from pagoda.model.layers.rotary import RotaryEmbedding
-from pagoda.model.loader.gguf_loader import iter_gguf_weights, load_gguf_tokenizer, read_gguf_config
+from pagoda.model.loader.gguf_loader import (
+    iter_gguf_weights,
+    load_gguf_tokenizer,
+    read_gguf_config,
+)
 from pagoda.model.loader.hf_folder import iter_safetensors_weights
 from pagoda.model.loader.resolve import ModelSource
 from pagoda.model.registry import model_class_for
