@@ -41,10 +41,10 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         # Decodes first, longest first (grouped by length for batched attention), then prefill chunks.
-        items = sorted(
-            scheduler_output.scheduled, key=lambda s: (not self._is_decode(s), -s.end if self._is_decode(s) else 0)
-        )
-        input_ids, positions, meta = self._prepare(items)
+        decodes = sorted((s for s in scheduler_output.scheduled if self._is_decode(s)), key=lambda s: -s.end)
+        prefills = [s for s in scheduler_output.scheduled if not self._is_decode(s)]
+        items = decodes + prefills
+        input_ids, positions, meta = self._prepare(decodes, prefills)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
 
         sample_rows, sample_items = [], []
@@ -87,8 +87,11 @@ class ModelRunner:
         bs = self.block_size
         return block_table.gather(-1, positions // bs) * bs + positions % bs
 
-    def _prepare(self, items: list[ScheduledRequest]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def _prepare(
+        self, decodes: list[ScheduledRequest], prefills: list[ScheduledRequest]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         device = self.device
+        items = decodes + prefills
         token_ids: list[int] = []
         position_list: list[int] = []
         for item in items:
@@ -97,7 +100,6 @@ class ModelRunner:
         input_ids = torch.tensor(token_ids, dtype=torch.long, device=device)
         positions = torch.tensor(position_list, dtype=torch.long, device=device)
 
-        decodes = [item for item in items if self._is_decode(item)]
         max_blocks = max(len(item.block_table) for item in items)
         tables = torch.zeros(len(items), max_blocks, dtype=torch.long)
         for row, item in enumerate(items):
@@ -127,8 +129,7 @@ class ModelRunner:
             start += count
 
         query_start = len(decodes)
-        for row in range(len(decodes), len(items)):
-            item = items[row]
+        for row, item in enumerate(prefills, start=len(decodes)):
             seq = torch.arange(item.end, device=device)
             mask = seq.unsqueeze(0) <= seq[item.start :].unsqueeze(1)
             if self.query_group > 1:
