@@ -167,3 +167,8 @@ def test_interrupted_generate_frees_every_block(tiny, monkeypatch):
     monkeypatch.undo()
     # The engine still works afterwards.
     assert len(tiny.generate([_prompt(5)], SamplingParams(max_tokens=3, ignore_eos=True))[0].outputs[0].token_ids) == 3
+
+
+def test_max_model_len_beyond_the_trained_context_is_refused(tiny_llama):
+    with pytest.raises(ConfigError, match=r"max_model_len=4096 is invalid: the model was trained for at most 1024"):
+        LLM(str(tiny_llama), dtype="float32", show_progress=False, max_model_len=4096)
