@@ -12,6 +12,7 @@ _DESCRIPTION = """pagoda: an LLM inference engine (paged KV cache, continuous ba
 
 commands:
   generate   complete one prompt with a model and print the text as it comes
+  serve      run an OpenAI-compatible HTTP server
 """
 
 
@@ -70,7 +71,78 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stats", action="store_true", help="print token counts and speed to stderr")
     _add_engine_args(gen)
     gen.set_defaults(handler=_generate)
+
+    serve = commands.add_parser(
+        "serve",
+        help="run an OpenAI-compatible HTTP server",
+        description="Serve a model over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models).",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    serve.add_argument("--served-model-name", default=None, help="model id clients use (default: --model)")
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0,
+                       help="seconds to let in-flight requests finish on SIGTERM/Ctrl-C (default: 30)")
+    _add_engine_args(serve)
+    serve.set_defaults(handler=_serve)
     return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from pagoda.config import CacheConfig, EngineConfig, SchedulerConfig
+    from pagoda.engine.async_engine import AsyncLLM
+    from pagoda.engine.llm_engine import LLMEngine
+    from pagoda.entrypoints.openai.api_server import ServerConfig, build_app
+    from pagoda.metrics import EngineMetrics
+
+    kwargs = _engine_kwargs(args)
+    config = EngineConfig(
+        model=args.model,
+        tokenizer=kwargs["tokenizer"],
+        dtype=kwargs["dtype"],
+        load_format=kwargs["load_format"],
+        max_model_len=kwargs["max_model_len"],
+        num_threads=kwargs["num_threads"],
+        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),
+        cache=CacheConfig(kv_cache_memory=args.kv_cache_memory),
+    )
+    sync_engine = LLMEngine(config)
+    metrics = EngineMetrics(sync_engine.stats)
+    engine = AsyncLLM(sync_engine, on_finished=metrics.observe_finished)
+    name = args.served_model_name or args.model
+    app = build_app(engine, ServerConfig(served_model_name=name, api_key=args.api_key), metrics)
+    print(f"pagoda {name!r} listening on http://{args.host}:{args.port}/v1 (max_model_len="
+          f"{engine.engine.max_model_len}, dtype={engine.engine.dtype})", file=sys.stderr, flush=True)
+    server = _graceful_server_class()(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                            timeout_graceful_shutdown=args.shutdown_timeout))
+    try:
+        server.run()
+    finally:
+        engine.shutdown()
+    return 0
+
+
+def _graceful_server_class():
+    import contextlib
+
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """A SIGTERM/Ctrl-C stop after in-flight requests finish is a clean exit (status 0).
+
+        uvicorn re-raises the signal once it has shut down, which would make
+        the process die by that signal; we drop it instead.
+        """
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            with super().capture_signals():
+                yield
+                self._captured_signals.clear()
+
+    return GracefulServer
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -1,0 +1,66 @@
+"""Prometheus metrics, named after vLLM's (`vllm:x` -> `pagoda:x`) so dashboards map one to one.
+
+Each server owns its own CollectorRegistry (no process-global state).
+Gauges are read from the engine at scrape time; histograms and counters
+are fed when a request finishes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from pagoda.core.scheduler import SchedulerStats
+from pagoda.outputs import RequestOutput
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
+_TPOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
+
+
+class _SchedulerCollector(Collector):
+    def __init__(self, stats: Callable[[], SchedulerStats]):
+        self._stats = stats
+
+    def collect(self):
+        stats = self._stats()
+        yield GaugeMetricFamily("pagoda:num_requests_running", "Requests in the running batch.", stats.num_running)
+        yield GaugeMetricFamily("pagoda:num_requests_waiting", "Requests waiting to be scheduled.", stats.num_waiting)
+        yield GaugeMetricFamily("pagoda:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).",
+                                stats.kv_cache_usage)
+        yield CounterMetricFamily("pagoda:num_preemptions", "Preemptions by recompute.", stats.num_preemptions_total)
+
+
+class EngineMetrics:
+    def __init__(self, stats: Callable[[], SchedulerStats]):
+        self.registry = CollectorRegistry()
+        self.registry.register(_SchedulerCollector(stats))
+        self.prompt_tokens = Counter("pagoda:prompt_tokens", "Prompt tokens of finished requests.",
+                                     registry=self.registry)
+        self.generation_tokens = Counter("pagoda:generation_tokens", "Generated tokens of finished requests.",
+                                         registry=self.registry)
+        self.ttft = Histogram("pagoda:time_to_first_token_seconds", "Time to first token.",
+                              buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.tpot = Histogram("pagoda:time_per_output_token_seconds", "Mean time per output token after the first.",
+                              buckets=_TPOT_BUCKETS, registry=self.registry)
+        self.e2e = Histogram("pagoda:e2e_request_latency_seconds", "Arrival to finish.",
+                             buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.queue_time = Histogram("pagoda:request_queue_time_seconds", "Arrival to first scheduling.",
+                                    buckets=_LATENCY_BUCKETS, registry=self.registry)
+
+    def observe_finished(self, output: RequestOutput) -> None:
+        self.prompt_tokens.inc(len(output.prompt_token_ids))
+        generated = sum(len(c.token_ids) for c in output.outputs)
+        self.generation_tokens.inc(generated)
+        m = output.metrics
+        if m is None or m.first_token_time is None or m.finished_time is None:
+            return
+        self.ttft.observe(m.first_token_time - m.arrival_time)
+        self.e2e.observe(m.finished_time - m.arrival_time)
+        if m.first_scheduled_time is not None:
+            self.queue_time.observe(m.first_scheduled_time - m.arrival_time)
+        per_sequence = generated / max(1, len(output.outputs))
+        if per_sequence > 1:
+            self.tpot.observe((m.finished_time - m.first_token_time) / (per_sequence - 1))

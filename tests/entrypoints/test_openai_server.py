@@ -1,0 +1,158 @@
+"""A real `pagoda serve` subprocess on loopback, driven by the official openai SDK and httpx."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import requires_smollm2
+
+pytestmark = requires_smollm2
+MODEL = "smollm2-135m-instruct"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pagoda", "serve", "--port", str(port), "--max-num-seqs", "32"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited: {process.stdout.read()}")
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    else:
+        process.kill()
+        raise RuntimeError("server did not become healthy")
+    yield base
+    process.terminate()
+    assert process.wait(timeout=60) == 0
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
+
+
+def test_models_and_health(server, client):
+    models = client.models.list().data
+    assert [m.id for m in models] == [MODEL]
+    assert httpx.get(f"{server}/health").status_code == 200
+
+
+def test_chat_answers(client):
+    response = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}], temperature=0, max_tokens=30
+    )
+    choice = response.choices[0]
+    assert "Paris" in choice.message.content and choice.finish_reason == "stop"
+    assert response.usage.completion_tokens > 0
+    assert response.usage.total_tokens == response.usage.prompt_tokens + response.usage.completion_tokens
+
+
+def test_chat_stream_matches_non_stream_for_same_seed(client):
+    args = dict(model=MODEL, messages=[{"role": "user", "content": "Tell me a fact about owls."}],
+                temperature=0.8, seed=11, max_tokens=40)
+    full = client.chat.completions.create(**args).choices[0].message.content
+    chunks = list(client.chat.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    content_chunks = [c for c in chunks if c.choices]
+    finishes = [c.choices[0].finish_reason for c in content_chunks if c.choices[0].finish_reason]
+    assert len(finishes) == 1 and content_chunks[-1].choices[0].finish_reason is not None
+    assert content_chunks[-1].choices[0].delta.content  # finish_reason rides on the last content chunk
+    assert "".join(c.choices[0].delta.content or "" for c in content_chunks) == full
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+
+
+def test_completions_n_logprobs_and_stop(client):
+    response = client.completions.create(model=MODEL, prompt="Count: 1, 2, 3,", max_tokens=20, temperature=0,
+                                         n=2, logprobs=2, stop=[" 6"])
+    assert len(response.choices) == 2
+    for choice in response.choices:
+        assert " 6" not in choice.text and choice.finish_reason == "stop"
+        assert len(choice.logprobs.tokens) == len(choice.logprobs.token_logprobs)
+
+
+def test_sixteen_concurrent_streams(server):
+    async def one(client, i):
+        text = ""
+        async for chunk in await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": f"Say the number {i}."}], max_tokens=16,
+            temperature=0, stream=True,
+        ):
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+        return text
+
+    async def main():
+        client = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="unused")
+        return await asyncio.gather(*(one(client, i) for i in range(16)))
+
+    texts = asyncio.run(main())
+    assert len(texts) == 16 and all(texts)
+
+
+def test_errors_have_openai_shape(server, client):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], temperature=-1)
+    assert info.value.body["param"] == "temperature" and "temperature=-1" in info.value.body["message"]
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=100000)
+    assert "8192" in info.value.body["message"] and "100000" in info.value.body["message"]
+    bad = httpx.post(f"{server}/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert bad.status_code == 400 and "not valid JSON" in bad.json()["error"]["message"]
+    missing = httpx.post(f"{server}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "model"
+
+
+def _metric(server: str, name: str) -> float:
+    for line in httpx.get(f"{server}/metrics").text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_metrics_move_when_requests_run(server, client):
+    before = _metric(server, "pagoda:generation_tokens_total")
+    client.completions.create(model=MODEL, prompt="Hello", max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+    assert _metric(server, "pagoda:generation_tokens_total") == before + 5
+    assert _metric(server, "pagoda:time_to_first_token_seconds_count") >= 1
+    assert _metric(server, "pagoda:kv_cache_usage_perc") == 0.0
+
+
+def test_client_disconnect_aborts_and_frees_blocks(server):
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 4000, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        received = [next(lines) for _ in range(6)]
+    assert any(line.startswith("data: ") for line in received)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if _metric(server, "pagoda:num_requests_running") == 0 and _metric(server, "pagoda:kv_cache_usage_perc") == 0:
+            break
+        time.sleep(0.2)
+    assert _metric(server, "pagoda:num_requests_running") == 0
+    # Running to the end would hold blocks for minutes (4000 tokens at ~15 tok/s).
+    assert _metric(server, "pagoda:kv_cache_usage_perc") == 0.0
