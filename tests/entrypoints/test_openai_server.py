@@ -156,3 +156,17 @@ def test_client_disconnect_aborts_and_frees_blocks(server):
     assert _metric(server, "pagoda:num_requests_running") == 0
     # Running to the end would hold blocks for minutes (4000 tokens at ~15 tok/s).
     assert _metric(server, "pagoda:kv_cache_usage_perc") == 0.0
+
+
+def test_completions_several_prompts_and_echo_with_prompt_logprobs(client):
+    response = client.completions.create(model=MODEL, prompt=["The sky is", "Water is"], max_tokens=4,
+                                         temperature=0, n=2)
+    assert [c.index for c in response.choices] == [0, 1, 2, 3]
+    assert response.choices[0].text == response.choices[1].text  # greedy
+    echoed = client.completions.create(model=MODEL, prompt="The sky is", max_tokens=3, temperature=0,
+                                       echo=True, logprobs=1)
+    choice = echoed.choices[0]
+    assert choice.text.startswith("The sky is")
+    assert choice.logprobs.token_logprobs[0] is None  # the first prompt token has no context
+    assert all(lp is not None and lp <= 0 for lp in choice.logprobs.token_logprobs[1:])
+    assert echoed.usage.prompt_tokens == len(choice.logprobs.tokens) - 3

@@ -6,11 +6,12 @@ bad input is a 4xx naming the field, never a 500.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -271,53 +272,90 @@ def build_app(engine: AsyncLLM, config: ServerConfig, metrics: EngineMetrics | N
     async def completions(body: CompletionRequest):
         _check_model(body.model)
         prompts = _prompt_list(body.prompt)
-        if len(prompts) != 1:
-            raise APIError(400, "prompt: only one prompt per request is supported so far", "prompt")
-        prompt = prompts[0]
-        if isinstance(prompt, str):
-            if tokenizer is None:
-                raise APIError(400, "this model has no tokenizer: send token ids", "prompt")
-            prompt_ids = tokenizer.encode(prompt)
-        else:
-            prompt_ids = prompt
-        params = _sampling_params(body, body.max_tokens, len(prompt_ids), body.logprobs)
+        if not prompts:
+            raise APIError(400, "prompt must not be empty", "prompt")
+        if body.stream and len(prompts) != 1:
+            raise APIError(400, "prompt: streaming takes one prompt per request", "prompt")
+        encoded = []
+        for prompt in prompts:
+            if isinstance(prompt, str):
+                if tokenizer is None:
+                    raise APIError(400, "this model has no tokenizer: send token ids", "prompt")
+                encoded.append(tokenizer.encode(prompt))
+            else:
+                encoded.append(list(prompt))
+        logprobs = body.logprobs
+        params = [_sampling_params(body, body.max_tokens, len(ids), logprobs) for ids in encoded]
+        if body.echo and logprobs is not None:
+            params = [replace(p, prompt_logprobs=logprobs) for p in params]
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        first, outputs = await _first(_run(prompt_ids, params, request_id))
         if body.stream:
+            first, outputs = await _first(_run(encoded[0], params[0], request_id))
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            echo = _prompt_text(encoded[0]) if body.echo else None
             return StreamingResponse(
-                _completion_stream(first, outputs, request_id, body.model, include_usage),
+                _completion_stream(first, outputs, request_id, body.model, include_usage, echo),
                 media_type="text/event-stream",
             )
-        final = first
-        async for final in outputs:
-            pass
-        choices = [
-            {"index": c.index, "text": c.text, "logprobs": _completion_logprobs(c) if body.logprobs is not None else None,
-             "finish_reason": c.finish_reason}
-            for c in final.outputs
-        ]
-        return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": body.model,
-                "choices": choices, "usage": _usage(final)}
 
-    def _completion_logprobs(c) -> dict:
-        tokens = [tokenizer.decode([t]) if tokenizer else str(t) for t in c.token_ids]
+        async def final_output(index: int) -> RequestOutput:
+            final = None
+            async for final in _run(encoded[index], params[index], f"{request_id}-{index}"):
+                pass
+            return final
+
+        try:
+            async with asyncio.TaskGroup() as group:  # one refusal cancels (and aborts) the rest
+                tasks = [group.create_task(final_output(i)) for i in range(len(encoded))]
+        except ExceptionGroup as errors:
+            raise errors.exceptions[0] from None
+        finals = [task.result() for task in tasks]
+        choices = []
+        for prompt_index, final in enumerate(finals):
+            for c in final.outputs:
+                text = (_prompt_text(final.prompt_token_ids) + c.text) if body.echo else c.text
+                choices.append({
+                    "index": prompt_index * body.n + c.index,
+                    "text": text,
+                    "logprobs": _completion_logprobs(c, final if body.echo else None) if logprobs is not None else None,
+                    "finish_reason": c.finish_reason,
+                })
+        usage = {key: sum(_usage(f)[key] for f in finals) for key in ("prompt_tokens", "completion_tokens", "total_tokens")}
+        return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": body.model,
+                "choices": choices, "usage": usage}
+
+    def _prompt_text(ids: list[int]) -> str:
+        return tokenizer.decode(ids) if tokenizer is not None else ""
+
+    def _completion_logprobs(c, echoed: RequestOutput | None = None) -> dict:
+        """OpenAI's completion logprobs; with echo, the prompt's tokens come first (the very first has None)."""
+        def name(token_id: int) -> str:
+            return tokenizer.decode([token_id]) if tokenizer is not None else str(token_id)
+
+        token_ids = list(c.token_ids)
+        entries: list[dict[int, float] | None] = list(c.logprobs or [])
+        if echoed is not None:
+            token_ids = list(echoed.prompt_token_ids) + token_ids
+            entries = list(echoed.prompt_logprobs or [None] * len(echoed.prompt_token_ids)) + entries
+        tokens = [name(t) for t in token_ids]
         offsets, position = [], 0
         for token in tokens:
             offsets.append(position)
             position += len(token)
         return {
             "tokens": tokens,
-            "token_logprobs": [entry[t] for t, entry in zip(c.token_ids, c.logprobs or [])],
-            "top_logprobs": [
-                {(tokenizer.decode([t]) if tokenizer else str(t)): lp for t, lp in entry.items()}
-                for entry in (c.logprobs or [])
-            ],
+            "token_logprobs": [entry[t] if entry else None for t, entry in zip(token_ids, entries)],
+            "top_logprobs": [{name(t): lp for t, lp in entry.items()} if entry else None for entry in entries],
             "text_offset": offsets,
         }
 
-    async def _completion_stream(first, outputs, request_id, model, include_usage):
+    async def _completion_stream(first, outputs, request_id, model, include_usage, echo: str | None):
         created_at = int(time.time())
+        if echo:
+            data = {"id": request_id, "object": "text_completion", "created": created_at, "model": model,
+                    "choices": [{"index": i, "text": echo, "logprobs": None, "finish_reason": None}
+                                for i in range(len(first.outputs))]}
+            yield f"data: {json.dumps(data)}\n\n"
         n = len(first.outputs)
         sent = [0] * n
         done = [False] * n
