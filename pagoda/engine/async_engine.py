@@ -84,6 +84,11 @@ class AsyncLLM:
     def num_unfinished(self) -> int:
         return len(self._streams)
 
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued for the engine (an approximate read from another thread)."""
+        return self._commands.qsize() + len(self.engine.scheduler.waiting)
+
     async def generate(
         self, prompt: PromptInput, params: SamplingParams, request_id: str
     ) -> AsyncIterator[RequestOutput]:

@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     serve.add_argument("--served-model-name", default=None, help="model id clients use (default: --model)")
+    serve.add_argument("--max-queued-requests", type=int, default=1024,
+                       help="answer 503 + Retry-After beyond this many waiting requests (default: 1024)")
+    serve.add_argument("--chat-template", default=None, metavar="FILE",
+                       help="a Jinja chat template file to use instead of the tokenizer's")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="seconds to let in-flight requests finish on SIGTERM/Ctrl-C (default: 30)")
     _add_engine_args(serve)
@@ -97,6 +101,10 @@ def _serve(args: argparse.Namespace) -> int:
     from pagoda.entrypoints.openai.api_server import ServerConfig, build_app
     from pagoda.metrics import EngineMetrics
 
+    chat_template = None
+    if args.chat_template is not None:
+        with open(args.chat_template) as f:
+            chat_template = f.read()
     kwargs = _engine_kwargs(args)
     config = EngineConfig(
         model=args.model,
@@ -112,7 +120,9 @@ def _serve(args: argparse.Namespace) -> int:
     metrics = EngineMetrics(sync_engine.stats)
     engine = AsyncLLM(sync_engine, on_finished=metrics.observe_finished)
     name = args.served_model_name or args.model
-    app = build_app(engine, ServerConfig(served_model_name=name, api_key=args.api_key), metrics)
+    server_config = ServerConfig(served_model_name=name, api_key=args.api_key,
+                                 max_queued_requests=args.max_queued_requests, chat_template=chat_template)
+    app = build_app(engine, server_config, metrics)
     print(f"pagoda {name!r} listening on http://{args.host}:{args.port}/v1 (max_model_len="
           f"{engine.engine.max_model_len}, dtype={engine.engine.dtype})", file=sys.stderr, flush=True)
     server = _graceful_server_class()(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",

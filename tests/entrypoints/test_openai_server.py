@@ -170,3 +170,12 @@ def test_completions_several_prompts_and_echo_with_prompt_logprobs(client):
     assert choice.logprobs.token_logprobs[0] is None  # the first prompt token has no context
     assert all(lp is not None and lp <= 0 for lp in choice.logprobs.token_logprobs[1:])
     assert echoed.usage.prompt_tokens == len(choice.logprobs.tokens) - 3
+
+
+def test_tokenize_counts_what_a_chat_request_uses(server, client):
+    messages = [{"role": "user", "content": "How many tokens is this?"}]
+    counted = httpx.post(f"{server}/tokenize", json={"model": MODEL, "messages": messages}).json()
+    used = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1).usage.prompt_tokens
+    assert counted["count"] == used == len(counted["tokens"])
+    text = httpx.post(f"{server}/detokenize", json={"model": MODEL, "tokens": counted["tokens"]}).json()["prompt"]
+    assert "How many tokens is this?" in text

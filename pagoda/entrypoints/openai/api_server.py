@@ -20,7 +20,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pagoda import __version__
 from pagoda.engine.async_engine import AsyncLLM, EngineDeadError
-from pagoda.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
+from pagoda.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
 from pagoda.metrics import EngineMetrics
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams, SamplingParamsError
@@ -41,6 +46,9 @@ def _error_response(status: int, message: str, param: str | None = None, kind: s
 class ServerConfig:
     served_model_name: str
     api_key: str | None = None
+    # Beyond this many requests waiting for the engine, answer 503 + Retry-After.
+    max_queued_requests: int = 1024
+    chat_template: str | None = None
 
 
 def build_app(engine: AsyncLLM, config: ServerConfig, metrics: EngineMetrics | None = None) -> FastAPI:
@@ -51,7 +59,10 @@ def build_app(engine: AsyncLLM, config: ServerConfig, metrics: EngineMetrics | N
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, error: APIError):
-        return _error_response(error.status, error.message, error.param, error.kind)
+        response = _error_response(error.status, error.message, error.param, error.kind)
+        if error.status == 503:
+            response.headers["Retry-After"] = "1"
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, error: RequestValidationError):
@@ -98,6 +109,30 @@ def build_app(engine: AsyncLLM, config: ServerConfig, metrics: EngineMetrics | N
         }
         return {"object": "list", "data": [card]}
 
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        if tokenizer is None:
+            raise APIError(400, "this model has no tokenizer", "prompt")
+        if body.messages is not None:
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            text = tokenizer.apply_chat_template(messages, chat_template=config.chat_template, tokenize=False,
+                                                 add_generation_prompt=body.add_generation_prompt)
+            tokens = tokenizer.encode(text, add_special_tokens=False)
+        elif body.prompt is not None:
+            tokens = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        else:
+            raise APIError(400, "give either prompt or messages", "prompt")
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        if tokenizer is None:
+            raise APIError(400, "this model has no tokenizer", "tokens")
+        bad = next((t for t in body.tokens if not 0 <= t < engine.engine.vocab_size), None)
+        if bad is not None:
+            raise APIError(400, f"token id {bad} is invalid: must be in [0, {engine.engine.vocab_size})", "tokens")
+        return {"prompt": tokenizer.decode(body.tokens)}
+
     def _check_model(name: str) -> None:
         if name != config.served_model_name:
             raise APIError(404, f"model {name!r} does not exist; this server serves {config.served_model_name!r}",
@@ -132,6 +167,10 @@ def build_app(engine: AsyncLLM, config: ServerConfig, metrics: EngineMetrics | N
             raise APIError(400, str(error), error.field_name) from None
 
     async def _run(prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
+        if engine.num_waiting >= config.max_queued_requests:
+            raise APIError(503, f"server is busy: {engine.num_waiting} requests are waiting "
+                                f"(max_queued_requests={config.max_queued_requests}); retry shortly",
+                           kind="server_busy")
         try:
             async for output in engine.generate(prompt_ids, params, request_id):
                 yield output
@@ -154,7 +193,8 @@ def build_app(engine: AsyncLLM, config: ServerConfig, metrics: EngineMetrics | N
             raise APIError(400, "this model has no tokenizer: chat needs one", "messages")
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(messages, chat_template=config.chat_template, tokenize=False,
+                                                 add_generation_prompt=True)
         except Exception as error:  # a template that rejects the conversation
             raise APIError(400, f"chat template failed: {error}", "messages") from None
         prompt_ids = tokenizer.encode(text, add_special_tokens=False)

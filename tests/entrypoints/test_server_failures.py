@@ -1,0 +1,69 @@
+"""Server behaviour under engine failure and overload, in process (tiny model, token-id prompts)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from pagoda.config import CacheConfig, EngineConfig
+from pagoda.engine.async_engine import AsyncLLM
+from pagoda.engine.llm_engine import LLMEngine
+from pagoda.entrypoints.openai.api_server import ServerConfig, build_app
+
+
+@pytest.fixture
+def engine(tiny_llama):
+    config = EngineConfig(model=str(tiny_llama), dtype="float32", cache=CacheConfig(kv_cache_memory=32 * 1024**2))
+    async_engine = AsyncLLM(LLMEngine(config, show_progress=False))
+    yield async_engine
+    async_engine.shutdown()
+
+
+def _app(engine, **overrides):
+    return TestClient(build_app(engine, ServerConfig(served_model_name="tiny", **overrides)))
+
+
+def test_completion_with_token_ids(engine):
+    client = _app(engine)
+    response = client.post("/v1/completions", json={"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 4,
+                                                    "ignore_eos": True, "temperature": 0})
+    assert response.status_code == 200
+    assert response.json()["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+
+
+def test_health_turns_503_when_the_engine_loop_dies(engine, monkeypatch):
+    client = _app(engine)
+    assert client.get("/health").status_code == 200
+
+    def broken(_):
+        raise RuntimeError("injected device failure")
+
+    monkeypatch.setattr(engine.engine.runner, "execute", broken)
+    response = client.post("/v1/completions", json={"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 4})
+    assert response.status_code == 503
+    assert "engine loop died" in response.json()["error"]["message"]
+    deadline = time.monotonic() + 10
+    while engine.is_healthy and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client.get("/health").status_code == 503
+    assert client.post("/v1/completions", json={"model": "tiny", "prompt": [5], "max_tokens": 2}).status_code == 503
+
+
+def test_backpressure_answers_503_with_retry_after(engine):
+    client = _app(engine, max_queued_requests=0)
+    response = client.post("/v1/completions", json={"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 4})
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
+    assert "max_queued_requests=0" in response.json()["error"]["message"]
+
+
+def test_api_key_is_required_when_set(engine):
+    client = _app(engine, api_key="sesame")
+    body = {"model": "tiny", "prompt": [5, 6], "max_tokens": 2}
+    assert client.post("/v1/completions", json=body).status_code == 401
+    assert client.post("/v1/completions", json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    ok = client.post("/v1/completions", json=body, headers={"Authorization": "Bearer sesame"})
+    assert ok.status_code == 200
+    assert client.get("/health").status_code == 200  # health stays open for probes
