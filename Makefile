@@ -1,11 +1,12 @@
-# Two commands matter: `make run` (a greedy completion from the default
-# model) and `make test` (the whole suite). Both set up .venv on first use.
+# `make run` (a greedy completion from the default model), `make serve`
+# (the OpenAI-compatible server on 127.0.0.1:8000) and `make test` (the
+# whole suite). Each sets up .venv on first use.
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PROMPT ?= What is the capital of France? Answer in one sentence.
 
-.PHONY: run test bench setup clean
+.PHONY: run serve test bench setup clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,6 +22,9 @@ setup: $(STAMP)
 
 run: $(STAMP)
 	$(VENV)/bin/pagoda generate --chat --stats "$(PROMPT)"
+
+serve: $(STAMP)
+	$(VENV)/bin/pagoda serve
 
 test: $(STAMP)
 	$(PY) -m pytest -q
