@@ -179,3 +179,21 @@ def test_tokenize_counts_what_a_chat_request_uses(server, client):
     assert counted["count"] == used == len(counted["tokens"])
     text = httpx.post(f"{server}/detokenize", json={"model": MODEL, "tokens": counted["tokens"]}).json()["prompt"]
     assert "How many tokens is this?" in text
+
+
+def test_ollama_client_chats_and_generates(server):
+    import ollama
+
+    client = ollama.Client(host=server)
+    reply = client.chat(model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}],
+                        options={"temperature": 0, "num_predict": 30})
+    assert "Paris" in reply.message.content and reply.done and reply.eval_count > 0
+    pieces = list(client.generate(model=MODEL, prompt="Say hello.", stream=True, options={"num_predict": 8, "seed": 1}))
+    assert pieces[-1].done and sum(1 for p in pieces if p.done) == 1
+    assert "".join(p.response for p in pieces)
+    assert [m.model for m in client.list().models] == [f"{MODEL}:latest"]
+    assert client.show(MODEL).modelinfo["context_length"] == 8192
+    with pytest.raises(ollama.ResponseError) as info:
+        client.chat(model="llama3", messages=[{"role": "user", "content": "hi"}])
+    assert info.value.status_code == 404
+    assert httpx.get(f"{server}/api/version").json()["version"]

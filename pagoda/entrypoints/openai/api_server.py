@@ -26,6 +26,7 @@ from pagoda.entrypoints.openai.protocol import (
     DetokenizeRequest,
     TokenizeRequest,
 )
+from pagoda.entrypoints.ollama.routes import add_ollama_routes
 from pagoda.metrics import EngineMetrics
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams, SamplingParamsError
@@ -426,6 +427,7 @@ def build_app(engine: AsyncLLM, config: ServerConfig, metrics: EngineMetrics | N
             yield f"data: {json.dumps(data)}\n\n"
         yield "data: [DONE]\n\n"
 
+    add_ollama_routes(app, engine, config.served_model_name, config.chat_template)
     return app
 
 
