@@ -20,13 +20,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pagoda import __version__
 from pagoda.engine.async_engine import AsyncLLM, EngineDeadError
+from pagoda.entrypoints.ollama.routes import add_ollama_routes
 from pagoda.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
 )
-from pagoda.entrypoints.ollama.routes import add_ollama_routes
 from pagoda.metrics import EngineMetrics
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams, SamplingParamsError
