@@ -13,6 +13,7 @@ _DESCRIPTION = """pagoda: an LLM inference engine (paged KV cache, continuous ba
 commands:
   generate   complete one prompt with a model and print the text as it comes
   serve      run an OpenAI-compatible HTTP server
+  chat       talk with a model in the terminal
 """
 
 
@@ -72,6 +73,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(gen)
     gen.set_defaults(handler=_generate)
 
+    chat = commands.add_parser(
+        "chat",
+        help="talk with a model in the terminal",
+        description="An interactive chat in the terminal; the reply streams as it is generated. "
+                    "Type /bye or press Ctrl-D to leave, /clear to forget the conversation.",
+    )
+    chat.add_argument("--system", default=None, help="system message")
+    chat.add_argument("--max-tokens", type=int, default=512, help="tokens per reply at most (default: 512)")
+    chat.add_argument("--temperature", type=float, default=0.7, help="(default: 0.7)")
+    chat.add_argument("--top-p", type=float, default=0.95)
+    chat.add_argument("--seed", type=int, default=None)
+    _add_engine_args(chat)
+    chat.set_defaults(handler=_chat)
+
     serve = commands.add_parser(
         "serve",
         help="run an OpenAI-compatible HTTP server",
@@ -90,6 +105,57 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(serve)
     serve.set_defaults(handler=_serve)
     return parser
+
+
+def _stream_reply(engine, prompt, params):
+    """Runs one request on the engine, printing its text as it grows; returns its last output."""
+    request_id = engine.add_request(prompt, params)
+    shown = 0
+    last = None
+    try:
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                if output.request_id == request_id:
+                    last = output
+                    text = output.outputs[0].text
+                    sys.stdout.write(text[shown:])
+                    sys.stdout.flush()
+                    shown = len(text)
+    except KeyboardInterrupt:  # stop this reply, keep the session
+        engine.abort_request(request_id)
+    sys.stdout.write("\n")
+    return last
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from pagoda.engine.llm import LLM
+    from pagoda.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed)
+    llm = LLM(args.model, **_engine_kwargs(args))
+    history: list[dict[str, str]] = []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"Chatting with {args.model}. /bye or Ctrl-D to leave, /clear to start over.", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> " if interactive else "")
+        except EOFError:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/bye", "/exit", "/quit"):
+            break
+        if line == "/clear":
+            history.clear()
+            continue
+        history.append({"role": "user", "content": line})
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        output = _stream_reply(llm.engine, llm.apply_chat_template(system + history), params)
+        history.append({"role": "assistant", "content": output.outputs[0].text if output else ""})
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -177,19 +243,8 @@ def _generate(args: argparse.Namespace) -> int:
         prompt = llm.apply_chat_template(messages)
     else:
         prompt = args.prompt
-    engine = llm.engine
     start = time.perf_counter()
-    request_id = engine.add_request(prompt, params)
-    shown = 0
-    output = None
-    while engine.has_unfinished_requests():
-        for output in engine.step():
-            if output.request_id == request_id:
-                text = output.outputs[0].text
-                sys.stdout.write(text[shown:])
-                sys.stdout.flush()
-                shown = len(text)
-    sys.stdout.write("\n")
+    output = _stream_reply(llm.engine, prompt, params)
     if args.stats and output is not None:
         elapsed = time.perf_counter() - start
         completion = output.outputs[0]

@@ -43,3 +43,20 @@ def test_generate_chat_answers_with_default_model():
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
     assert "finish_reason=stop" in result.stderr
+
+
+@requires_smollm2
+def test_chat_keeps_the_conversation():
+    def chat(lines: str) -> list[str]:
+        result = subprocess.run(
+            [sys.executable, "-m", "pagoda", "chat", "--temperature", "0", "--max-tokens", "24"],
+            input=lines, capture_output=True, text=True, timeout=300,
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    both = chat("My name is Ada. Just say hi.\nWhat is my name?\n/bye\n")
+    alone = chat("What is my name?\n/bye\n")
+    assert alone.strip() and both.strip()
+    # Greedy replies to the same question differ only if the first turn is in the prompt.
+    assert not both.rstrip().endswith(alone.strip())
