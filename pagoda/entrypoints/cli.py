@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     serve.add_argument("--served-model-name", default=None, help="model id clients use (default: --model)")
+    serve.add_argument("--ollama-port", type=int, default=None, metavar="PORT",
+                       help="also listen on this port (Ollama's is 11434) for Ollama clients")
     serve.add_argument("--max-queued-requests", type=int, default=1024,
                        help="answer 503 + Retry-After beyond this many waiting requests (default: 1024)")
     serve.add_argument("--chat-template", default=None, metavar="FILE",
@@ -159,7 +161,6 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
 
     from pagoda.config import CacheConfig, EngineConfig, SchedulerConfig
     from pagoda.engine.async_engine import AsyncLLM
@@ -191,34 +192,52 @@ def _serve(args: argparse.Namespace) -> int:
     app = build_app(engine, server_config, metrics)
     print(f"pagoda {name!r} listening on http://{args.host}:{args.port}/v1 (max_model_len="
           f"{engine.engine.max_model_len}, dtype={engine.engine.dtype})", file=sys.stderr, flush=True)
-    server = _graceful_server_class()(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                                            timeout_graceful_shutdown=args.shutdown_timeout))
+    ports = [args.port] + ([args.ollama_port] if args.ollama_port else [])
+    if args.ollama_port:
+        print(f"pagoda Ollama API also on http://{args.host}:{args.ollama_port}", file=sys.stderr, flush=True)
     try:
-        server.run()
+        _run_servers(app, args.host, ports, args.shutdown_timeout)
     finally:
         engine.shutdown()
     return 0
 
 
-def _graceful_server_class():
+def _run_servers(app, host: str, ports: list[int], shutdown_timeout: float) -> None:
+    """Serves `app` on each port until SIGTERM/SIGINT, then drains in-flight requests.
+
+    uvicorn's own signal capture re-raises the signal after shutdown (the
+    process would die by it); we handle the signals here so a graceful stop
+    exits 0, and one signal stops every listener. A second Ctrl-C forces.
+    """
+    import asyncio
     import contextlib
+    import signal
 
     import uvicorn
 
-    class GracefulServer(uvicorn.Server):
-        """A SIGTERM/Ctrl-C stop after in-flight requests finish is a clean exit (status 0).
-
-        uvicorn re-raises the signal once it has shut down, which would make
-        the process die by that signal; we drop it instead.
-        """
-
+    class Server(uvicorn.Server):
         @contextlib.contextmanager
         def capture_signals(self):
-            with super().capture_signals():
-                yield
-                self._captured_signals.clear()
+            yield
 
-    return GracefulServer
+    servers = [
+        Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                              timeout_graceful_shutdown=shutdown_timeout))
+        for port in ports
+    ]
+
+    def stop(signum, frame):
+        for server in servers:
+            server.force_exit = server.should_exit and signum == signal.SIGINT
+            server.should_exit = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+
+    async def serve_all():
+        await asyncio.gather(*(server.serve() for server in servers))
+
+    asyncio.run(serve_all())
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -26,9 +26,10 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server():
-    port = _free_port()
+    port, ollama_port = _free_port(), _free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "pagoda", "serve", "--port", str(port), "--max-num-seqs", "32"],
+        [sys.executable, "-m", "pagoda", "serve", "--port", str(port), "--max-num-seqs", "32",
+         "--ollama-port", str(ollama_port)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     base = f"http://127.0.0.1:{port}"
@@ -44,7 +45,10 @@ def server():
     else:
         process.kill()
         raise RuntimeError("server did not become healthy")
+    base_ollama = f"http://127.0.0.1:{ollama_port}"
     yield base
+    # The second listener serves the same app (Ollama clients default to port 11434).
+    assert httpx.get(f"{base_ollama}/api/version").status_code == 200
     process.terminate()
     assert process.wait(timeout=60) == 0
 
