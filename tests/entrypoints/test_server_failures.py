@@ -67,3 +67,15 @@ def test_api_key_is_required_when_set(engine):
     ok = client.post("/v1/completions", json=body, headers={"Authorization": "Bearer sesame"})
     assert ok.status_code == 200
     assert client.get("/health").status_code == 200  # health stays open for probes
+
+
+def test_truncate_prompt_tokens_keeps_the_tail(engine):
+    client = _app(engine)
+    max_len = engine.engine.max_model_len
+    too_long = {"model": "tiny", "prompt": [3 + i % 500 for i in range(max_len + 10)], "max_tokens": 2, "ignore_eos": True}
+    refused = client.post("/v1/completions", json=too_long)
+    assert refused.status_code == 400 and str(max_len) in refused.json()["error"]["message"]
+    kept = client.post("/v1/completions", json={**too_long, "truncate_prompt_tokens": 100})
+    assert kept.status_code == 200 and kept.json()["usage"]["prompt_tokens"] == 100
+    bad = client.post("/v1/completions", json={**too_long, "truncate_prompt_tokens": 0})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "truncate_prompt_tokens"

@@ -198,7 +198,7 @@ def build_app(engine: AsyncLLM, config: ServerConfig, metrics: EngineMetrics | N
                                                  add_generation_prompt=True)
         except Exception as error:  # a template that rejects the conversation
             raise APIError(400, f"chat template failed: {error}", "messages") from None
-        prompt_ids = tokenizer.encode(text, add_special_tokens=False)
+        prompt_ids = _truncate(tokenizer.encode(text, add_special_tokens=False), body.truncate_prompt_tokens)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         top = body.top_logprobs if body.logprobs else None
         if body.logprobs and top is None:
@@ -326,6 +326,7 @@ def build_app(engine: AsyncLLM, config: ServerConfig, metrics: EngineMetrics | N
             else:
                 encoded.append(list(prompt))
         logprobs = body.logprobs
+        encoded = [_truncate(ids, body.truncate_prompt_tokens) for ids in encoded]
         params = [_sampling_params(body, body.max_tokens, len(ids), logprobs) for ids in encoded]
         if body.echo and logprobs is not None:
             params = [replace(p, prompt_logprobs=logprobs) for p in params]
@@ -429,6 +430,10 @@ def build_app(engine: AsyncLLM, config: ServerConfig, metrics: EngineMetrics | N
 
     add_ollama_routes(app, engine, config.served_model_name, config.chat_template)
     return app
+
+
+def _truncate(prompt_ids: list[int], keep_last: int | None) -> list[int]:
+    return prompt_ids[-keep_last:] if keep_last is not None else prompt_ids
 
 
 def _prompt_list(prompt) -> list[str | list[int]]:

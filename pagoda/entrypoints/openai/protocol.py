@@ -37,6 +37,8 @@ class _SamplingFields(BaseModel):
     user: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # Keep only the last N prompt tokens (instead of refusing a prompt that is too long).
+    truncate_prompt_tokens: int | None = Field(default=None, ge=1)
 
 
 class CompletionRequest(_SamplingFields):
