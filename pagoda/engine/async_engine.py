@@ -172,3 +172,11 @@ class AsyncLLM:
                     self._streams[command.request_id] = command.stream
                     command.accepted.set_result(None)
             block = False
+
+
+async def prepend(first: RequestOutput, rest: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+    """`first`, then everything from `rest`: for callers that awaited the first output early
+    (so a refused request fails before any response byte is sent)."""
+    yield first
+    async for output in rest:
+        yield output

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
 from pagoda import __version__
-from pagoda.engine.async_engine import AsyncLLM, EngineDeadError
+from pagoda.engine.async_engine import AsyncLLM, EngineDeadError, prepend
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams, SamplingParamsError
 
@@ -150,11 +150,7 @@ def add_ollama_routes(app: FastAPI, engine: AsyncLLM, served_model_name: str, ch
 
         async def lines():
             sent = 0
-            async def each():
-                yield first
-                async for output in outputs:
-                    yield output
-            async for output in each():
+            async for output in prepend(first, outputs):
                 text = output.outputs[0].text
                 if len(text) > sent:
                     yield json.dumps({"model": body.model, "created_at": now(), **piece(text[sent:]),

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pagoda import __version__
-from pagoda.engine.async_engine import AsyncLLM, EngineDeadError
+from pagoda.engine.async_engine import AsyncLLM, EngineDeadError, prepend
 from pagoda.entrypoints.ollama.routes import add_ollama_routes
 from pagoda.entrypoints.openai.protocol import (
     ChatCompletionRequest,
@@ -266,12 +266,7 @@ def build_app(engine: AsyncLLM, config: ServerConfig, metrics: EngineMetrics | N
         done = [False] * n
         final = first
 
-        async def each():
-            yield first
-            async for output in outputs:
-                yield output
-
-        async for output in each():
+        async for output in prepend(first, outputs):
             final = output
             for c in output.outputs:
                 i = c.index
@@ -403,12 +398,7 @@ def build_app(engine: AsyncLLM, config: ServerConfig, metrics: EngineMetrics | N
         done = [False] * n
         final = first
 
-        async def each():
-            yield first
-            async for output in outputs:
-                yield output
-
-        async for output in each():
+        async for output in prepend(first, outputs):
             final = output
             for c in output.outputs:
                 if done[c.index]:
