@@ -132,3 +132,13 @@ class EngineConfig:
             raise ConfigError("max_model_len", self.max_model_len, "must be >= 1")
         if self.num_threads is not None and self.num_threads < 1:
             raise ConfigError("num_threads", self.num_threads, f"must be in [1, {os.cpu_count()}]")
+
+
+def engine_config_from_kwargs(model: str, **kwargs) -> EngineConfig:
+    """One flat set of keyword arguments (as `LLM(...)` and the CLI take them)
+    sorted into EngineConfig, SchedulerConfig and CacheConfig fields."""
+    scheduler_keys = SchedulerConfig.__dataclass_fields__.keys()
+    cache_keys = CacheConfig.__dataclass_fields__.keys()
+    scheduler = SchedulerConfig(**{k: kwargs.pop(k) for k in list(kwargs) if k in scheduler_keys})
+    cache = CacheConfig(**{k: kwargs.pop(k) for k in list(kwargs) if k in cache_keys})
+    return EngineConfig(model=model, scheduler=scheduler, cache=cache, **kwargs)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
-from pagoda.config import DEFAULT_MODEL, CacheConfig, EngineConfig, SchedulerConfig
+from pagoda.config import DEFAULT_MODEL, engine_config_from_kwargs
 from pagoda.engine.llm_engine import LLMEngine, PromptInput
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams
@@ -23,12 +23,7 @@ class LLM:
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, show_progress: bool = True, **kwargs):
-        scheduler_keys = SchedulerConfig.__dataclass_fields__.keys()
-        cache_keys = CacheConfig.__dataclass_fields__.keys()
-        scheduler = SchedulerConfig(**{k: kwargs.pop(k) for k in list(kwargs) if k in scheduler_keys})
-        cache = CacheConfig(**{k: kwargs.pop(k) for k in list(kwargs) if k in cache_keys})
-        config = EngineConfig(model=model, scheduler=scheduler, cache=cache, **kwargs)
-        self.engine = LLMEngine(config, show_progress=show_progress)
+        self.engine = LLMEngine(engine_config_from_kwargs(model, **kwargs), show_progress=show_progress)
 
     def get_tokenizer(self):
         return self.engine.tokenizer

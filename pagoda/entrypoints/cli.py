@@ -162,7 +162,7 @@ def _chat(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
 
-    from pagoda.config import CacheConfig, EngineConfig, SchedulerConfig
+    from pagoda.config import engine_config_from_kwargs
     from pagoda.engine.async_engine import AsyncLLM
     from pagoda.engine.llm_engine import LLMEngine
     from pagoda.entrypoints.openai.api_server import ServerConfig, build_app
@@ -172,18 +172,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.chat_template is not None:
         with open(args.chat_template) as f:
             chat_template = f.read()
-    kwargs = _engine_kwargs(args)
-    config = EngineConfig(
-        model=args.model,
-        tokenizer=kwargs["tokenizer"],
-        dtype=kwargs["dtype"],
-        load_format=kwargs["load_format"],
-        max_model_len=kwargs["max_model_len"],
-        num_threads=kwargs["num_threads"],
-        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),
-        cache=CacheConfig(kv_cache_memory=args.kv_cache_memory),
-    )
-    sync_engine = LLMEngine(config)
+    sync_engine = LLMEngine(engine_config_from_kwargs(args.model, **_engine_kwargs(args)))
     metrics = EngineMetrics(sync_engine.stats)
     engine = AsyncLLM(sync_engine, on_finished=metrics.observe_finished)
     name = args.served_model_name or args.model
