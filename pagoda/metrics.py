@@ -1,13 +1,13 @@
 """Prometheus metrics, named after vLLM's (`vllm:x` -> `pagoda:x`) so dashboards map one to one.
 
 Each server owns its own CollectorRegistry (no process-global state).
-Gauges are read from the engine at scrape time; histograms and counters
+Gauges are read from the engine's latest figures at scrape time; histograms and counters
 are fed when a request finishes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -20,23 +20,35 @@ _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0
 _TPOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
 
 
-class _SchedulerCollector(Collector):
-    def __init__(self, stats: Callable[[], SchedulerStats]):
-        self._stats = stats
+class EngineFigures(Protocol):
+    """What the metrics read at scrape time (AsyncLLM has these)."""
+
+    stats: SchedulerStats  # the scheduler's counts after the latest step
+    busy_seconds: float  # time spent inside engine steps, running total
+    num_steps: int
+
+
+class _EngineCollector(Collector):
+    def __init__(self, engine: EngineFigures):
+        self._engine = engine
 
     def collect(self):
-        stats = self._stats()
+        stats = self._engine.stats
         yield GaugeMetricFamily("pagoda:num_requests_running", "Requests in the running batch.", stats.num_running)
         yield GaugeMetricFamily("pagoda:num_requests_waiting", "Requests waiting to be scheduled.", stats.num_waiting)
         yield GaugeMetricFamily("pagoda:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).",
                                 stats.kv_cache_usage)
         yield CounterMetricFamily("pagoda:num_preemptions", "Preemptions by recompute.", stats.num_preemptions_total)
+        # pagoda's own: with the wall clock, the share of time the step loop kept the model busy.
+        yield CounterMetricFamily("pagoda:engine_busy_seconds", "Seconds spent inside engine steps.",
+                                  self._engine.busy_seconds)
+        yield CounterMetricFamily("pagoda:engine_steps", "Engine steps run.", self._engine.num_steps)
 
 
 class EngineMetrics:
-    def __init__(self, stats: Callable[[], SchedulerStats]):
+    def __init__(self, engine: EngineFigures):
         self.registry = CollectorRegistry()
-        self.registry.register(_SchedulerCollector(stats))
+        self.registry.register(_EngineCollector(engine))
         self.prompt_tokens = Counter("pagoda:prompt_tokens", "Prompt tokens of finished requests.",
                                      registry=self.registry)
         self.generation_tokens = Counter("pagoda:generation_tokens", "Generated tokens of finished requests.",

@@ -1,84 +1,221 @@
-"""The engine loop in a background thread, with an async stream per request.
+"""The async front end: one async stream of outputs per request, over an
+engine loop that runs on a background thread or in a child process.
 
-Every change to engine state (add, abort, step) happens on the loop thread,
-so the synchronous `LLMEngine` needs no locks. Callers hand it commands
-through a queue and get results back on their asyncio loop.
+    AsyncLLM(engine)                          # loop on a thread of this process
+    AsyncLLM.in_child_process(config)         # loop in its own process
+
+Either way the loop (`engine_loop.run_engine_loop`) is the only code that
+touches the `LLMEngine`; the front end only sends commands and routes the
+updates that come back. Updates are handled on the loop thread (thread
+placement) or on a reader thread (process placement), and handed to each
+caller's asyncio loop with call_soon_threadsafe.
 
 Invariants:
 - a request's stream ends exactly once: with a finished output, with the
   engine's error, or when the caller stops reading (then it is aborted and
   its KV blocks are freed within one step);
-- `is_healthy` is False once the loop thread has died.
+- `is_healthy` is False once the loop (thread or process) has died.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
 
+from pagoda.config import EngineConfig
+from pagoda.core.scheduler import SchedulerStats
+from pagoda.engine.engine_loop import (
+    Accepted,
+    AbortRequest,
+    AddRequest,
+    Command,
+    LoopDied,
+    LoopUpdate,
+    ModelInfo,
+    Rejected,
+    Shutdown,
+    StepUpdate,
+    run_engine_loop,
+)
 from pagoda.engine.llm_engine import LLMEngine, PromptInput
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
+LOOP_PLACEMENTS = ("thread", "process")
+
 
 class EngineDeadError(RuntimeError):
     """The engine loop stopped; no request can be served."""
 
 
-@dataclass
-class _Add:
-    request_id: str
-    prompt: PromptInput
-    params: SamplingParams
-    stream: _Stream
-    accepted: Future
-
-
-@dataclass
-class _Abort:
-    request_id: str
-
-
 class _Stream:
-    """Outputs of one request, handed from the loop thread to an asyncio loop."""
+    """Outputs of one request, handed from the loop's thread to an asyncio loop."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self._loop = loop
         self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
 
     def put(self, item: RequestOutput | BaseException) -> None:
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the caller's event loop has closed: nobody is reading
+            pass
 
     async def get(self) -> RequestOutput | BaseException:
         return await self._queue.get()
 
 
+class _ThreadLoop:
+    """Runs the engine loop on a daemon thread of this process."""
+
+    placement = "thread"
+
+    def __init__(self, engine: LLMEngine, dispatch: Callable[[LoopUpdate], None]):
+        self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, args=(engine, dispatch), name="pagoda-engine", daemon=True)
+        self._thread.start()
+
+    def _next(self, block: bool) -> Command | None:
+        try:
+            return self._commands.get(block=block, timeout=1.0 if block else None)
+        except queue.Empty:
+            return None
+
+    def _run(self, engine: LLMEngine, dispatch: Callable[[LoopUpdate], None]) -> None:
+        try:
+            run_engine_loop(engine, self._next, dispatch)
+        except BaseException as error:  # the loop must report, not vanish
+            logger.exception("engine loop died")
+            dispatch(LoopDied(f"the engine loop died: {error!r}"))
+
+    def send(self, command: Command) -> None:
+        self._commands.put(command)
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self, timeout: float) -> None:
+        self._commands.put(Shutdown())
+        self._thread.join(timeout)
+
+
+class _ProcessLoop:
+    """Runs the engine loop in a spawned child process, talking over two pipes."""
+
+    placement = "process"
+
+    def __init__(self, config: EngineConfig, dispatch: Callable[[LoopUpdate], None], load_timeout: float = 600.0):
+        from pagoda.engine.core_process import engine_process_main
+
+        context = multiprocessing.get_context("spawn")
+        command_reader, self._command_writer = context.Pipe(duplex=False)
+        self._update_reader, update_writer = context.Pipe(duplex=False)
+        self._process = context.Process(target=engine_process_main, args=(config, command_reader, update_writer),
+                                        name="pagoda-engine", daemon=True)
+        self._process.start()
+        command_reader.close()
+        update_writer.close()
+        self._send_lock = threading.Lock()
+        self.model_info = self._wait_for_load(load_timeout)
+        self._reader = threading.Thread(target=self._read, args=(dispatch,), name="pagoda-engine-reader", daemon=True)
+        self._reader.start()
+
+    def _wait_for_load(self, timeout: float) -> ModelInfo:
+        deadline = time.monotonic() + timeout
+        while not self._update_reader.poll(0.5):
+            if not self._process.is_alive():
+                raise RuntimeError(f"the engine process exited while loading (exit code {self._process.exitcode})")
+            if time.monotonic() > deadline:
+                self._process.terminate()
+                raise RuntimeError(f"the engine process did not load the model within {timeout:.0f} s")
+        first = self._update_reader.recv()
+        if isinstance(first, LoopDied):
+            self._process.join(5)
+            raise RuntimeError(first.message)
+        return first
+
+    def _read(self, dispatch: Callable[[LoopUpdate], None]) -> None:
+        while True:
+            try:
+                update = self._update_reader.recv()
+            except (EOFError, OSError):
+                self._process.join(1.0)
+                dispatch(LoopDied(f"the engine process exited (exit code {self._process.exitcode})"))
+                return
+            dispatch(update)
+            if isinstance(update, LoopDied):
+                return
+
+    def send(self, command: Command) -> None:
+        with self._send_lock:
+            try:
+                self._command_writer.send(command)
+            except (BrokenPipeError, OSError):
+                pass  # the process is gone; the reader reports it
+
+    def is_alive(self) -> bool:
+        return self._process.is_alive()
+
+    def stop(self, timeout: float) -> None:
+        self.send(Shutdown())
+        self._process.join(timeout)
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join(timeout)
+
+
 class AsyncLLM:
     def __init__(self, engine: LLMEngine, on_finished: Callable[[RequestOutput], None] | None = None):
-        self.engine = engine
-        # Called on the loop thread with each finished request's output (metrics).
-        self._on_finished = on_finished
-        self._commands: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
+        """The engine loop on a thread of this process. `engine` is reachable as
+        `self.engine` (tests inject failures through it); nothing else may touch it."""
+        self.engine: LLMEngine | None = engine
+        self._setup(ModelInfo.from_engine(engine), engine.stats(), on_finished)
+        self._loop = _ThreadLoop(engine, self._dispatch)
+
+    @classmethod
+    def in_child_process(
+        cls, config: EngineConfig, on_finished: Callable[[RequestOutput], None] | None = None
+    ) -> AsyncLLM:
+        """The engine loop in its own process; returns once the model is loaded."""
+        self = cls.__new__(cls)
+        self.engine = None
+        self._setup(None, SchedulerStats(0, 0, 0.0, 0), on_finished)
+        self._loop = _ProcessLoop(config, self._dispatch)
+        self.model_info = self._loop.model_info
+        return self
+
+    def _setup(self, info: ModelInfo | None, stats: SchedulerStats,
+               on_finished: Callable[[RequestOutput], None] | None) -> None:
+        self.model_info = info
+        # Called on the dispatching thread with each finished request's output (metrics).
+        self.on_finished = on_finished
+        self._lock = threading.Lock()  # guards _streams and _accepting
         self._streams: dict[str, _Stream] = {}
-        self._error: BaseException | None = None
-        self._stopping = False
-        self.last_step_time = time.monotonic()
-        self._thread = threading.Thread(target=self._run, name="pagoda-engine", daemon=True)
-        self._thread.start()
+        self._accepting: dict[str, Future] = {}
+        self._error: str | None = None
+        # Latest figures from the loop (replaced whole, so reads need no lock).
+        self.stats = stats
+        self.busy_seconds = 0.0
+        self.num_steps = 0
+        self.started = time.monotonic()
 
     # -- caller side (any asyncio loop) -------------------------------------
 
     @property
+    def placement(self) -> str:
+        return self._loop.placement
+
+    @property
     def is_healthy(self) -> bool:
-        return self._thread.is_alive() and self._error is None
+        return self._loop.is_alive() and self._error is None
 
     @property
     def num_unfinished(self) -> int:
@@ -86,8 +223,8 @@ class AsyncLLM:
 
     @property
     def num_waiting(self) -> int:
-        """Requests queued for the engine (an approximate read from another thread)."""
-        return self._commands.qsize() + len(self.engine.scheduler.waiting)
+        """Requests not yet scheduled: sent but unacknowledged, plus the scheduler's queue at the last step."""
+        return len(self._accepting) + self.stats.num_waiting
 
     async def generate(
         self, prompt: PromptInput, params: SamplingParams, request_id: str
@@ -98,16 +235,20 @@ class AsyncLLM:
         output if the request is refused. Stopping iteration early aborts it.
         """
         if not self.is_healthy:
-            raise EngineDeadError("the engine loop is not running")
+            raise EngineDeadError(self._error or "the engine loop is not running")
         stream = _Stream(asyncio.get_running_loop())
         accepted: Future = Future()
-        self._commands.put(_Add(request_id, prompt, params, stream, accepted))
-        await asyncio.wrap_future(accepted)  # re-raises validation errors
+        with self._lock:
+            self._streams[request_id] = stream
+            self._accepting[request_id] = accepted
+        self._loop.send(AddRequest(request_id, prompt, params))
         finished = False
         try:
+            await asyncio.wrap_future(accepted)  # re-raises validation errors
             while True:
                 item = await stream.get()
                 if isinstance(item, BaseException):
+                    finished = True
                     raise item
                 yield item
                 if item.finished:
@@ -118,60 +259,50 @@ class AsyncLLM:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
-        self._commands.put(_Abort(request_id))
+        with self._lock:
+            self._streams.pop(request_id, None)
+            self._accepting.pop(request_id, None)
+        self._loop.send(AbortRequest(request_id))
 
     def shutdown(self, timeout: float = 5.0) -> None:
-        self._stopping = True
-        self._commands.put(None)
-        self._thread.join(timeout)
+        self._loop.stop(timeout)
 
-    # -- loop thread --------------------------------------------------------
+    # -- dispatching thread -------------------------------------------------
 
-    def _run(self) -> None:
-        try:
-            while not self._stopping:
-                block = not self.engine.has_unfinished_requests()
-                if not self._drain_commands(block):
-                    break
-                if self.engine.has_unfinished_requests():
-                    for output in self.engine.step():
-                        stream = self._streams.get(output.request_id)
-                        if stream is not None:
-                            stream.put(output)
-                            if output.finished:
-                                del self._streams[output.request_id]
-                        if output.finished and self._on_finished is not None:
-                            self._on_finished(output)
-                self.last_step_time = time.monotonic()
-        except BaseException as error:  # the loop must report, not vanish
-            logger.exception("engine loop died")
-            self._error = error
-            dead = EngineDeadError(f"the engine loop died: {error!r}")
-            for stream in self._streams.values():
+    def _dispatch(self, update: LoopUpdate) -> None:
+        if isinstance(update, StepUpdate):
+            self.stats, self.busy_seconds, self.num_steps = update.stats, update.busy_seconds, update.num_steps
+            for output in update.outputs:
+                with self._lock:
+                    stream = self._streams.get(output.request_id)
+                    if stream is not None and output.finished:
+                        del self._streams[output.request_id]
+                if stream is not None:
+                    stream.put(output)
+                if output.finished and self.on_finished is not None:
+                    self.on_finished(output)
+        elif isinstance(update, Accepted):
+            with self._lock:
+                future = self._accepting.pop(update.request_id, None)
+            if future is not None:
+                future.set_result(None)
+        elif isinstance(update, Rejected):
+            with self._lock:
+                future = self._accepting.pop(update.request_id, None)
+                self._streams.pop(update.request_id, None)
+            if future is not None:
+                future.set_exception(ValueError(update.message))
+        elif isinstance(update, LoopDied):
+            logger.error("%s", update.message)
+            self._error = update.message
+            dead = EngineDeadError(update.message)
+            with self._lock:
+                streams, self._streams = self._streams, {}
+                accepting, self._accepting = self._accepting, {}
+            for future in accepting.values():
+                future.set_exception(dead)
+            for stream in streams.values():
                 stream.put(dead)
-            self._streams.clear()
-
-    def _drain_commands(self, block: bool) -> bool:
-        """Applies pending adds/aborts; waits for one if `block`. False means stop."""
-        while True:
-            try:
-                command = self._commands.get(block=block, timeout=1.0 if block else None)
-            except queue.Empty:
-                return True
-            if command is None:
-                return False
-            if isinstance(command, _Abort):
-                self.engine.abort_request(command.request_id)
-                self._streams.pop(command.request_id, None)
-            else:
-                try:
-                    self.engine.add_request(command.prompt, command.params, command.request_id)
-                except Exception as error:
-                    command.accepted.set_exception(error)
-                else:
-                    self._streams[command.request_id] = command.stream
-                    command.accepted.set_result(None)
-            block = False
 
 
 async def prepend(first: RequestOutput, rest: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:

@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="answer 503 + Retry-After beyond this many waiting requests (default: 1024)")
     serve.add_argument("--chat-template", default=None, metavar="FILE",
                        help="a Jinja chat template file to use instead of the tokenizer's")
+    serve.add_argument("--engine-loop", choices=["thread", "process"], default="thread",
+                       help="where the engine's step loop runs: a thread of the server process, or its own "
+                            "process (default: thread; see benchmarks/engine_loop_placement.py)")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="seconds to let in-flight requests finish on SIGTERM/Ctrl-C (default: 30)")
     _add_engine_args(serve)
@@ -172,15 +175,21 @@ def _serve(args: argparse.Namespace) -> int:
     if args.chat_template is not None:
         with open(args.chat_template) as f:
             chat_template = f.read()
-    sync_engine = LLMEngine(engine_config_from_kwargs(args.model, **_engine_kwargs(args)))
-    metrics = EngineMetrics(sync_engine.stats)
-    engine = AsyncLLM(sync_engine, on_finished=metrics.observe_finished)
+    engine_config = engine_config_from_kwargs(args.model, **_engine_kwargs(args))
+    if args.engine_loop == "process":
+        engine = AsyncLLM.in_child_process(engine_config)
+    else:
+        engine = AsyncLLM(LLMEngine(engine_config))
+    metrics = EngineMetrics(engine)
+    engine.on_finished = metrics.observe_finished
     name = args.served_model_name or args.model
     server_config = ServerConfig(served_model_name=name, api_key=args.api_key,
                                  max_queued_requests=args.max_queued_requests, chat_template=chat_template)
     app = build_app(engine, server_config, metrics)
+    info = engine.model_info
     print(f"pagoda {name!r} listening on http://{args.host}:{args.port}/v1 (max_model_len="
-          f"{engine.engine.max_model_len}, dtype={engine.engine.dtype})", file=sys.stderr, flush=True)
+          f"{info.max_model_len}, dtype={info.dtype}, engine loop: {args.engine_loop})",
+          file=sys.stderr, flush=True)
     ports = [args.port] + ([args.ollama_port] if args.ollama_port else [])
     if args.ollama_port:
         print(f"pagoda Ollama API also on http://{args.host}:{args.ollama_port}", file=sys.stderr, flush=True)

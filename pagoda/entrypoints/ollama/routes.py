@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
+from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -73,9 +74,8 @@ class _OllamaError(Exception):
 
 
 def add_ollama_routes(app: FastAPI, engine: AsyncLLM, served_model_name: str, chat_template: str | None) -> None:
-    tokenizer = engine.engine.tokenizer
-    max_model_len = engine.engine.max_model_len
-    hf_config = engine.engine.hf_config
+    info = engine.model_info
+    tokenizer, max_model_len, hf_config = info.tokenizer, info.max_model_len, info.hf_config
 
     @app.exception_handler(_OllamaError)
     async def _error(_, error: _OllamaError):
@@ -185,13 +185,12 @@ def add_ollama_routes(app: FastAPI, engine: AsyncLLM, served_model_name: str, ch
         return await respond(body, prompt_ids, lambda text: {"message": {"role": "assistant", "content": text}})
 
     def details() -> dict:
-        return {"format": engine.engine.source.kind, "family": getattr(hf_config, "model_type", ""),
-                "parameter_size": f"{sum(p.numel() for p in engine.engine.model.parameters()) / 1e6:.0f}M",
-                "quantization_level": str(engine.engine.dtype).replace("torch.", "")}
+        return {"format": info.source_kind, "family": getattr(hf_config, "model_type", ""),
+                "parameter_size": f"{info.num_parameters / 1e6:.0f}M", "quantization_level": info.dtype}
 
     @app.get("/api/tags")
     async def tags():
-        path = engine.engine.source.path
+        path = Path(info.source_path)
         return {"models": [{
             "name": f"{served_model_name}:latest", "model": f"{served_model_name}:latest",
             "modified_at": datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).isoformat(),

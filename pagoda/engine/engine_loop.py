@@ -1,0 +1,141 @@
+"""The engine's step loop and the messages it exchanges with its front end.
+
+The loop owns an `LLMEngine` and is the only code that touches it: it applies
+commands (add, abort), steps while there is work, and emits one `LoopUpdate`
+per step. It runs either on a thread of the serving process or in a child
+process (`engine/core_process.py`); every message here is picklable so both
+placements share this code.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pagoda.core.scheduler import SchedulerStats
+from pagoda.engine.llm_engine import LLMEngine, PromptInput
+from pagoda.outputs import RequestOutput
+from pagoda.sampling_params import SamplingParams
+
+# -- commands: front end -> loop -----------------------------------------------
+
+
+@dataclass
+class AddRequest:
+    request_id: str
+    prompt: PromptInput
+    params: SamplingParams
+
+
+@dataclass
+class AbortRequest:
+    request_id: str
+
+
+@dataclass
+class Shutdown:
+    pass
+
+
+Command = AddRequest | AbortRequest | Shutdown
+
+# -- updates: loop -> front end --------------------------------------------------
+
+
+@dataclass
+class Accepted:
+    request_id: str
+
+
+@dataclass
+class Rejected:
+    request_id: str
+    message: str  # the engine's validation error, as text (it is re-raised as a ValueError)
+
+
+@dataclass
+class StepUpdate:
+    outputs: list[RequestOutput]
+    stats: SchedulerStats
+    # Seconds spent inside LLMEngine.step() so far (a running total): with the
+    # wall clock it gives the share of time the loop kept the model busy.
+    busy_seconds: float
+    num_steps: int
+
+
+@dataclass
+class LoopDied:
+    message: str
+
+
+LoopUpdate = Accepted | Rejected | StepUpdate | LoopDied
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the HTTP layer needs to know about the served model (no engine access)."""
+
+    model: str
+    tokenizer: Any  # a transformers tokenizer, or None
+    max_model_len: int
+    vocab_size: int
+    hf_config: Any
+    source_kind: str
+    source_path: str
+    dtype: str
+    num_parameters: int
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_engine(cls, engine: LLMEngine) -> ModelInfo:
+        return cls(
+            model=engine.config.model,
+            tokenizer=engine.tokenizer,
+            max_model_len=engine.max_model_len,
+            vocab_size=engine.vocab_size,
+            hf_config=engine.hf_config,
+            source_kind=engine.source.kind,
+            source_path=str(engine.source.path),
+            dtype=str(engine.dtype).replace("torch.", ""),
+            num_parameters=sum(p.numel() for p in engine.model.parameters()),
+        )
+
+
+def run_engine_loop(
+    engine: LLMEngine,
+    next_command: Callable[[bool], Command | None],
+    emit: Callable[[LoopUpdate], None],
+) -> None:
+    """Runs until a Shutdown command. `next_command(block)` returns the next
+    command, or None when none is pending (after waiting a while if `block`).
+
+    Raises whatever the engine raises; the caller reports it as LoopDied.
+    """
+    busy = 0.0
+    while True:
+        block = not engine.has_unfinished_requests()
+        command = next_command(block)
+        changed = False
+        while command is not None:
+            if isinstance(command, Shutdown):
+                return
+            changed = True
+            if isinstance(command, AbortRequest):
+                engine.abort_request(command.request_id)
+            else:
+                try:
+                    engine.add_request(command.prompt, command.params, command.request_id)
+                except ValueError as error:
+                    emit(Rejected(command.request_id, str(error)))
+                else:
+                    emit(Accepted(command.request_id))
+            command = next_command(False)
+        if engine.has_unfinished_requests():
+            start = time.perf_counter()
+            outputs = engine.step()
+            busy += time.perf_counter() - start
+            emit(StepUpdate(outputs, engine.stats(), busy, engine.num_steps))
+        elif changed:  # e.g. an abort emptied the batch: let the front end see the new counts
+            emit(StepUpdate([], engine.stats(), busy, engine.num_steps))

@@ -1,0 +1,131 @@
+"""POST /v1/chat/completions: the chat template, then one request (n choices), streamed or not.
+
+Streaming rules (OpenAI's): each choice opens with a role-only delta; its
+finish_reason rides on its last content chunk (no extra empty chunk); the
+concatenated deltas equal the non-streamed text.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi.responses import StreamingResponse
+
+from pagoda.engine.async_engine import prepend
+from pagoda.entrypoints.openai.errors import APIError
+from pagoda.entrypoints.openai.protocol import ChatCompletionRequest
+from pagoda.entrypoints.openai.serving_common import OpenAIServing, sse, truncate, usage
+from pagoda.outputs import RequestOutput
+
+
+class OpenAIServingChat(OpenAIServing):
+    def encode_messages(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        if self.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer: chat needs one", "messages")
+        try:
+            text = self.tokenizer.apply_chat_template(messages, chat_template=self.config.chat_template,
+                                                      tokenize=False, add_generation_prompt=add_generation_prompt)
+        except Exception as error:  # a template that rejects the conversation
+            raise APIError(400, f"chat template failed: {error}", "messages") from None
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    async def create(self, body: ChatCompletionRequest):
+        self.check_model(body.model)
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        prompt_ids = truncate(self.encode_messages(messages), body.truncate_prompt_tokens)
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        params = self.sampling_params(body, max_tokens, len(prompt_ids), top)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        first, outputs = await self.start(prompt_ids, params, request_id)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(self._stream(first, outputs, request_id, body.model, include_usage, top),
+                                     media_type="text/event-stream")
+        final = first
+        async for final in outputs:
+            pass
+        choices = [
+            {
+                "index": c.index,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": {"content": self._logprobs(c.token_ids, c.logprobs, top)} if top is not None else None,
+                "finish_reason": c.finish_reason,
+            }
+            for c in final.outputs
+        ]
+        return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": body.model,
+                "choices": choices, "usage": usage(final)}
+
+    def _logprobs(self, token_ids: list[int], logprobs: list[dict[int, float]] | None, k: int,
+                  start: int = 0) -> list[dict]:
+        """OpenAI's chat logprobs: each token's logprob and its top-k alternatives."""
+        def entry(token_id: int, logprob: float) -> dict:
+            text = self.decode([token_id])
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        entries = []
+        for token_id, alternatives in zip(token_ids[start:], (logprobs or [])[start:]):
+            top = sorted(alternatives.items(), key=lambda kv: -kv[1])[:k]
+            entries.append({**entry(token_id, alternatives[token_id]),
+                            "top_logprobs": [entry(t, lp) for t, lp in top]})
+        return entries
+
+    async def _stream(self, first: RequestOutput, outputs: AsyncIterator[RequestOutput], request_id: str,
+                      model: str, include_usage: bool, top_logprobs: int | None) -> AsyncIterator[str]:
+        created_at = int(time.time())
+
+        def chunk(choices: list[dict], usage_counts: dict | None = None) -> str:
+            data = {"id": request_id, "object": "chat.completion.chunk", "created": created_at,
+                    "model": model, "choices": choices}
+            if include_usage:
+                data["usage"] = usage_counts
+            return sse(data)
+
+        n = len(first.outputs)
+        for index in range(n):
+            yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None}])
+        sent_text = [0] * n
+        sent_tokens = [0] * n
+        held: list[dict | None] = [None] * n  # last content chunk, sent when the next one (or the end) comes
+        done = [False] * n
+        final = first
+
+        async for output in prepend(first, outputs):
+            final = output
+            for c in output.outputs:
+                i = c.index
+                if done[i]:
+                    continue
+                delta = c.text[sent_text[i]:]
+                new_tokens = len(c.token_ids) - sent_tokens[i]
+                entry = None
+                if delta or c.finished:
+                    logprobs = None
+                    if top_logprobs is not None and new_tokens:
+                        logprobs = {"content": self._logprobs(c.token_ids, c.logprobs, top_logprobs, sent_tokens[i])}
+                    entry = {"index": i, "delta": {"content": delta} if delta else {}, "logprobs": logprobs,
+                             "finish_reason": None}
+                    sent_text[i] = len(c.text)
+                    sent_tokens[i] = len(c.token_ids)
+                if c.finished:
+                    done[i] = True
+                    last = held[i]
+                    if last is not None and not entry["delta"]:
+                        entry = {**last, "finish_reason": c.finish_reason}  # ride on the last content chunk
+                    else:
+                        if last is not None:
+                            yield chunk([last])
+                        entry["finish_reason"] = c.finish_reason
+                    held[i] = None
+                    yield chunk([entry])
+                elif entry is not None:
+                    if held[i] is not None:
+                        yield chunk([held[i]])
+                    held[i] = entry
+        if include_usage:
+            yield chunk([], usage(final))
+        yield sse("[DONE]")

@@ -1,0 +1,103 @@
+"""What the OpenAI endpoints share: model check, sampling parameters from a
+request body, starting a request on the engine, usage counts."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from pagoda.engine.async_engine import AsyncLLM, EngineDeadError
+from pagoda.entrypoints.openai.errors import APIError
+from pagoda.outputs import RequestOutput
+from pagoda.sampling_params import SamplingParams, SamplingParamsError
+
+_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                    "repetition_penalty")
+
+
+@dataclass
+class ServerConfig:
+    served_model_name: str
+    api_key: str | None = None
+    # Beyond this many requests waiting for the engine, answer 503 + Retry-After.
+    max_queued_requests: int = 1024
+    chat_template: str | None = None
+
+
+class OpenAIServing:
+    def __init__(self, engine: AsyncLLM, config: ServerConfig):
+        self.engine = engine
+        self.config = config
+        self.tokenizer = engine.model_info.tokenizer
+        self.max_model_len = engine.model_info.max_model_len
+
+    def check_model(self, name: str) -> None:
+        if name != self.config.served_model_name:
+            raise APIError(404, f"model {name!r} does not exist; this server serves "
+                                f"{self.config.served_model_name!r}", "model", "not_found_error")
+
+    def sampling_params(self, body, max_tokens: int | None, prompt_len: int, logprobs: int | None) -> SamplingParams:
+        """The request's SamplingParams; refuses a prompt + max_tokens beyond the context, naming both counts."""
+        room = self.max_model_len - prompt_len
+        if prompt_len > self.max_model_len or (max_tokens is not None and max_tokens > room):
+            raise APIError(
+                400,
+                f"this model's maximum context length is {self.max_model_len} tokens; the request has "
+                f"{prompt_len} prompt tokens and asks for {max_tokens} completion tokens",
+                "max_tokens" if prompt_len <= self.max_model_len else "prompt",
+            )
+        fields = {name: getattr(body, name) for name in _SAMPLING_FIELDS if getattr(body, name) is not None}
+        try:
+            logit_bias = {int(k): v for k, v in body.logit_bias.items()} if body.logit_bias else None
+        except ValueError:
+            raise APIError(400, "logit_bias keys must be token ids", "logit_bias") from None
+        try:
+            return SamplingParams(
+                n=body.n, seed=body.seed, stop=body.stop, stop_token_ids=body.stop_token_ids,
+                ignore_eos=body.ignore_eos, min_tokens=body.min_tokens, logit_bias=logit_bias,
+                max_tokens=max_tokens if max_tokens is not None else max(1, room), logprobs=logprobs, **fields,
+            )
+        except SamplingParamsError as error:
+            raise APIError(400, str(error), error.field_name) from None
+
+    async def run(self, prompt_ids: list[int], params: SamplingParams,
+                  request_id: str) -> AsyncIterator[RequestOutput]:
+        """The request's outputs; engine refusals become 400, a dead engine or a full queue 503."""
+        waiting = self.engine.num_waiting
+        if waiting >= self.config.max_queued_requests:
+            raise APIError(503, f"server is busy: {waiting} requests are waiting "
+                                f"(max_queued_requests={self.config.max_queued_requests}); retry shortly",
+                           kind="server_busy")
+        try:
+            async for output in self.engine.generate(prompt_ids, params, request_id):
+                yield output
+        except EngineDeadError as error:
+            raise APIError(503, str(error), kind="server_error") from None
+        except ValueError as error:
+            raise APIError(400, str(error)) from None
+
+    async def start(self, prompt_ids: list[int], params: SamplingParams,
+                    request_id: str) -> tuple[RequestOutput, AsyncIterator[RequestOutput]]:
+        """Starts a request and waits for its first output, so a refusal surfaces before any byte is sent."""
+        outputs = self.run(prompt_ids, params, request_id)
+        first = await outputs.__anext__()
+        return first, outputs
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids) if self.tokenizer is not None else ""
+
+
+def truncate(prompt_ids: list[int], keep_last: int | None) -> list[int]:
+    return prompt_ids[-keep_last:] if keep_last is not None else prompt_ids
+
+
+def usage(output: RequestOutput) -> dict:
+    completion = sum(len(c.token_ids) for c in output.outputs)
+    prompt = len(output.prompt_token_ids)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def sse(data: dict | str) -> str:
+    """One server-sent event: `data: <json>` and a blank line."""
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"

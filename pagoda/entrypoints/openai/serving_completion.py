@@ -1,0 +1,136 @@
+"""POST /v1/completions: one engine request per prompt (n choices each), streamed or not.
+
+`echo` with `logprobs` returns the prompt's own logprobs (the first token's
+is None), which is what log-likelihood evaluation harnesses read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+from fastapi.responses import StreamingResponse
+
+from pagoda.engine.async_engine import prepend
+from pagoda.entrypoints.openai.errors import APIError
+from pagoda.entrypoints.openai.protocol import CompletionRequest
+from pagoda.entrypoints.openai.serving_common import OpenAIServing, sse, truncate, usage
+from pagoda.outputs import CompletionOutput, RequestOutput
+
+
+def _prompt_list(prompt) -> list[str | list[int]]:
+    """OpenAI's four prompt forms (str, [str], [int], [[int]]) as a list of prompts."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and all(isinstance(t, int) for t in prompt):
+        return [list(prompt)]
+    return list(prompt)
+
+
+class OpenAIServingCompletion(OpenAIServing):
+    async def create(self, body: CompletionRequest):
+        self.check_model(body.model)
+        prompts = _prompt_list(body.prompt)
+        if not prompts:
+            raise APIError(400, "prompt must not be empty", "prompt")
+        if body.stream and len(prompts) != 1:
+            raise APIError(400, "prompt: streaming takes one prompt per request", "prompt")
+        encoded = [truncate(self._encode(prompt), body.truncate_prompt_tokens) for prompt in prompts]
+        params = [self.sampling_params(body, body.max_tokens, len(ids), body.logprobs) for ids in encoded]
+        if body.echo and body.logprobs is not None:
+            params = [replace(p, prompt_logprobs=body.logprobs) for p in params]
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        if body.stream:
+            first, outputs = await self.start(encoded[0], params[0], request_id)
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            echo = self.decode(encoded[0]) if body.echo else None
+            return StreamingResponse(self._stream(first, outputs, request_id, body.model, include_usage, echo),
+                                     media_type="text/event-stream")
+
+        async def final_output(index: int) -> RequestOutput:
+            final = None
+            async for final in self.run(encoded[index], params[index], f"{request_id}-{index}"):
+                pass
+            return final
+
+        try:
+            async with asyncio.TaskGroup() as group:  # one refusal cancels (and aborts) the rest
+                tasks = [group.create_task(final_output(i)) for i in range(len(encoded))]
+        except ExceptionGroup as errors:
+            raise errors.exceptions[0] from None
+        finals = [task.result() for task in tasks]
+        choices = []
+        for prompt_index, final in enumerate(finals):
+            for c in final.outputs:
+                choices.append({
+                    "index": prompt_index * body.n + c.index,
+                    "text": (self.decode(final.prompt_token_ids) + c.text) if body.echo else c.text,
+                    "logprobs": (self._logprobs(c, final if body.echo else None)
+                                 if body.logprobs is not None else None),
+                    "finish_reason": c.finish_reason,
+                })
+        total = {key: sum(usage(f)[key] for f in finals) for key in ("prompt_tokens", "completion_tokens",
+                                                                     "total_tokens")}
+        return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": body.model,
+                "choices": choices, "usage": total}
+
+    def _encode(self, prompt: str | list[int]) -> list[int]:
+        if not isinstance(prompt, str):
+            return list(prompt)
+        if self.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer: send token ids", "prompt")
+        return self.tokenizer.encode(prompt)
+
+    def _logprobs(self, c: CompletionOutput, echoed: RequestOutput | None = None) -> dict:
+        """OpenAI's completion logprobs; with echo, the prompt's tokens come first (the very first has None)."""
+        def name(token_id: int) -> str:
+            return self.decode([token_id]) if self.tokenizer is not None else str(token_id)
+
+        token_ids = list(c.token_ids)
+        entries: list[dict[int, float] | None] = list(c.logprobs or [])
+        if echoed is not None:
+            token_ids = list(echoed.prompt_token_ids) + token_ids
+            entries = list(echoed.prompt_logprobs or [None] * len(echoed.prompt_token_ids)) + entries
+        tokens = [name(t) for t in token_ids]
+        offsets, position = [], 0
+        for token in tokens:
+            offsets.append(position)
+            position += len(token)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [entry[t] if entry else None for t, entry in zip(token_ids, entries)],
+            "top_logprobs": [{name(t): lp for t, lp in entry.items()} if entry else None for entry in entries],
+            "text_offset": offsets,
+        }
+
+    async def _stream(self, first: RequestOutput, outputs: AsyncIterator[RequestOutput], request_id: str,
+                      model: str, include_usage: bool, echo: str | None) -> AsyncIterator[str]:
+        created_at = int(time.time())
+
+        def chunk(choices: list[dict], **extra) -> str:
+            return sse({"id": request_id, "object": "text_completion", "created": created_at, "model": model,
+                        "choices": choices, **extra})
+
+        n = len(first.outputs)
+        if echo:
+            yield chunk([{"index": i, "text": echo, "logprobs": None, "finish_reason": None} for i in range(n)])
+        sent = [0] * n
+        done = [False] * n
+        final = first
+        async for output in prepend(first, outputs):
+            final = output
+            for c in output.outputs:
+                if done[c.index]:
+                    continue
+                delta = c.text[sent[c.index]:]
+                if not delta and not c.finished:
+                    continue
+                sent[c.index] = len(c.text)
+                done[c.index] = c.finished
+                yield chunk([{"index": c.index, "text": delta, "logprobs": None, "finish_reason": c.finish_reason}])
+        if include_usage:
+            yield chunk([], usage=usage(final))
+        yield sse("[DONE]")
