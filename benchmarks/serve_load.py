@@ -92,11 +92,11 @@ def _offline(requests, max_num_seqs: int) -> dict:
             "output_tok_s": sum(len(o.outputs[0].token_ids) for o in outputs) / wall}
 
 
-def _start_server() -> tuple[subprocess.Popen, str]:
+def _start_server(*extra_args: str) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    process = subprocess.Popen([sys.executable, "-m", "pagoda", "serve", "--port", str(port)],
+    process = subprocess.Popen([sys.executable, "-m", "pagoda", "serve", "--port", str(port), *extra_args],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(360):
