@@ -6,7 +6,8 @@ import argparse
 import sys
 import time
 
-from pagoda.config import DEFAULT_MODEL
+from pagoda.entrypoints.engine_args import add_engine_args as _add_engine_args
+from pagoda.entrypoints.engine_args import engine_kwargs as _engine_kwargs
 
 _DESCRIPTION = """pagoda: an LLM inference engine (paged KV cache, continuous batching).
 
@@ -14,36 +15,9 @@ commands:
   generate   complete one prompt with a model and print the text as it comes
   serve      run an OpenAI-compatible HTTP server
   chat       talk with a model in the terminal
+  bench      benchmark a server (any OpenAI-compatible one) or the offline engine
+  estimate   parameters, memory, FLOPs and roofline TTFT/TPOT for a model on an accelerator
 """
-
-
-def _add_engine_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("model and engine")
-    group.add_argument("--model", default=DEFAULT_MODEL,
-                       help=f"alias, HF folder (config.json + safetensors) or .gguf file (default: {DEFAULT_MODEL})")
-    group.add_argument("--tokenizer", default=None, help="tokenizer folder, if not the model's own")
-    group.add_argument("--dtype", default="auto", help="auto (bfloat16 where the hardware multiplies it natively, else float32), float32, bfloat16 or float16")
-    group.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"],
-                       help="dummy = random weights at the real size (for benchmarks)")
-    group.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
-    group.add_argument("--kv-cache-memory", type=int, default=None, metavar="BYTES",
-                       help="bytes for the KV cache (default: 2 GiB on CPU)")
-    group.add_argument("--max-num-seqs", type=int, default=256, help="requests running at once")
-    group.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per engine step")
-    group.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-
-
-def _engine_kwargs(args: argparse.Namespace) -> dict:
-    return dict(
-        tokenizer=args.tokenizer,
-        dtype=args.dtype,
-        load_format=args.load_format,
-        max_model_len=args.max_model_len,
-        kv_cache_memory=args.kv_cache_memory,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        num_threads=args.threads,
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds to let in-flight requests finish on SIGTERM/Ctrl-C (default: 30)")
     _add_engine_args(serve)
     serve.set_defaults(handler=_serve)
+
+    from pagoda.bench.cli import add_bench_parser
+    from pagoda.estimate.cli import add_estimate_parser
+
+    add_bench_parser(commands)
+    add_estimate_parser(commands)
     return parser
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import subprocess
 import sys
@@ -201,3 +202,39 @@ def test_ollama_client_chats_and_generates(server):
         client.chat(model="llama3", messages=[{"role": "user", "content": "hi"}])
     assert info.value.status_code == 404
     assert httpx.get(f"{server}/api/version").json()["version"]
+
+
+def test_pagoda_bench_serve_measures_this_server(server, tmp_path):
+    """`pagoda bench serve` end to end: a two-level sweep, the database, JSON, plots and `report`."""
+    db, out = tmp_path / "bench.db", tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "pagoda", "bench", "serve", "--base-url", f"{server}/v1", "--api", "chat",
+         "--num-prompts", "4", "--concurrency", "1", "2", "--input-len", "8:24", "--output-len", "4",
+         "--goodput", "ttft:60000", "--db", str(db), "--out-dir", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    [summary_file] = out.glob("*.json")
+    data = json.loads(summary_file.read_text())
+    assert [r["label"] for r in data["runs"]] == ["concurrency 1", "concurrency 2"]
+    for run in data["runs"]:
+        s = run["summary"]
+        assert (s["completed"], s["failed"]) == (4, 0)
+        assert s["output_tokens"] == 16  # usage from the server: 4 requests x 4 tokens (ignore_eos)
+        assert s["goodput"]["good_requests"] == 4
+        assert run["config"]["model"] == MODEL  # discovered from /v1/models
+    assert {p.name.split("-")[-1] for p in out.glob("*.png")} == {"cdf.png", "sweep.png"}
+    sweep_id = data["sweep_id"]
+    report = subprocess.run([sys.executable, "-m", "pagoda", "bench", "report", sweep_id, "--db", str(db),
+                             "--markdown"], capture_output=True, text=True, check=True)
+    assert report.stdout.count("| concurrency ") == 2
+
+
+def test_pagoda_bench_serve_exits_nonzero_when_everything_fails(tmp_path):
+    closed = _free_port()
+    result = subprocess.run(
+        [sys.executable, "-m", "pagoda", "bench", "serve", "--base-url", f"http://127.0.0.1:{closed}",
+         "--model", MODEL, "--num-prompts", "3", "--input-len", "8", "--output-len", "2", "--warmup", "0",
+         "--db", str(tmp_path / "b.db"), "--out-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "3 failed" in result.stderr + result.stdout and "ConnectError" in result.stdout

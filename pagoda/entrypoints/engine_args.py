@@ -1,0 +1,36 @@
+"""Command-line flags for the engine, shared by `pagoda generate/chat/serve` and `pagoda bench`."""
+
+from __future__ import annotations
+
+import argparse
+
+from pagoda.config import DEFAULT_MODEL
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model and engine")
+    group.add_argument("--model", default=DEFAULT_MODEL,
+                       help=f"alias, HF folder (config.json + safetensors) or .gguf file (default: {DEFAULT_MODEL})")
+    group.add_argument("--tokenizer", default=None, help="tokenizer folder, if not the model's own")
+    group.add_argument("--dtype", default="auto", help="auto (bfloat16 where the hardware multiplies it natively, else float32), float32, bfloat16 or float16")
+    group.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"],
+                       help="dummy = random weights at the real size (for benchmarks)")
+    group.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    group.add_argument("--kv-cache-memory", type=int, default=None, metavar="BYTES",
+                       help="bytes for the KV cache (default: 2 GiB on CPU)")
+    group.add_argument("--max-num-seqs", type=int, default=256, help="requests running at once")
+    group.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per engine step")
+    group.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    return dict(
+        tokenizer=args.tokenizer,
+        dtype=args.dtype,
+        load_format=args.load_format,
+        max_model_len=args.max_model_len,
+        kv_cache_memory=args.kv_cache_memory,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        num_threads=args.threads,
+    )

@@ -1,0 +1,1 @@
+"""`pagoda estimate`: parameters, memory, FLOPs and roofline times for a model on an accelerator."""
