@@ -83,8 +83,14 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     # Requests running at once.
     max_num_seqs: int = 256
+    # "fcfs": first come, first served. "priority": a request's `priority` (lower value
+    # first, as in vLLM) orders admission, and under pressure the lowest-priority
+    # running request is preempted, also to admit a higher-priority one.
+    policy: str = "fcfs"
 
     def __post_init__(self) -> None:
+        if self.policy not in ("fcfs", "priority"):
+            raise ConfigError("policy", self.policy, "must be 'fcfs' or 'priority'")
         if self.max_num_batched_tokens < 1:
             raise ConfigError("max_num_batched_tokens", self.max_num_batched_tokens, "must be >= 1")
         if self.max_num_seqs < 1:
@@ -100,6 +106,10 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9
     # Overrides the memory budget with an exact block count (tests).
     num_blocks: int | None = None
+    # Reuse the KV of full blocks whose tokens (and everything before them) match.
+    enable_prefix_caching: bool = True
+    # n > 1: siblings share the prompt's blocks (ref counts, copy on write) instead of copies.
+    enable_fork_sharing: bool = True
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size > 1024:

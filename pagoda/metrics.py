@@ -39,6 +39,13 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily("pagoda:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).",
                                 stats.kv_cache_usage)
         yield CounterMetricFamily("pagoda:num_preemptions", "Preemptions by recompute.", stats.num_preemptions_total)
+        yield GaugeMetricFamily("pagoda:kv_cache_token_efficiency",
+                                "Tokens stored / token slots allocated in KV blocks, over all steps (1 = no waste).",
+                                stats.kv_token_efficiency)
+        yield CounterMetricFamily("pagoda:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                  stats.prefix_cache_queries_total)
+        yield CounterMetricFamily("pagoda:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+                                  stats.prefix_cache_hits_total)
         # pagoda's own: with the wall clock, the share of time the step loop kept the model busy.
         yield CounterMetricFamily("pagoda:engine_busy_seconds", "Seconds spent inside engine steps.",
                                   self._engine.busy_seconds)

@@ -71,11 +71,25 @@ class Request:
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    # For n > 1: the sibling whose prompt KV this request shares (copy on write) instead
+    # of computing it again. None for the first sibling and for single requests.
+    fork_of: Request | None = field(default=None, repr=False)
+    # With the "priority" scheduling policy: lower values are served first.
+    priority: int = 0
+    # Mixed into the prefix-cache hashes: requests with different salts never share blocks.
+    cache_salt: str | None = None
+    # Prompt tokens found in the prefix cache when the request was (last) admitted.
+    num_cached_tokens: int = 0
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
         if self.sampling_params.seed is not None:
             self.generator = torch.Generator().manual_seed(self.sampling_params.seed)
+
+    @property
+    def cache_keys(self) -> tuple:
+        """Extra keys of this request's prefix-cache hashes (a LoRA id would join here)."""
+        return () if self.cache_salt is None else (self.cache_salt,)
 
     @property
     def num_prompt_tokens(self) -> int:

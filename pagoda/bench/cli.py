@@ -52,6 +52,8 @@ def add_bench_parser(commands) -> None:
     data.add_argument("--output-len", default="128", help="random: output tokens, N or MIN:MAX (default: 128)")
     data.add_argument("--num-prompts", type=int, default=64, help="requests per load level (default: 64)")
     data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--temperature", type=float, default=None, help="sent with every request (default: the server's)")
+    data.add_argument("--top-p", type=float, default=None, help="sent with every request (default: the server's)")
     load = serve.add_argument_group("load")
     load.add_argument("--concurrency", type=int, nargs="+", default=[],
                       help="requests in flight at most; several values run a sweep")
@@ -118,7 +120,8 @@ def _serve(args: argparse.Namespace) -> int:
         dataset=args.dataset, dataset_path=args.dataset_path, input_len=args.input_len, output_len=args.output_len,
         num_prompts=args.num_prompts, concurrency=args.concurrency, request_rate=args.request_rate,
         burstiness=args.burstiness, duration=args.duration, seed=args.seed, goodput=parse_goodput(args.goodput),
-        timeout=args.timeout, warmup=args.warmup, db=args.db, out_dir=args.out_dir, label=args.label)
+        timeout=args.timeout, warmup=args.warmup, db=args.db, out_dir=args.out_dir, label=args.label,
+        sampling={k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p)) if v is not None})
     _, status = run_serve_benchmark(config)
     return status
 
@@ -197,10 +200,12 @@ def throughput_table(results) -> str:
 
     base = results[0].output_tokens_per_s
     header = ["system", "batch", "wall s", "req/s", "output tok/s", "total tok/s", "computed / useful output",
-              "vs pagoda"]
+              "KV slots used", "vs pagoda"]
     rows = [[r.system, str(r.batch_size or "continuous"), f"{r.wall_s:.1f}", f"{r.requests_per_s:.2f}",
              f"{r.output_tokens_per_s:.1f}", f"{r.total_tokens_per_s:.1f}",
-             f"{r.computed_output_tokens / r.output_tokens:.2f}", f"{r.output_tokens_per_s / base:.2f}x"]
+             f"{r.computed_output_tokens / r.output_tokens:.2f}",
+             f"{r.kv_token_efficiency:.1%}" if r.kv_token_efficiency is not None else "-",
+             f"{r.output_tokens_per_s / base:.2f}x"]
             for r in results]
     return markdown_table(header, rows)
 

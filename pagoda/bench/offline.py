@@ -81,6 +81,7 @@ def run_pagoda(llm, requests: list[OfflineRequest], static_batch: int | None = N
     """Continuous batching over all requests, or static batches of `static_batch`."""
     groups = [requests] if not static_batch else [requests[i:i + static_batch]
                                                   for i in range(0, len(requests), static_batch)]
+    before = llm.engine.stats()
     start = time.perf_counter()
     generated = 0
     for group in groups:
@@ -92,8 +93,11 @@ def run_pagoda(llm, requests: list[OfflineRequest], static_batch: int | None = N
     useful = sum(r.output_len for r in requests)
     if generated != useful:
         raise RuntimeError(f"pagoda generated {generated} tokens, expected {useful}")
+    after = llm.engine.stats()
+    slots = after.kv_token_slots_total - before.kv_token_slots_total
+    efficiency = (after.kv_tokens_stored_total - before.kv_tokens_stored_total) / slots if slots else None
     return ThroughputResult("pagoda static" if static_batch else "pagoda", wall, len(requests),
-                            sum(len(r.prompt) for r in requests), useful, generated, static_batch)
+                            sum(len(r.prompt) for r in requests), useful, generated, static_batch, efficiency)
 
 
 def load_hf_model(model: str, dtype: str = "float32"):

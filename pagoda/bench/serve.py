@@ -49,6 +49,7 @@ class ServeBenchConfig:
     db: str = "bench_results/bench.db"
     out_dir: str = "bench_results"
     label: str | None = None
+    sampling: dict = field(default_factory=dict)  # extra body fields for every request (temperature, top_p)
 
 
 def normalize_base_url(url: str) -> str:
@@ -114,6 +115,8 @@ def run_serve_benchmark(config: ServeBenchConfig, console: Console | None = None
     model = config.model or discover_model(base_url, headers)
     tokenizer = load_tokenizer_for(config.tokenizer or model, console)
     requests = build_dataset(config, tokenizer)
+    for request in requests:
+        request.extra_body = {**config.sampling, **request.extra_body}
     levels = load_levels(config)
     store = ResultStore(config.db)
     sweep_id = new_id()

@@ -8,6 +8,12 @@ recompute: its blocks are freed and it goes back to the front of the queue.
 Waiting requests are then admitted first-come-first-served while budget,
 sequence slots and blocks last.
 
+With the "priority" policy, `waiting` and `running` are kept sorted by
+(priority, preempted first, arrival): admission takes the most urgent
+request, the preemption victim is the last running one (least urgent,
+youngest), and a waiting request may preempt running requests of strictly
+lower priority (larger value) to get blocks or a sequence slot.
+
 Invariants:
 - a request is in exactly one of `waiting`, `running`, or neither (finished);
 - a waiting request holds no blocks; a running request holds exactly
@@ -18,6 +24,7 @@ Invariants:
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -49,6 +56,17 @@ class SchedulerStats:
     num_waiting: int
     kv_cache_usage: float
     num_preemptions_total: int
+    prefix_cache_queries_total: int = 0  # prompt tokens looked up at admission
+    prefix_cache_hits_total: int = 0  # of those, tokens found cached
+    # Fragmentation, summed over steps: tokens whose KV the scheduled requests store
+    # after the step, and the token slots of the blocks they hold.
+    kv_tokens_stored_total: int = 0
+    kv_token_slots_total: int = 0
+
+    @property
+    def kv_token_efficiency(self) -> float:
+        """Tokens stored / token slots allocated, over all steps so far (1.0 = no waste)."""
+        return self.kv_tokens_stored_total / self.kv_token_slots_total if self.kv_token_slots_total else 1.0
 
 
 class Scheduler:
@@ -60,6 +78,8 @@ class Scheduler:
         self.running: list[Request] = []
         self._requests: dict[str, Request] = {}
         self.num_preemptions_total = 0
+        self.kv_tokens_stored_total = 0
+        self.kv_token_slots_total = 0
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -67,7 +87,33 @@ class Scheduler:
         if request.request_id in self._requests:
             raise ValueError(f"request_id={request.request_id!r} is already in use.")
         self._requests[request.request_id] = request
-        self.waiting.append(request)
+        self._enqueue(request, front=False)
+
+    @property
+    def _by_priority(self) -> bool:
+        return self.config.policy == "priority"
+
+    @staticmethod
+    def _urgency(request: Request) -> tuple:
+        """Sort key under the priority policy: smaller is served first."""
+        return (request.priority, request.status != RequestStatus.PREEMPTED, request.arrival_time)
+
+    def _enqueue(self, request: Request, front: bool) -> None:
+        """Into `waiting`: sorted by urgency (priority policy), else at the back, or the front if `front`."""
+        if self._by_priority:
+            keys = [self._urgency(r) for r in self.waiting]
+            self.waiting.insert(bisect.bisect_right(keys, self._urgency(request)), request)
+        elif front:
+            self.waiting.appendleft(request)
+        else:
+            self.waiting.append(request)
+
+    def _start_running(self, request: Request) -> None:
+        if self._by_priority:
+            keys = [(r.priority, r.arrival_time) for r in self.running]
+            self.running.insert(bisect.bisect_right(keys, (request.priority, request.arrival_time)), request)
+        else:
+            self.running.append(request)
 
     def abort_requests(self, request_ids: list[str]) -> list[Request]:
         """Removes requests wherever they are and frees their blocks."""
@@ -108,6 +154,10 @@ class Scheduler:
             num_waiting=len(self.waiting),
             kv_cache_usage=self.kv_cache.usage,
             num_preemptions_total=self.num_preemptions_total,
+            prefix_cache_queries_total=self.kv_cache.prefix_stats.queries,
+            prefix_cache_hits_total=self.kv_cache.prefix_stats.hits,
+            kv_tokens_stored_total=self.kv_tokens_stored_total,
+            kv_token_slots_total=self.kv_token_slots_total,
         )
 
     # -- scheduling --------------------------------------------------------
@@ -115,7 +165,6 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
         out = SchedulerOutput()
-        scheduled_ids: set[str] = set()
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -124,29 +173,48 @@ class Scheduler:
             if not self._make_room(request, num_new, out):
                 break  # `request` itself was preempted; everything after it too.
             out.scheduled.append(self._scheduled(request, num_new))
-            scheduled_ids.add(request.request_id)
             budget -= num_new
             i += 1
 
-        # Admit waiting requests only if nobody had to be preempted this step:
-        # otherwise we would evict one request to admit another.
-        while (
-            self.waiting
-            and budget > 0
-            and out.num_preempted == 0
-            and len(self.running) < self.config.max_num_seqs
-        ):
+        # Admit waiting requests only if nobody had to be preempted to run the
+        # running ones: otherwise we would evict one request to admit another
+        # (the priority policy evicts only for a more urgent request).
+        running_preempted = out.num_preempted > 0
+        while self.waiting and budget > 0 and not running_preempted:
             request = self.waiting[0]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self.kv_cache.allocate_slots(request.request_id, request.num_computed_tokens + num_new):
-                break
+            if len(self.running) >= self.config.max_num_seqs:
+                refund = self._preempt_less_urgent(request, out)
+                if refund is None:
+                    break
+                budget += refund
+                continue
+            # A request being admitted holds no blocks (new, or preempted by recompute): it
+            # starts after the blocks it can share (a sibling's prompt, or cached prefix).
+            start = self._shared_start(request)
+            if start is None:
+                break  # a sibling is still computing the prompt this request will share
+            shared, num_cached, forked = start
+            num_new = min(request.num_tokens - num_cached, budget)
+            if not self.kv_cache.allocate_slots(request.request_id, num_cached + num_new, shared, num_cached):
+                refund = self._preempt_less_urgent(request, out)
+                if refund is None:
+                    break
+                budget += refund
+                continue
+            if not forked:
+                self.kv_cache.count_prefix_query(request.num_tokens, num_cached)
+            request.num_computed_tokens = request.num_cached_tokens = num_cached
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = time.monotonic()
-            self.running.append(request)
+            self._start_running(request)
             out.scheduled.append(self._scheduled(request, num_new))
             budget -= num_new
+        out.blocks_to_copy = self.kv_cache.take_pending_copies()
+        for item in out.scheduled:
+            self.kv_tokens_stored_total += item.end
+            self.kv_token_slots_total += len(self.kv_cache.block_table(item.request_id)) * self.kv_cache.block_size
         return out
 
     def _make_room(self, request: Request, num_new: int, out: SchedulerOutput) -> bool:
@@ -154,7 +222,8 @@ class Scheduler:
 
         Returns False when `request` itself had to be preempted.
         """
-        while not self.kv_cache.allocate_slots(request.request_id, request.num_computed_tokens + num_new):
+        while not self.kv_cache.allocate_slots(request.request_id, request.num_computed_tokens + num_new,
+                                               first_write=request.num_computed_tokens):
             victim = self.running.pop()
             self._preempt(victim)
             out.num_preempted += 1
@@ -162,13 +231,50 @@ class Scheduler:
                 return False
         return True
 
+    def _shared_start(self, request: Request) -> tuple[list[int], int, bool] | None:
+        """Blocks a request being admitted starts with, how many tokens they hold, and whether
+        they are a sibling's (a fork); None to wait.
+
+        A sibling of an n > 1 request forks the first sibling's prompt blocks
+        once they are written (all but the last prompt token, which it computes
+        itself to sample its own first token; the block holding it is copied on
+        write). Otherwise: the longest cached prefix.
+        """
+        first = request.fork_of
+        prompt_len = request.num_prompt_tokens
+        if (first is not None and self.kv_cache.enable_fork_sharing and request.num_preemptions == 0
+                and prompt_len > 1 and request.sampling_params.prompt_logprobs is None and not first.is_finished):
+            if first.status == RequestStatus.RUNNING and first.num_computed_tokens >= prompt_len - 1:
+                blocks = self.kv_cache.block_table(first.request_id)
+                return blocks[:-(-(prompt_len - 1) // self.kv_cache.block_size)], prompt_len - 1, True
+            return None
+        cached = self.kv_cache.find_cached_prefix(request)
+        return cached, len(cached) * self.kv_cache.block_size, False
+
+    def _preempt_less_urgent(self, request: Request, out: SchedulerOutput) -> int | None:
+        """Priority policy: preempts the least urgent running request if it has a strictly
+        larger priority value than `request`. Returns the budget its step plan gave back
+        (0 if it was not planned this step), or None if nobody may be preempted."""
+        if not self._by_priority or not self.running or self.running[-1].priority <= request.priority:
+            return None
+        victim = self.running.pop()
+        refund = 0
+        for index, item in enumerate(out.scheduled):
+            if item.request is victim:
+                refund = item.num_new_tokens
+                del out.scheduled[index]
+                break
+        self._preempt(victim)
+        out.num_preempted += 1
+        return refund
+
     def _preempt(self, request: Request) -> None:
         self.kv_cache.free(request.request_id)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         self.num_preemptions_total += 1
-        self.waiting.appendleft(request)
+        self._enqueue(request, front=True)
 
     def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
         return ScheduledRequest(
@@ -191,6 +297,7 @@ class Scheduler:
             if request.is_finished:  # aborted while the step ran
                 continue
             request.num_computed_tokens = item.end
+            self.kv_cache.cache_full_blocks(request)
             new_prompt_logprobs = runner_output.prompt_logprobs.get(request.request_id, [])
             request.prompt_logprobs.extend(new_prompt_logprobs)
             token = runner_output.sampled_token_ids.get(request.request_id)

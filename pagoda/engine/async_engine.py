@@ -227,7 +227,8 @@ class AsyncLLM:
         return len(self._accepting) + self.stats.num_waiting
 
     async def generate(
-        self, prompt: PromptInput, params: SamplingParams, request_id: str
+        self, prompt: PromptInput, params: SamplingParams, request_id: str, cache_salt: str | None = None,
+        priority: int = 0,
     ) -> AsyncIterator[RequestOutput]:
         """Yields cumulative outputs until the request finishes.
 
@@ -241,7 +242,7 @@ class AsyncLLM:
         with self._lock:
             self._streams[request_id] = stream
             self._accepting[request_id] = accepted
-        self._loop.send(AddRequest(request_id, prompt, params))
+        self._loop.send(AddRequest(request_id, prompt, params, cache_salt, priority))
         finished = False
         try:
             await asyncio.wrap_future(accepted)  # re-raises validation errors

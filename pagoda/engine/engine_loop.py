@@ -27,6 +27,8 @@ class AddRequest:
     request_id: str
     prompt: PromptInput
     params: SamplingParams
+    cache_salt: str | None = None
+    priority: int = 0
 
 
 @dataclass
@@ -126,7 +128,8 @@ def run_engine_loop(
                 engine.abort_request(command.request_id)
             else:
                 try:
-                    engine.add_request(command.prompt, command.params, command.request_id)
+                    engine.add_request(command.prompt, command.params, command.request_id, command.cache_salt,
+                                       command.priority)
                 except ValueError as error:
                     emit(Rejected(command.request_id, str(error)))
                 else:

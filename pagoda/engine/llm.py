@@ -33,8 +33,12 @@ class LLM:
         prompts: PromptInput | Sequence[PromptInput],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = False,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
-        """Runs all prompts to completion; outputs come back in prompt order."""
+        """Runs all prompts to completion; outputs come back in prompt order.
+
+        `priority`: one per prompt, for the "priority" scheduling policy (lower first).
+        """
         if isinstance(prompts, str) or (
             isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts)
         ):
@@ -51,10 +55,13 @@ class LLM:
                     f"sampling_params has {len(params_list)} entries but there are {len(prompts)} prompts; "
                     "give one per prompt or a single one."
                 )
+        if priority is not None and len(priority) != len(prompts):
+            raise ValueError(f"priority has {len(priority)} entries but there are {len(prompts)} prompts")
+        priorities = list(priority) if priority is not None else [0] * len(prompts)
         request_ids = []
         try:
-            for prompt, params in zip(prompts, params_list):
-                request_ids.append(self.engine.add_request(prompt, params))
+            for prompt, params, urgency in zip(prompts, params_list, priorities):
+                request_ids.append(self.engine.add_request(prompt, params, priority=urgency))
         except Exception:
             for request_id in request_ids:
                 self.engine.abort_request(request_id)

@@ -116,7 +116,8 @@ class LLMEngine:
                 "lower max_model_len or give the cache more memory (kv_cache_memory)",
             )
         self.kv_caches = allocate_kv_caches(self.hf_config, num_blocks, block_size, self.dtype, self.device)
-        self.kv_cache_manager = KVCacheManager(num_blocks, block_size)
+        self.kv_cache_manager = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching,
+                                               config.cache.enable_fork_sharing)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager, self.max_model_len)
         self.runner = ModelRunner(
             self.model, self.kv_caches, block_size, Sampler(self.vocab_size, config.seed), self.device
@@ -186,7 +187,10 @@ class LLMEngine:
             return None, list(prompt)
         raise PromptError(f"prompt={prompt!r:.80} is invalid: must be a string or a list of token ids.")
 
-    def add_request(self, prompt: PromptInput, params: SamplingParams | None = None, request_id: str | None = None) -> str:
+    def add_request(self, prompt: PromptInput, params: SamplingParams | None = None, request_id: str | None = None,
+                    cache_salt: str | None = None, priority: int = 0) -> str:
+        """Queues a request. `cache_salt`: only requests with the same salt share prefix-cache blocks.
+        `priority`: with the "priority" scheduling policy, lower values are served first."""
         params = params or SamplingParams()
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self._parents:
@@ -200,7 +204,8 @@ class LLMEngine:
             if params.n > 1 and params.seed is not None:
                 child_params = replace(params, seed=params.seed + index)
             seq_id = request_id if params.n == 1 else f"{request_id}#{index}"
-            request = Request(seq_id, token_ids, child_params, self.eos_token_ids)
+            request = Request(seq_id, token_ids, child_params, self.eos_token_ids, cache_salt=cache_salt,
+                              priority=priority, fork_of=parent.sequences[0].request if index else None)
             parent.sequences.append(_Sequence(request, IncrementalDetokenizer(self.tokenizer, token_ids, child_params)))
             self._seq_to_parent[seq_id] = request_id
         self._parents[request_id] = parent

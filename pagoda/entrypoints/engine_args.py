@@ -18,6 +18,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     group.add_argument("--kv-cache-memory", type=int, default=None, metavar="BYTES",
                        help="bytes for the KV cache (default: 2 GiB on CPU)")
+    group.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                       help="do not reuse the KV cache of shared prompt prefixes (on by default)")
+    group.add_argument("--scheduling-policy", dest="policy", choices=["fcfs", "priority"], default="fcfs",
+                       help="fcfs, or priority: requests' `priority` (lower first) orders admission and "
+                            "preemption (default: fcfs)")
     group.add_argument("--max-num-seqs", type=int, default=256, help="requests running at once")
     group.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per engine step")
     group.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
@@ -33,4 +38,6 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         num_threads=args.threads,
+        enable_prefix_caching=args.enable_prefix_caching,
+        policy=args.policy,
     )

@@ -39,7 +39,23 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
+    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy on write: each (source, destination) block, K and V of every layer, in order."""
+        if not copies:
+            return
+        sources = torch.tensor([s for s, _ in copies], device=self.device)
+        targets = torch.tensor([d for _, d in copies], device=self.device)
+        chained = len(set(targets.tolist()) & set(sources.tolist())) > 0
+        for k_cache, v_cache in self.kv_caches:
+            for cache in (k_cache, v_cache):
+                if chained:  # a copy reads another's destination: keep the order
+                    for source, target in copies:
+                        cache[target].copy_(cache[source])
+                else:
+                    cache.index_copy_(0, targets, cache.index_select(0, sources))
+
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        self._copy_blocks(scheduler_output.blocks_to_copy)
         # Decodes first, longest first (grouped by length for batched attention), then prefill chunks.
         decodes = sorted((s for s in scheduler_output.scheduled if self._is_decode(s)), key=lambda s: -s.end)
         prefills = [s for s in scheduler_output.scheduled if not self._is_decode(s)]

@@ -147,6 +147,25 @@ def test_metrics_move_when_requests_run(server, client):
     assert _metric(server, "pagoda:kv_cache_usage_perc") == 0.0
 
 
+def test_prefix_cache_hits_show_in_metrics(client, server):
+    system = "You are a meticulous assistant who answers in one short sentence. " * 6
+    queries, hits = _metric(server, "pagoda:prefix_cache_queries_total"), _metric(server, "pagoda:prefix_cache_hits_total")
+    answers = []
+    for question in ("What is two plus two?", "What is two plus two?", "Name a colour."):
+        answers.append(client.chat.completions.create(
+            model=MODEL, messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
+            max_tokens=8, temperature=0).choices[0].message.content)
+    assert answers[0] == answers[1]  # a cache hit changes nothing in the answer
+    assert _metric(server, "pagoda:prefix_cache_queries_total") > queries
+    # The second and third requests reuse at least the system prompt's full blocks.
+    assert _metric(server, "pagoda:prefix_cache_hits_total") - hits >= 2 * 64
+    salted = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "system", "content": system}, {"role": "user", "content": "Name a colour."}],
+        max_tokens=8, temperature=0, extra_body={"cache_salt": "another-tenant"})
+    assert salted.choices[0].message.content == answers[2]
+    assert 0 < _metric(server, "pagoda:kv_cache_token_efficiency") <= 1
+
+
 def test_client_disconnect_aborts_and_frees_blocks(server):
     body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 4000, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=60) as response:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+import zlib
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -29,19 +30,21 @@ FILLER = 7  # a token that ends nothing
 
 
 def make_scheduler(
-    *, num_blocks: int, block_size: int, budget: int, max_seqs: int = 256, max_model_len: int = 100_000
+    *, num_blocks: int, block_size: int, budget: int, max_seqs: int = 256, max_model_len: int = 100_000,
+    prefix_caching: bool = True,
 ) -> Scheduler:
     return Scheduler(
         SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs),
-        KVCacheManager(num_blocks, block_size),
+        KVCacheManager(num_blocks, block_size, prefix_caching),
         max_model_len,
     )
 
 
 def make_request(rid: str, num_prompt: int, **params) -> Request:
     params.setdefault("max_tokens", 4)
-    # Prompt ids never include the EOS id.
-    prompt = [1 + (i % 50) for i in range(num_prompt)]
+    # Prompt ids never include the EOS id. Each request id gets its own sequence, so
+    # requests share no prefix-cache blocks unless a test says so.
+    prompt = [1000 + zlib.crc32(rid.encode()) % 10**6] + [1 + (i % 50) for i in range(num_prompt - 1)]
     return Request(rid, prompt, SamplingParams(**params), eos_token_ids=frozenset({EOS}))
 
 
@@ -72,8 +75,11 @@ def check_invariants(sched: Scheduler) -> None:
         assert len(kv.block_table(r.request_id)) == math.ceil(r.num_computed_tokens / bs), r.request_id
         assert r.num_computed_tokens < r.num_tokens
     held = [b for r in sched.running for b in kv.block_table(r.request_id)]
-    assert len(held) == len(set(held))
-    assert len(held) + kv.num_free_blocks == kv.pool.num_blocks
+    for block in set(held):
+        # Shared only through the prefix cache, and every holder holds one reference.
+        assert kv.pool.ref_count(block) == held.count(block)
+        assert held.count(block) == 1 or kv.pool.block_hash(block) is not None
+    assert len(set(held)) + kv.num_free_blocks == kv.pool.num_blocks
 
 
 def step(sched: Scheduler, token_fn: TokenFn = lambda r: FILLER) -> tuple[SchedulerOutput, list[RequestUpdate]]:

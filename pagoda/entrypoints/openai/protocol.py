@@ -39,6 +39,10 @@ class _SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     # Keep only the last N prompt tokens (instead of refusing a prompt that is too long).
     truncate_prompt_tokens: int | None = Field(default=None, ge=1)
+    # Only requests with the same salt share prefix-cache blocks (tenant isolation).
+    cache_salt: str | None = None
+    # With `--scheduling-policy priority`: lower values are served first (vLLM's convention).
+    priority: int = 0
 
 
 class CompletionRequest(_SamplingFields):

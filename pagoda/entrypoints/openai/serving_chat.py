@@ -16,7 +16,7 @@ from fastapi.responses import StreamingResponse
 from pagoda.engine.async_engine import prepend
 from pagoda.entrypoints.openai.errors import APIError
 from pagoda.entrypoints.openai.protocol import ChatCompletionRequest
-from pagoda.entrypoints.openai.serving_common import OpenAIServing, sse, truncate, usage
+from pagoda.entrypoints.openai.serving_common import OpenAIServing, request_options, sse, truncate, usage
 from pagoda.outputs import RequestOutput
 
 
@@ -39,7 +39,7 @@ class OpenAIServingChat(OpenAIServing):
         top = (body.top_logprobs or 0) if body.logprobs else None
         params = self.sampling_params(body, max_tokens, len(prompt_ids), top)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        first, outputs = await self.start(prompt_ids, params, request_id)
+        first, outputs = await self.start(prompt_ids, params, request_id, request_options(body))
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(self._stream(first, outputs, request_id, body.model, include_usage, top),

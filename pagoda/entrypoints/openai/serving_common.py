@@ -61,8 +61,8 @@ class OpenAIServing:
         except SamplingParamsError as error:
             raise APIError(400, str(error), error.field_name) from None
 
-    async def run(self, prompt_ids: list[int], params: SamplingParams,
-                  request_id: str) -> AsyncIterator[RequestOutput]:
+    async def run(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
+                  options: dict | None = None) -> AsyncIterator[RequestOutput]:
         """The request's outputs; engine refusals become 400, a dead engine or a full queue 503."""
         waiting = self.engine.num_waiting
         if waiting >= self.config.max_queued_requests:
@@ -70,22 +70,27 @@ class OpenAIServing:
                                 f"(max_queued_requests={self.config.max_queued_requests}); retry shortly",
                            kind="server_busy")
         try:
-            async for output in self.engine.generate(prompt_ids, params, request_id):
+            async for output in self.engine.generate(prompt_ids, params, request_id, **(options or {})):
                 yield output
         except EngineDeadError as error:
             raise APIError(503, str(error), kind="server_error") from None
         except ValueError as error:
             raise APIError(400, str(error)) from None
 
-    async def start(self, prompt_ids: list[int], params: SamplingParams,
-                    request_id: str) -> tuple[RequestOutput, AsyncIterator[RequestOutput]]:
+    async def start(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
+                    options: dict | None = None) -> tuple[RequestOutput, AsyncIterator[RequestOutput]]:
         """Starts a request and waits for its first output, so a refusal surfaces before any byte is sent."""
-        outputs = self.run(prompt_ids, params, request_id)
+        outputs = self.run(prompt_ids, params, request_id, options)
         first = await outputs.__anext__()
         return first, outputs
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids) if self.tokenizer is not None else ""
+
+
+def request_options(body) -> dict:
+    """Per-request engine options from the body's pagoda extensions (not sampling parameters)."""
+    return {"cache_salt": body.cache_salt, "priority": body.priority}
 
 
 def truncate(prompt_ids: list[int], keep_last: int | None) -> list[int]:

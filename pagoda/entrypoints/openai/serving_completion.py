@@ -17,7 +17,7 @@ from fastapi.responses import StreamingResponse
 from pagoda.engine.async_engine import prepend
 from pagoda.entrypoints.openai.errors import APIError
 from pagoda.entrypoints.openai.protocol import CompletionRequest
-from pagoda.entrypoints.openai.serving_common import OpenAIServing, sse, truncate, usage
+from pagoda.entrypoints.openai.serving_common import OpenAIServing, request_options, sse, truncate, usage
 from pagoda.outputs import CompletionOutput, RequestOutput
 
 
@@ -44,7 +44,7 @@ class OpenAIServingCompletion(OpenAIServing):
             params = [replace(p, prompt_logprobs=body.logprobs) for p in params]
         request_id = f"cmpl-{uuid.uuid4().hex}"
         if body.stream:
-            first, outputs = await self.start(encoded[0], params[0], request_id)
+            first, outputs = await self.start(encoded[0], params[0], request_id, request_options(body))
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             echo = self.decode(encoded[0]) if body.echo else None
             return StreamingResponse(self._stream(first, outputs, request_id, body.model, include_usage, echo),
@@ -52,7 +52,8 @@ class OpenAIServingCompletion(OpenAIServing):
 
         async def final_output(index: int) -> RequestOutput:
             final = None
-            async for final in self.run(encoded[index], params[index], f"{request_id}-{index}"):
+            async for final in self.run(encoded[index], params[index], f"{request_id}-{index}",
+                                        request_options(body)):
                 pass
             return final
 
