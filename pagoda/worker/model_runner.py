@@ -38,7 +38,6 @@ class ModelRunner:
             getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         )
 
-    @torch.inference_mode()
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy on write: each (source, destination) block, K and V of every layer, in order."""
         if not copies:
@@ -54,6 +53,7 @@ class ModelRunner:
                 else:
                     cache.index_copy_(0, targets, cache.index_select(0, sources))
 
+    @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         self._copy_blocks(scheduler_output.blocks_to_copy)
         # Decodes first, longest first (grouped by length for batched attention), then prefill chunks.

@@ -172,3 +172,22 @@ def test_interrupted_generate_frees_every_block(tiny, monkeypatch):
 def test_max_model_len_beyond_the_trained_context_is_refused(tiny_llama):
     with pytest.raises(ConfigError, match=r"max_model_len=4096 is invalid: the model was trained for at most 1024"):
         LLM(str(tiny_llama), dtype="float32", show_progress=False, max_model_len=4096)
+
+
+def test_the_model_runs_without_autograd(tiny):
+    """No autograd graph may keep a step's activations alive (a missing inference_mode once leaked GBs)."""
+    model = tiny.engine.model
+    assert not any(p.requires_grad for p in model.parameters())
+    seen = []
+    forward = model.forward
+
+    def spy(*args, **kwargs):
+        seen.append(torch.is_inference_mode_enabled())
+        return forward(*args, **kwargs)
+
+    model.forward = spy
+    try:
+        tiny.generate([[5, 6, 7]], SamplingParams(max_tokens=3, ignore_eos=True))
+    finally:
+        del model.forward
+    assert len(seen) == 3 and all(seen)

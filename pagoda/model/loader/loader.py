@@ -91,7 +91,8 @@ def build_model(
         if show_progress:
             weights = tqdm(weights, desc="Loading weights", unit=" tensors", leave=False, mininterval=1.0, delay=1.0)
         model.load_weights(weights)
-    return model.eval()
+    # Inference only: no autograd graph may ever hold activations alive.
+    return model.eval().requires_grad_(False)
 
 
 @torch.no_grad()
