@@ -44,6 +44,8 @@ class RequestOutput:
     # {token_id: logprob} per prompt token, holding the top-k and the actual token.
     prompt_logprobs: list[dict[int, float] | None] | None = None
     metrics: RequestMetrics | None = field(default=None, repr=False)
+    # Prompt tokens found in the prefix cache at the (last) admission.
+    num_cached_tokens: int = 0
 
 
 def logprob_dict(entry: TokenLogprobs) -> dict[int, float]:

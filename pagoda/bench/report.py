@@ -107,6 +107,15 @@ def markdown_report(runs: list[StoredRun]) -> str:
     return "\n".join(parts) + "\n"
 
 
+def _save(figure, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
 def save_plots(runs: list[StoredRun], out_dir: str | Path, prefix: str = "") -> list[Path]:
     """TTFT and latency CDFs; for several levels, throughput and TTFT p50/p99 against the level."""
     import matplotlib
@@ -129,11 +138,7 @@ def save_plots(runs: list[StoredRun], out_dir: str | Path, prefix: str = "") -> 
         axis.set_title(title)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
-    figure.tight_layout()
-    path = out_dir / f"{prefix}cdf.png"
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    paths.append(path)
+    paths.append(_save(figure, out_dir / f"{prefix}cdf.png"))
 
     levels = [(x, run) for run in runs if (x := _x_value(run)) is not None]
     if len(levels) > 1:
@@ -160,9 +165,5 @@ def save_plots(runs: list[StoredRun], out_dir: str | Path, prefix: str = "") -> 
             axis.set_xscale("log", base=2)
             axis.set_xticks(xs, [f"{x:g}" for x in xs])
             axis.grid(alpha=0.3)
-        figure.tight_layout()
-        path = out_dir / f"{prefix}sweep.png"
-        figure.savefig(path, dpi=110)
-        plt.close(figure)
-        paths.append(path)
+        paths.append(_save(figure, out_dir / f"{prefix}sweep.png"))
     return paths

@@ -160,7 +160,8 @@ class KVCacheManager:
         cow = [i for i in range(write_from, len(current)) if self.pool.ref_count(current[i]) + extra_ref > 1]
         # Hits on free blocks take them out of the free queue: they count against it.
         revived = sum(1 for b in current if self.pool.ref_count(b) == 0) if new_table else 0
-        needed = max(0, cdiv(num_total_tokens, bs) - len(current))
+        needed = self.num_blocks_needed(request_id, num_total_tokens) if not new_table else \
+            max(0, cdiv(num_total_tokens, bs) - len(current))
         if needed + len(cow) + revived > self.pool.num_free_blocks:
             return False
         if new_table:

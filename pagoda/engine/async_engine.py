@@ -205,7 +205,6 @@ class AsyncLLM:
         self.stats = stats
         self.busy_seconds = 0.0
         self.num_steps = 0
-        self.started = time.monotonic()
 
     # -- caller side (any asyncio loop) -------------------------------------
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pagoda.core.scheduler import SchedulerStats
@@ -88,7 +88,6 @@ class ModelInfo:
     source_path: str
     dtype: str
     num_parameters: int
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def from_engine(cls, engine: LLMEngine) -> ModelInfo:

@@ -314,6 +314,7 @@ class LLMEngine:
             outputs=completions,
             finished=parent.finished,
             prompt_logprobs=prompt_logprobs,
+            num_cached_tokens=head.num_cached_tokens,
             metrics=RequestMetrics(
                 arrival_time=head.arrival_time,
                 first_scheduled_time=head.first_scheduled_time,

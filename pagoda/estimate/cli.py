@@ -59,7 +59,7 @@ def load_shape(name: str) -> ModelShape:
     return ModelShape.from_hf_config(load_hf_config(source), name=name)
 
 
-def pick_accelerator(args: argparse.Namespace, dtype: str) -> Accelerator:
+def pick_accelerator(args: argparse.Namespace) -> Accelerator:
     custom_figures = (args.tflops, args.bandwidth, args.memory)
     if any(v is not None for v in custom_figures):
         if any(v is None for v in custom_figures):
@@ -75,7 +75,7 @@ def _estimate(args: argparse.Namespace) -> int:
     workload = Workload(batch_size=args.batch_size, prompt_len=args.prompt_len, output_len=args.output_len,
                         dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype, tensor_parallel_size=args.tp,
                         memory_utilization=args.gpu_memory_utilization)
-    accelerator = pick_accelerator(args, args.dtype)
+    accelerator = pick_accelerator(args)
     result = estimate(shape, accelerator, workload)
     measured = measure(args, shape, accelerator, workload, result) if args.measure else None
     if args.json:

@@ -156,6 +156,10 @@ def test_prefix_cache_hits_show_in_metrics(client, server):
             model=MODEL, messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
             max_tokens=8, temperature=0).choices[0].message.content)
     assert answers[0] == answers[1]  # a cache hit changes nothing in the answer
+    again = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "system", "content": system}, {"role": "user", "content": "Name a colour."}],
+        max_tokens=1, temperature=0)
+    assert again.usage.prompt_tokens_details.cached_tokens >= 64
     assert _metric(server, "pagoda:prefix_cache_queries_total") > queries
     # The second and third requests reuse at least the system prompt's full blocks.
     assert _metric(server, "pagoda:prefix_cache_hits_total") - hits >= 2 * 64

@@ -30,7 +30,8 @@ def test_completion_with_token_ids(engine):
     response = client.post("/v1/completions", json={"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 4,
                                                     "ignore_eos": True, "temperature": 0})
     assert response.status_code == 200
-    assert response.json()["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    assert response.json()["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7,
+                                        "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 def test_health_turns_503_when_the_engine_loop_dies(engine, monkeypatch):

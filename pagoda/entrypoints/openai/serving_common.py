@@ -100,7 +100,8 @@ def truncate(prompt_ids: list[int], keep_last: int | None) -> list[int]:
 def usage(output: RequestOutput) -> dict:
     completion = sum(len(c.token_ids) for c in output.outputs)
     prompt = len(output.prompt_token_ids)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": output.num_cached_tokens}}
 
 
 def sse(data: dict | str) -> str:

@@ -75,6 +75,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 })
         total = {key: sum(usage(f)[key] for f in finals) for key in ("prompt_tokens", "completion_tokens",
                                                                      "total_tokens")}
+        total["prompt_tokens_details"] = {"cached_tokens": sum(f.num_cached_tokens for f in finals)}
         return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": body.model,
                 "choices": choices, "usage": total}
 
