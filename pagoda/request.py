@@ -80,6 +80,10 @@ class Request:
     cache_salt: str | None = None
     # Prompt tokens found in the prefix cache when the request was (last) admitted.
     num_cached_tokens: int = 0
+    # Beam search: this beam's most likely next tokens, (token id, log-probability) best
+    # first, computed for its current tokens and waiting for the beam group to choose.
+    # A beam with candidates has nothing to compute until the group appends a token.
+    beam_candidates: list[tuple[int, float]] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
@@ -90,6 +94,23 @@ class Request:
     def cache_keys(self) -> tuple:
         """Extra keys of this request's prefix-cache hashes (a LoRA id would join here)."""
         return () if self.cache_salt is None else (self.cache_salt,)
+
+    @property
+    def stop_token_set(self) -> frozenset[int]:
+        """Token ids that end this request when sampled (EOS unless ignore_eos, plus stop_token_ids)."""
+        params = self.sampling_params
+        ids = set(params.stop_token_ids or ())
+        if not params.ignore_eos:
+            ids |= self.eos_token_ids
+        return frozenset(ids)
+
+    @property
+    def num_beam_candidates(self) -> int:
+        """Candidates a beam reports: enough that `beam_width` of them always continue
+        even if every stop token of every beam ranks high (HF's count), and enough for logprobs."""
+        params = self.sampling_params
+        keep = max(2, 1 + len(self.stop_token_set)) * params.beam_width
+        return max(keep, params.logprobs or 0)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -39,9 +39,27 @@ class SamplingParams:
     `logprobs=k` returns the top-k log-probabilities (of the raw model
     distribution) plus the sampled token's for every generated token;
     `prompt_logprobs=k` does the same for prompt tokens.
+
+    `best_of`: generate this many samples and return the `n` with the highest
+    cumulative log-probability (OpenAI's legacy completions field).
+
+    Beam search (`use_beam_search=True`): keeps the `beam_width` (default:
+    `best_of`, else `n`) most likely partial sequences and returns the `n`
+    best finished ones, scored as cumulative logprob / generated_len **
+    `length_penalty`. `early_stopping`: True stops once `beam_width` finished
+    sequences exist; False (HF's default) stops when no running beam can
+    beat the worst of them at its current length; "never" bounds with the
+    longest possible length when length_penalty > 0. Scores are
+    log_softmax(logits / temperature) (temperature 0 counts as 1); top-k/p,
+    min-p, penalties, logit_bias and stop strings do not apply to it.
     """
 
     n: int = 1
+    best_of: int | None = None
+    use_beam_search: bool = False
+    beam_width: int | None = None
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -114,6 +132,51 @@ class SamplingParams:
                     raise SamplingParamsError(
                         "logit_bias", {tok: bias}, "keys must be token ids >= 0 and values in [-100, 100]"
                     )
+        self._validate_best_of_and_beams()
+
+    def _validate_best_of_and_beams(self) -> None:
+        if self.best_of is not None:
+            if not _is_int(self.best_of) or self.best_of < self.n:
+                raise SamplingParamsError("best_of", self.best_of, f"must be an integer >= n ({self.n})")
+        if not isinstance(self.use_beam_search, bool):
+            raise SamplingParamsError("use_beam_search", self.use_beam_search, "must be true or false")
+        if not _is_number(self.length_penalty) or math.isnan(self.length_penalty):
+            raise SamplingParamsError("length_penalty", self.length_penalty, "must be a number")
+        if self.early_stopping not in (True, False, "never"):
+            raise SamplingParamsError("early_stopping", self.early_stopping, 'must be true, false or "never"')
+        if not self.use_beam_search:
+            if self.beam_width is not None:
+                raise SamplingParamsError("beam_width", self.beam_width, "needs use_beam_search=true")
+            if (self.best_of or 1) > self.n and _is_number(self.temperature) and self.temperature < _GREEDY_EPS:
+                raise SamplingParamsError(
+                    "best_of", self.best_of,
+                    "must equal n with greedy sampling (temperature 0): every sample would be the same; "
+                    "use use_beam_search for the n most likely sequences")
+            return
+        width = self.beam_width if self.beam_width is not None else (self.best_of or self.n)
+        if not _is_int(width) or width < self.n:
+            raise SamplingParamsError("beam_width", width, f"must be an integer >= n ({self.n})")
+        if width > 64:
+            raise SamplingParamsError("beam_width", width, "must be <= 64")
+        self.beam_width = width
+        unsupported = {"top_p": self.top_p != 1.0, "top_k": self.top_k not in (0, -1), "min_p": self.min_p != 0.0,
+                       "presence_penalty": self.presence_penalty != 0.0,
+                       "frequency_penalty": self.frequency_penalty != 0.0,
+                       "repetition_penalty": self.repetition_penalty != 1.0,
+                       "logit_bias": bool(self.logit_bias), "stop": bool(self.stop)}
+        for name, is_set in unsupported.items():
+            if is_set:
+                raise SamplingParamsError(name, getattr(self, name), "is not supported with use_beam_search")
+
+    @property
+    def num_samples(self) -> int:
+        """Sequences the engine generates for this request (before keeping the best n)."""
+        return self.best_of if self.best_of is not None and not self.use_beam_search else self.n
+
+    @property
+    def beam_temperature(self) -> float:
+        """Beam search divides logits by this before log_softmax (0 counts as 1)."""
+        return self.temperature if self.temperature >= _GREEDY_EPS else 1.0
 
     @property
     def stop_strings(self) -> list[str]:

@@ -180,6 +180,21 @@ class KVCacheManager:
             current.extend(self.pool.allocate(needed))
         return True
 
+    def fork(self, source_id: str, target_id: str) -> None:
+        """`target_id`'s table becomes a copy of `source_id`'s, sharing every block (one more
+        reference each); whatever `target_id` held is freed first. No KV is copied here: a
+        shared block is copied only when one of its holders writes into it (allocate_slots)."""
+        self.free(target_id)
+        blocks = self._tables.get(source_id)
+        if not blocks:
+            return
+        for block_id in blocks:
+            self.pool.incref(block_id)
+        self._tables[target_id] = list(blocks)
+        if source_id in self._hashes:
+            self._hashes[target_id] = list(self._hashes[source_id])
+        self._num_registered[target_id] = self._num_registered.get(source_id, 0)
+
     def take_pending_copies(self) -> list[tuple[int, int]]:
         copies, self.pending_copies = self.pending_copies, []
         return copies

@@ -14,6 +14,12 @@ request, the preemption victim is the last running one (least urgent,
 youngest), and a waiting request may preempt running requests of strictly
 lower priority (larger value) to get blocks or a sequence slot.
 
+Beam search: a beam that has reported its next-token candidates has
+nothing to compute until the engine's beam group appends the token it
+chose; such beams are skipped (running or waiting). `fork_request` makes a
+beam a copy of another, sharing its blocks. If nothing at all can run, the
+youngest idle beam is preempted so the sibling it waits for gets blocks.
+
 Invariants:
 - a request is in exactly one of `waiting`, `running`, or neither (finished);
 - a waiting request holds no blocks; a running request holds exactly
@@ -135,14 +141,7 @@ class Scheduler:
             self._remove(request)
 
     def _remove(self, request: Request) -> None:
-        if request in self.running:
-            self.running.remove(request)
-        else:
-            try:
-                self.waiting.remove(request)
-            except ValueError:
-                pass
-        self.kv_cache.free(request.request_id)
+        self._detach(request)
         self._requests.pop(request.request_id, None)
 
     def has_unfinished(self) -> bool:
@@ -170,6 +169,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if num_new == 0:  # a beam waiting for its group to choose its next token
+                i += 1
+                continue
             if not self._make_room(request, num_new, out):
                 break  # `request` itself was preempted; everything after it too.
             out.scheduled.append(self._scheduled(request, num_new))
@@ -181,7 +183,10 @@ class Scheduler:
         # (the priority policy evicts only for a more urgent request).
         running_preempted = out.num_preempted > 0
         while self.waiting and budget > 0 and not running_preempted:
-            request = self.waiting[0]
+            # Skip beams that have nothing to compute until their group picks their next token.
+            request = next((r for r in self.waiting if r.beam_candidates is None), None)
+            if request is None:
+                break
             if len(self.running) >= self.config.max_num_seqs:
                 refund = self._preempt_less_urgent(request, out)
                 if refund is None:
@@ -204,13 +209,23 @@ class Scheduler:
             if not forked:
                 self.kv_cache.count_prefix_query(request.num_tokens, num_cached)
             request.num_computed_tokens = request.num_cached_tokens = num_cached
-            self.waiting.popleft()
+            self.waiting.remove(request)
             request.status = RequestStatus.RUNNING
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = time.monotonic()
             self._start_running(request)
             out.scheduled.append(self._scheduled(request, num_new))
             budget -= num_new
+        if not out.scheduled and self.waiting and not running_preempted:
+            # Nothing could run: every running request is an idle beam (it waits for a sibling)
+            # and the waiting ones lack blocks. Free the youngest idle beam's blocks (it keeps its
+            # candidates) and try again, so the siblings it waits for can be admitted.
+            idle = [r for r in self.running if r.num_computed_tokens == r.num_tokens]
+            if idle:
+                self.running.remove(idle[-1])
+                self._preempt(idle[-1])
+                self.kv_cache.take_pending_copies()  # nothing was planned; no copy is pending
+                return self.schedule()
         out.blocks_to_copy = self.kv_cache.take_pending_copies()
         for item in out.scheduled:
             self.kv_tokens_stored_total += item.end
@@ -250,6 +265,44 @@ class Scheduler:
             return None
         cached = self.kv_cache.find_cached_prefix(request)
         return cached, len(cached) * self.kv_cache.block_size, False
+
+    def fork_request(self, source: Request, target: Request) -> None:
+        """Beam search: `target` becomes a copy of `source`'s sequence, sharing its KV blocks
+        (ref counts; the partly filled last block is copied when one of them first writes
+        into it). Whatever `target` held before is released.
+
+        A running source's copy runs next to it; if the source holds no KV (preempted),
+        the copy waits to be recomputed too.
+        """
+        if target.request_id in self._requests:
+            self._detach(target)
+        self._requests[target.request_id] = target
+        target.all_token_ids = list(source.all_token_ids)
+        target.output_token_ids = list(source.output_token_ids)
+        target.output_logprobs = list(source.output_logprobs)
+        target.beam_candidates = None
+        if source.status == RequestStatus.RUNNING:
+            self.kv_cache.fork(source.request_id, target.request_id)
+            target.num_computed_tokens = source.num_computed_tokens
+            target.status = RequestStatus.RUNNING
+            if target.first_scheduled_time is None:
+                target.first_scheduled_time = time.monotonic()
+            self._start_running(target)
+        else:
+            target.num_computed_tokens = 0
+            target.status = RequestStatus.PREEMPTED
+            self._enqueue(target, front=True)
+
+    def _detach(self, request: Request) -> None:
+        """Out of `running`/`waiting`, blocks freed; still known to the scheduler."""
+        if request in self.running:
+            self.running.remove(request)
+        else:
+            try:
+                self.waiting.remove(request)
+            except ValueError:
+                pass
+        self.kv_cache.free(request.request_id)
 
     def _preempt_less_urgent(self, request: Request, out: SchedulerOutput) -> int | None:
         """Priority policy: preempts the least urgent running request if it has a strictly
@@ -300,6 +353,11 @@ class Scheduler:
             self.kv_cache.cache_full_blocks(request)
             new_prompt_logprobs = runner_output.prompt_logprobs.get(request.request_id, [])
             request.prompt_logprobs.extend(new_prompt_logprobs)
+            candidates = runner_output.beam_candidates.get(request.request_id)
+            if candidates is not None:  # the beam group (engine) appends the chosen token
+                request.beam_candidates = candidates
+                updates.append(RequestUpdate(request, [], [], new_prompt_logprobs, False))
+                continue
             token = runner_output.sampled_token_ids.get(request.request_id)
             if token is None:
                 if new_prompt_logprobs:

@@ -73,9 +73,11 @@ class SchedulerOutput:
 
 @dataclass
 class ModelRunnerOutput:
-    """Per request id: the sampled token (only for chunks that sample)."""
+    """Per request id: the sampled token (only for chunks that sample), or a beam's candidates."""
 
     sampled_token_ids: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
     # New prompt logprobs computed in this step, in position order.
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
+    # Beam search requests sample nothing: their (token id, logprob) candidates, best first.
+    beam_candidates: dict[str, list[tuple[int, float]]] = field(default_factory=dict)

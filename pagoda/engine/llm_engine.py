@@ -2,8 +2,11 @@
 
 One `step()` = schedule -> run the model once -> update requests ->
 detokenize and check stop strings -> build outputs. The engine owns request
-lifecycle: a request with n > 1 becomes n sequences (children) that are
-scheduled independently and reported together.
+lifecycle: a request with n > 1 (or best_of > 1) becomes that many sequences
+(children) that are scheduled independently and reported together; with
+best_of > n only the n with the highest cumulative logprob are reported,
+once all are finished. A beam search request is `beam_width` slots steered
+by a `BeamSearch` (engine/beam_search.py), reported once finished.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pagoda.config import (
 )
 from pagoda.core.kv_cache_manager import KVCacheManager
 from pagoda.core.scheduler import RequestUpdate, Scheduler, SchedulerStats
+from pagoda.engine.beam_search import BeamSearch, BeamStep
 from pagoda.engine.detokenizer import IncrementalDetokenizer
 from pagoda.model.loader.loader import build_model, load_hf_config, load_tokenizer
 from pagoda.model.loader.resolve import resolve_model
@@ -66,10 +70,18 @@ class _ParentRequest:
     params: SamplingParams
     sequences: list[_Sequence] = field(default_factory=list)
     finished_time: float | None = None
+    beam: BeamSearch | None = None  # beam search: the sequences are its slots
 
     @property
     def finished(self) -> bool:
+        if self.beam is not None:
+            return self.beam.done
         return all(seq.request.is_finished for seq in self.sequences)
+
+    @property
+    def reports_when_finished(self) -> bool:
+        """best_of > n and beam search pick their outputs at the end, so nothing streams before."""
+        return self.beam is not None or self.params.num_samples > self.params.n
 
 
 class LLMEngine:
@@ -199,17 +211,25 @@ class LLMEngine:
         self._validate_prompt(token_ids)
         params.validate_against_vocab(self.vocab_size)
         parent = _ParentRequest(request_id, text, token_ids, params)
-        for index in range(params.n):
+        beams = params.use_beam_search
+        count = params.beam_width if beams else params.num_samples
+        for index in range(count):
             child_params = params
-            if params.n > 1 and params.seed is not None:
+            if count > 1 and params.seed is not None:
                 child_params = replace(params, seed=params.seed + index)
-            seq_id = request_id if params.n == 1 else f"{request_id}#{index}"
+            seq_id = request_id if count == 1 else f"{request_id}#{index}"
+            fork_of = parent.sequences[0].request if index and not beams else None
             request = Request(seq_id, token_ids, child_params, self.eos_token_ids, cache_salt=cache_salt,
-                              priority=priority, fork_of=parent.sequences[0].request if index else None)
+                              priority=priority, fork_of=fork_of)
             parent.sequences.append(_Sequence(request, IncrementalDetokenizer(self.tokenizer, token_ids, child_params)))
             self._seq_to_parent[seq_id] = request_id
+        if beams:
+            head = parent.sequences[0].request
+            parent.beam = BeamSearch(params, len(token_ids), self.max_model_len, head.stop_token_set,
+                                     frozenset(params.stop_token_ids or ()))
         self._parents[request_id] = parent
-        for seq in parent.sequences:
+        # Beam slots other than the first join when the first selection forks them.
+        for seq in parent.sequences[:1] if beams else parent.sequences:
             self.scheduler.add_request(seq.request)
         return request_id
 
@@ -253,10 +273,16 @@ class LLMEngine:
             parent_id = self._seq_to_parent.get(update.request.request_id)
             if parent_id is None:
                 continue
-            self._process_update(update, self._parents[parent_id])
-            changed[parent_id] = self._parents[parent_id]
+            parent = self._parents[parent_id]
+            if parent.beam is None:
+                self._process_update(update, parent)
+            changed[parent_id] = parent
         outputs = []
         for parent_id, parent in changed.items():
+            if parent.beam is not None:
+                self._advance_beams(parent)
+            if parent.reports_when_finished and not parent.finished:
+                continue
             outputs.append(self._make_output(parent))
             if parent.finished:
                 self._parents.pop(parent_id)
@@ -282,26 +308,33 @@ class LLMEngine:
             if parent.finished and parent.finished_time is None:
                 parent.finished_time = time.monotonic()
 
+    def _advance_beams(self, parent: _ParentRequest) -> None:
+        """Once every live beam has its candidates: choose, fork and extend the slots."""
+        beam = parent.beam
+        slots = [seq.request for seq in parent.sequences]
+        if beam.done or any(slots[i].beam_candidates is None for i in beam.live):
+            return
+        step: BeamStep = beam.step({i: slots[i] for i in beam.live})
+        for source, target in step.forks:
+            self.scheduler.fork_request(slots[source], slots[target])
+        now = time.monotonic()
+        for slot, entry in step.appends:
+            request = slots[slot]
+            request.append_output_token(entry.token_id)
+            request.output_logprobs.append(entry)
+            request.beam_candidates = None
+            if request.first_token_time is None:
+                request.first_token_time = now
+        for slot in step.dropped:
+            self.scheduler.finish_request(slots[slot].request_id, RequestStatus.FINISHED_STOPPED)
+        if step.done:
+            parent.finished_time = now
+
     def _make_output(self, parent: _ParentRequest) -> RequestOutput:
-        completions = []
-        for index, seq in enumerate(parent.sequences):
-            request = seq.request
-            logprobs = None
-            cumulative = None
-            if parent.params.logprobs is not None:
-                logprobs = [logprob_dict(entry) for entry in request.output_logprobs]
-                cumulative = sum(entry.logprob for entry in request.output_logprobs)
-            completions.append(
-                CompletionOutput(
-                    index=index,
-                    text=seq.detokenizer.visible_text(request.is_finished),
-                    token_ids=list(request.output_token_ids),
-                    cumulative_logprob=cumulative,
-                    logprobs=logprobs,
-                    finish_reason=request.status.finish_reason,
-                    stop_reason=request.stop_reason,
-                )
-            )
+        if parent.beam is not None:
+            completions = self._beam_completions(parent)
+        else:
+            completions = self._sample_completions(parent)
         prompt_logprobs = None
         if parent.params.prompt_logprobs is not None:
             first = parent.sequences[0].request
@@ -323,3 +356,53 @@ class LLMEngine:
                 num_preemptions=sum(s.request.num_preemptions for s in parent.sequences),
             ),
         )
+
+    def _beam_completions(self, parent: _ParentRequest) -> list[CompletionOutput]:
+        params = parent.params
+        completions = []
+        for index, hypothesis in enumerate(parent.beam.best()):
+            text_ids = hypothesis.token_ids
+            if hypothesis.finish_reason == "stop" and not params.include_stop_str_in_output:
+                text_ids = text_ids[:-1]
+            detokenizer = IncrementalDetokenizer(self.tokenizer, parent.prompt_token_ids, params)
+            detokenizer.add_tokens(text_ids)
+            detokenizer.flush()
+            completions.append(CompletionOutput(
+                index=index,
+                text=detokenizer.visible_text(True),
+                token_ids=hypothesis.token_ids,
+                cumulative_logprob=hypothesis.cumulative_logprob,
+                logprobs=[logprob_dict(e) for e in hypothesis.logprobs] if params.logprobs is not None else None,
+                finish_reason=hypothesis.finish_reason,
+                stop_reason=hypothesis.stop_reason,
+            ))
+        return completions
+
+    def _sample_completions(self, parent: _ParentRequest) -> list[CompletionOutput]:
+        params = parent.params
+        sequences = parent.sequences
+        ranked = params.num_samples > params.n
+        if ranked:  # best_of: the n samples with the highest cumulative logprob
+            sequences = sorted(sequences, key=lambda seq: -sum(e.logprob for e in seq.request.output_logprobs))
+            sequences = sequences[: params.n]
+        completions = []
+        for index, seq in enumerate(sequences):
+            request = seq.request
+            logprobs = None
+            cumulative = None
+            if params.logprobs is not None:
+                logprobs = [logprob_dict(entry) for entry in request.output_logprobs]
+            if params.logprobs is not None or ranked:
+                cumulative = sum(entry.logprob for entry in request.output_logprobs)
+            completions.append(
+                CompletionOutput(
+                    index=index,
+                    text=seq.detokenizer.visible_text(request.is_finished),
+                    token_ids=list(request.output_token_ids),
+                    cumulative_logprob=cumulative,
+                    logprobs=logprobs,
+                    finish_reason=request.status.finish_reason,
+                    stop_reason=request.stop_reason,
+                )
+            )
+        return completions

@@ -80,7 +80,11 @@ class ModelRunner:
         if sample_rows:
             logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
             result = self.sampler(logits, [item.request for item in sample_items])
-            for item, token, logprobs in zip(sample_items, result.token_ids, result.logprobs):
+            candidates = result.beam_candidates or [None] * len(sample_items)
+            for item, token, logprobs, beams in zip(sample_items, result.token_ids, result.logprobs, candidates):
+                if beams is not None:
+                    out.beam_candidates[item.request_id] = beams
+                    continue
                 out.sampled_token_ids[item.request_id] = token
                 if logprobs is not None:
                     out.logprobs[item.request_id] = logprobs

@@ -7,6 +7,10 @@ logit_bias -> min_tokens mask -> repetition / presence / frequency penalties
 Logprobs are always those of the raw model distribution (before any of the
 above), like vLLM's default and OpenAI's.
 
+Beam search requests are not sampled: they report their top candidates
+(log_softmax(logits / temperature), EOS masked before min_tokens) for the
+engine's beam group to choose from.
+
 Randomness: a request with a seed draws from its own generator, one draw
 per token, so its tokens do not depend on what else is in the batch.
 """
@@ -25,6 +29,9 @@ from pagoda.sampling_params import SamplingType
 class SamplerOutput:
     token_ids: list[int]
     logprobs: list[TokenLogprobs | None]
+    # Beam search rows: (token id, logprob) best first; None for sampled rows (and their
+    # token_ids entry is meaningless).
+    beam_candidates: list[list[tuple[int, float]] | None] | None = None
 
 
 class Sampler:
@@ -35,8 +42,11 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
         """logits: [len(requests), vocab] float32 (any device)."""
-        want_logprobs = [r.sampling_params.logprobs is not None for r in requests]
+        # best_of > n ranks samples by cumulative logprob, so it needs the sampled token's.
+        want_logprobs = [r.sampling_params.logprobs is not None or r.sampling_params.num_samples > r.sampling_params.n
+                         for r in requests]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
+        beam_candidates = beam_search_candidates(logits, requests)
 
         logits = apply_logit_processors(logits, requests)
         greedy = logits.argmax(dim=-1)
@@ -50,10 +60,9 @@ class Sampler:
         logprobs: list[TokenLogprobs | None] = [None] * len(requests)
         if raw_logprobs is not None:
             for i, request in enumerate(requests):
-                k = request.sampling_params.logprobs
-                if k is not None:
-                    logprobs[i] = token_logprobs(raw_logprobs[i], token_ids[i], k)
-        return SamplerOutput(token_ids, logprobs)
+                if want_logprobs[i] and not request.sampling_params.use_beam_search:
+                    logprobs[i] = token_logprobs(raw_logprobs[i], token_ids[i], request.sampling_params.logprobs or 0)
+        return SamplerOutput(token_ids, logprobs, beam_candidates)
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         params = [r.sampling_params for r in requests]
@@ -70,6 +79,23 @@ class Sampler:
         for i, request in enumerate(requests):
             noise[i].exponential_(generator=request.generator or self.generator)
         return (probs / noise).argmax(dim=-1)
+
+
+def beam_search_candidates(logits: torch.Tensor, requests: list[Request]) -> list | None:
+    """Per row: the beam's top `num_beam_candidates` (token, logprob) for beam search requests, else None."""
+    rows = [i for i, r in enumerate(requests) if r.sampling_params.use_beam_search]
+    if not rows:
+        return None
+    candidates: list[list[tuple[int, float]] | None] = [None] * len(requests)
+    for i in rows:
+        request = requests[i]
+        params = request.sampling_params
+        scores = torch.log_softmax(logits[i] / params.beam_temperature, dim=-1)
+        if request.num_output_tokens < params.min_tokens and request.stop_token_set:
+            scores[torch.tensor(sorted(request.stop_token_set), device=scores.device)] = float("-inf")
+        values, ids = scores.topk(min(request.num_beam_candidates, scores.shape[-1]))
+        candidates[i] = list(zip(ids.tolist(), values.tolist()))
+    return candidates
 
 
 def apply_logit_processors(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
