@@ -110,6 +110,10 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     # n > 1: siblings share the prompt's blocks (ref counts, copy on write) instead of copies.
     enable_fork_sharing: bool = True
+    # Offload tiers for prefix-cache blocks the device evicts: GiB of host memory, and a
+    # folder on disk (kept across restarts). A disk folder alone gets 1 GiB of host memory.
+    kv_offload_cpu_gb: float | None = None
+    kv_offload_disk: str | None = None
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size > 1024:
@@ -120,6 +124,22 @@ class CacheConfig:
             raise ConfigError("gpu_memory_utilization", self.gpu_memory_utilization, "must be in (0, 1]")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ConfigError("num_blocks", self.num_blocks, "must be >= 1")
+        if self.kv_offload_cpu_gb is not None and not self.kv_offload_cpu_gb >= 0:
+            raise ConfigError("kv_offload_cpu_gb", self.kv_offload_cpu_gb, "must be >= 0 GiB")
+        if self.kv_offload_disk is not None and self.kv_offload_cpu_gb == 0:
+            raise ConfigError("kv_offload_cpu_gb", 0, "must be > 0 with kv_offload_disk "
+                              "(blocks reach the disk through host memory)")
+        if self.offload_host_bytes and not self.enable_prefix_caching:
+            raise ConfigError("kv_offload_cpu_gb", self.kv_offload_cpu_gb,
+                              "offload tiers keep prefix-cache blocks: prefix caching must be on")
+
+    @property
+    def offload_host_bytes(self) -> int:
+        """Host memory for the offload tier (0 = no tiers)."""
+        gb = self.kv_offload_cpu_gb
+        if gb is None:
+            gb = 1.0 if self.kv_offload_disk is not None else 0.0
+        return int(gb * 1024**3)
 
 
 @dataclass

@@ -46,6 +46,13 @@ class _EngineCollector(Collector):
                                   stats.prefix_cache_queries_total)
         yield CounterMetricFamily("pagoda:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
                                   stats.prefix_cache_hits_total)
+        yield CounterMetricFamily("pagoda:kv_offload_saved_blocks",
+                                  "Evicted prefix-cache blocks kept in host memory.",
+                                  stats.kv_offload_saved_blocks_total)
+        yield CounterMetricFamily("pagoda:kv_offload_host_hits", "Prefix blocks brought back from host memory.",
+                                  stats.kv_offload_host_hits_total)
+        yield CounterMetricFamily("pagoda:kv_offload_disk_hits", "Prefix blocks brought back from disk.",
+                                  stats.kv_offload_disk_hits_total)
         # pagoda's own: with the wall clock, the share of time the step loop kept the model busy.
         yield CounterMetricFamily("pagoda:engine_busy_seconds", "Seconds spent inside engine steps.",
                                   self._engine.busy_seconds)

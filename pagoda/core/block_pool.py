@@ -18,6 +18,7 @@ Invariants:
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 
 class BlockPoolExhausted(RuntimeError):
@@ -34,6 +35,9 @@ class BlockPool:
         self._hashes: list[bytes | None] = [None] * num_blocks
         self._cached: dict[bytes, int] = {}
         self.num_evictions = 0  # cached blocks whose contents were dropped for a new allocation
+        # Called with (block id, hash) when a cached block is evicted, before it is reused:
+        # the offload tiers keep its KV (core/kv_offload.py).
+        self.on_evict: Callable[[int, bytes], None] | None = None
         self.peak_blocks_in_use = 0  # the most blocks referenced at once
 
     @property
@@ -74,6 +78,8 @@ class BlockPool:
             del self._cached[block_hash]
             self._hashes[block_id] = None
             self.num_evictions += 1
+            if self.on_evict is not None:
+                self.on_evict(block_id, block_hash)
 
     def incref(self, block_id: int) -> None:
         """One more reference: a cache hit on a free block takes it out of the free queue."""
@@ -96,6 +102,10 @@ class BlockPool:
                 self._free[block_id] = None
 
     # -- prefix cache ------------------------------------------------------
+
+    def cached_blocks(self) -> list[tuple[bytes, int]]:
+        """Every (hash, block id) the prefix cache holds."""
+        return list(self._cached.items())
 
     def cached_block(self, block_hash: bytes) -> int | None:
         return self._cached.get(block_hash)

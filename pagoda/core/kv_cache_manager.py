@@ -22,6 +22,7 @@ from array import array
 from dataclasses import dataclass
 
 from pagoda.core.block_pool import BlockPool
+from pagoda.core.kv_offload import KVOffloadManager
 from pagoda.request import Request
 
 _ROOT = b"pagoda-prefix-v1"
@@ -62,13 +63,17 @@ class PrefixCacheStats:
 
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 enable_fork_sharing: bool = True):
+                 enable_fork_sharing: bool = True, offload: KVOffloadManager | None = None):
         if block_size < 1:
             raise ValueError(f"block_size={block_size} is invalid: must be >= 1.")
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.enable_fork_sharing = enable_fork_sharing
         self.pool = BlockPool(num_blocks)
+        # Host-memory/disk tiers: evicted cached blocks go there, and prefix lookups continue there.
+        self.offload = offload if enable_prefix_caching else None
+        if self.offload is not None:
+            self.pool.on_evict = lambda block_id, block_hash: self.offload.offload(block_hash, block_id)
         self.prefix_stats = PrefixCacheStats()
         self._tables: dict[str, list[int]] = {}
         self._hashes: dict[str, list[bytes]] = {}  # per request: its full blocks' hashes so far
@@ -107,13 +112,40 @@ class KVCacheManager:
         if not self.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
             return []
         max_blocks = (request.num_tokens - 1) // self.block_size  # the last token is always computed
+        hashes = self._block_hashes(request)[:max_blocks]
         blocks = []
-        for h in self._block_hashes(request)[:max_blocks]:
+        for h in hashes:
             block_id = self.pool.cached_block(h)
             if block_id is None:
                 break
             blocks.append(block_id)
+        if self.offload is not None and len(blocks) < len(hashes):
+            blocks += self._load_from_tiers(hashes[len(blocks):], blocks)
         return blocks
+
+    def _load_from_tiers(self, hashes: list[bytes], device_hits: list[int]) -> list[int]:
+        """Brings back, in order, the blocks of `hashes` the device evicted but host memory or
+        disk kept: each gets a free device block registered under its hash and a host -> device
+        copy planned for this step. The blocks are left free (cached), like any other prefix
+        hit, so admission takes them as usual. While loading, the device hits and the loaded
+        blocks hold a reference, so taking a block for the next load cannot evict them; one
+        free block is always left."""
+        protected = list(device_hits)
+        for block_id in protected:
+            self.pool.incref(block_id)
+        loaded = []
+        for block_hash in hashes:
+            if not self.offload.contains(block_hash) or self.pool.num_free_blocks < 2:
+                break
+            slot = self.offload.stage(block_hash)
+            if slot is None:
+                break
+            [block_id] = self.pool.allocate(1)
+            self.pool.cache_block(block_id, block_hash)
+            self.offload.plan_load(slot, block_id)
+            loaded.append(block_id)
+        self.pool.free(list(reversed(protected + loaded)))  # tail first: evicted first
+        return loaded
 
     def count_prefix_query(self, num_tokens: int, num_hit_tokens: int) -> None:
         if self.enable_prefix_caching:
@@ -180,20 +212,32 @@ class KVCacheManager:
             current.extend(self.pool.allocate(needed))
         return True
 
-    def fork(self, source_id: str, target_id: str) -> None:
+    def fork(self, source_id: str, target_id: str) -> bool:
         """`target_id`'s table becomes a copy of `source_id`'s, sharing every block (one more
         reference each); whatever `target_id` held is freed first. No KV is copied here: a
-        shared block is copied only when one of its holders writes into it (allocate_slots)."""
+        shared block is copied only when one of its holders writes into it (allocate_slots).
+
+        With fork sharing off (a baseline for measurements) every block is copied into a new
+        one instead; returns False, leaving `target_id` with no blocks, if too few are free.
+        """
         self.free(target_id)
         blocks = self._tables.get(source_id)
         if not blocks:
-            return
+            return True
+        if not self.enable_fork_sharing:
+            if len(blocks) > self.pool.num_free_blocks:
+                return False
+            copies = self.pool.allocate(len(blocks))
+            self.pending_copies.extend(zip(blocks, copies))
+            self._tables[target_id] = copies
+            return True
         for block_id in blocks:
             self.pool.incref(block_id)
         self._tables[target_id] = list(blocks)
         if source_id in self._hashes:
             self._hashes[target_id] = list(self._hashes[source_id])
         self._num_registered[target_id] = self._num_registered.get(source_id, 0)
+        return True
 
     def take_pending_copies(self) -> list[tuple[int, int]]:
         copies, self.pending_copies = self.pending_copies, []

@@ -64,6 +64,10 @@ class SchedulerStats:
     num_preemptions_total: int
     prefix_cache_queries_total: int = 0  # prompt tokens looked up at admission
     prefix_cache_hits_total: int = 0  # of those, tokens found cached
+    # Offload tiers: blocks saved to host memory on eviction, and brought back from each tier.
+    kv_offload_saved_blocks_total: int = 0
+    kv_offload_host_hits_total: int = 0
+    kv_offload_disk_hits_total: int = 0
     # Fragmentation, summed over steps: tokens whose KV the scheduled requests store
     # after the step, and the token slots of the blocks they hold.
     kv_tokens_stored_total: int = 0
@@ -155,9 +159,18 @@ class Scheduler:
             num_preemptions_total=self.num_preemptions_total,
             prefix_cache_queries_total=self.kv_cache.prefix_stats.queries,
             prefix_cache_hits_total=self.kv_cache.prefix_stats.hits,
+            **self._offload_stats(),
             kv_tokens_stored_total=self.kv_tokens_stored_total,
             kv_token_slots_total=self.kv_token_slots_total,
         )
+
+    def _offload_stats(self) -> dict[str, int]:
+        offload = self.kv_cache.offload
+        if offload is None:
+            return {}
+        return dict(kv_offload_saved_blocks_total=offload.stats.offloaded_blocks,
+                    kv_offload_host_hits_total=offload.stats.host_hits,
+                    kv_offload_disk_hits_total=offload.stats.disk_hits)
 
     # -- scheduling --------------------------------------------------------
 
@@ -224,9 +237,10 @@ class Scheduler:
             if idle:
                 self.running.remove(idle[-1])
                 self._preempt(idle[-1])
-                self.kv_cache.take_pending_copies()  # nothing was planned; no copy is pending
                 return self.schedule()
         out.blocks_to_copy = self.kv_cache.take_pending_copies()
+        if self.kv_cache.offload is not None:
+            out.blocks_to_offload, out.blocks_to_load = self.kv_cache.offload.take_step_copies()
         for item in out.scheduled:
             self.kv_tokens_stored_total += item.end
             self.kv_token_slots_total += len(self.kv_cache.block_table(item.request_id)) * self.kv_cache.block_size
@@ -281,8 +295,7 @@ class Scheduler:
         target.output_token_ids = list(source.output_token_ids)
         target.output_logprobs = list(source.output_logprobs)
         target.beam_candidates = None
-        if source.status == RequestStatus.RUNNING:
-            self.kv_cache.fork(source.request_id, target.request_id)
+        if source.status == RequestStatus.RUNNING and self.kv_cache.fork(source.request_id, target.request_id):
             target.num_computed_tokens = source.num_computed_tokens
             target.status = RequestStatus.RUNNING
             if target.first_scheduled_time is None:

@@ -61,6 +61,10 @@ class SchedulerOutput:
     num_preempted: int = 0
     # Copy-on-write: (source, destination) KV blocks to copy, in order, before the forward pass.
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
+    # Offload tiers (core/kv_offload.py), done first, in this order: (device block, host slot)
+    # copies of evicted cached blocks, then (host slot, device block) loads of prefix hits.
+    blocks_to_offload: list[tuple[int, int]] = field(default_factory=list)
+    blocks_to_load: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def total_num_tokens(self) -> int:
@@ -69,6 +73,10 @@ class SchedulerOutput:
     @property
     def is_empty(self) -> bool:
         return not self.scheduled
+
+    @property
+    def has_block_copies(self) -> bool:
+        return bool(self.blocks_to_copy or self.blocks_to_offload or self.blocks_to_load)
 
 
 @dataclass

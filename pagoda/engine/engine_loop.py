@@ -121,6 +121,7 @@ def run_engine_loop(
         changed = False
         while command is not None:
             if isinstance(command, Shutdown):
+                engine.close()  # e.g. the offload disk tier saves the device's cached blocks
                 return
             changed = True
             if isinstance(command, AbortRequest):

@@ -25,6 +25,16 @@ class LLM:
     def __init__(self, model: str = DEFAULT_MODEL, show_progress: bool = True, **kwargs):
         self.engine = LLMEngine(engine_config_from_kwargs(model, **kwargs), show_progress=show_progress)
 
+    def close(self) -> None:
+        """Saves what must outlive the process (the offload disk tier's blocks)."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
     def get_tokenizer(self):
         return self.engine.tokenizer
 

@@ -29,6 +29,8 @@ from pagoda.config import (
     resolve_dtype,
 )
 from pagoda.core.kv_cache_manager import KVCacheManager
+from pagoda.core.kv_offload import KVOffloadManager, model_fingerprint
+from pagoda.core.scheduler_output import SchedulerOutput
 from pagoda.core.scheduler import RequestUpdate, Scheduler, SchedulerStats
 from pagoda.engine.beam_search import BeamSearch, BeamStep
 from pagoda.engine.detokenizer import IncrementalDetokenizer
@@ -128,11 +130,13 @@ class LLMEngine:
                 "lower max_model_len or give the cache more memory (kv_cache_memory)",
             )
         self.kv_caches = allocate_kv_caches(self.hf_config, num_blocks, block_size, self.dtype, self.device)
+        self.offload = self._make_offload_tiers()
         self.kv_cache_manager = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching,
-                                               config.cache.enable_fork_sharing)
+                                               config.cache.enable_fork_sharing, self.offload)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager, self.max_model_len)
         self.runner = ModelRunner(
-            self.model, self.kv_caches, block_size, Sampler(self.vocab_size, config.seed), self.device
+            self.model, self.kv_caches, block_size, Sampler(self.vocab_size, config.seed), self.device,
+            offload_host=self.offload.host if self.offload is not None else None,
         )
         self._parents: dict[str, _ParentRequest] = {}
         self._seq_to_parent: dict[str, str] = {}
@@ -174,6 +178,44 @@ class LLMEngine:
         if blocks < 1:
             raise ConfigError("kv_cache_memory", budget, f"too small for one block ({cache.block_size * per_token} bytes)")
         return blocks
+
+    def _make_offload_tiers(self) -> KVOffloadManager | None:
+        cache = self.config.cache
+        if not cache.offload_host_bytes:
+            return None
+        k_cache = self.kv_caches[0][0]
+        block_shape = (len(self.kv_caches), 2, *k_cache.shape[1:])
+        block_bytes = k_cache[0].numel() * k_cache.element_size() * 2 * len(self.kv_caches)
+        num_host_blocks = cache.offload_host_bytes // block_bytes
+        if num_host_blocks < 1:
+            raise ConfigError("kv_offload_cpu_gb", cache.kv_offload_cpu_gb,
+                              f"too small for one block ({block_bytes} bytes)")
+        if self.source.kind == "gguf":
+            files = [self.source.path]
+        else:
+            files = sorted(Path(self.source.folder).glob("*.safetensors"))
+        config = {k: v for k, v in self.hf_config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+        extra = {"load_format": self.config.load_format}
+        if self.config.load_format == "dummy":
+            extra["seed"] = self.config.seed  # random weights: the seed is their identity
+        fingerprint = model_fingerprint(files, config, self.dtype, cache.block_size, extra)
+        return KVOffloadManager(num_host_blocks, block_shape, self.dtype, fingerprint, cache.kv_offload_disk,
+                                pin_memory=self.device.type == "cuda")
+
+    def close(self) -> None:
+        """Saves what the offload disk tier should keep across a restart: every prefix-cache
+        block still only on the device. Safe to call more than once."""
+        offload = self.offload
+        if offload is None or offload.disk_dir is None:
+            return
+        pending = [(h, b) for h, b in self.kv_cache_manager.pool.cached_blocks() if not offload.on_disk(h)]
+        while pending:
+            batch, pending = pending[:offload.num_host_blocks], pending[offload.num_host_blocks:]
+            for block_hash, block_id in batch:
+                offload.offload(block_hash, block_id)
+            offloads, _ = offload.take_step_copies()
+            self.runner.apply_block_copies(SchedulerOutput(blocks_to_offload=offloads))
+            offload.after_step()
 
     def _eos_token_ids(self) -> frozenset[int]:
         ids: set[int] = set()
@@ -264,8 +306,14 @@ class LLMEngine:
         """Runs one engine step; returns an output for every request that changed."""
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty:
+            if scheduler_output.has_block_copies:
+                self.runner.apply_block_copies(scheduler_output)
+            if self.offload is not None:
+                self.offload.after_step()
             return []
         runner_output = self.runner.execute(scheduler_output)
+        if self.offload is not None:
+            self.offload.after_step()
         updates = self.scheduler.update_from_output(scheduler_output, runner_output)
         self.num_steps += 1
         changed: dict[str, _ParentRequest] = {}

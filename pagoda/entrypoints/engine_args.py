@@ -20,6 +20,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="bytes for the KV cache (default: 2 GiB on CPU)")
     group.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
                        help="do not reuse the KV cache of shared prompt prefixes (on by default)")
+    group.add_argument("--kv-offload-cpu-gb", type=float, default=None, metavar="GIB",
+                       help="host memory that keeps prefix-cache blocks evicted from the KV cache, to bring "
+                            "back instead of recomputing (default: off; 1 with --kv-offload-disk)")
+    group.add_argument("--kv-offload-disk", default=None, metavar="DIR",
+                       help="folder that also keeps them on disk, across restarts (default: off)")
     group.add_argument("--scheduling-policy", dest="policy", choices=["fcfs", "priority"], default="fcfs",
                        help="fcfs, or priority: requests' `priority` (lower first) orders admission and "
                             "preemption (default: fcfs)")
@@ -40,4 +45,6 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         num_threads=args.threads,
         enable_prefix_caching=args.enable_prefix_caching,
         policy=args.policy,
+        kv_offload_cpu_gb=args.kv_offload_cpu_gb,
+        kv_offload_disk=args.kv_offload_disk,
     )

@@ -26,8 +26,11 @@ class ModelRunner:
         block_size: int,
         sampler: Sampler,
         device: torch.device,
+        offload_host: torch.Tensor | None = None,
     ):
         self.model = model
+        # Host-memory tier: [slots, layers, 2 (K, V), block_size, kv_heads, head_dim] (core/kv_offload.py).
+        self.offload_host = offload_host
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.sampler = sampler
@@ -53,9 +56,37 @@ class ModelRunner:
                 else:
                     cache.index_copy_(0, targets, cache.index_select(0, sources))
 
+    def _offload_blocks(self, offloads: list[tuple[int, int]]) -> None:
+        """Device -> host: (device block, host slot), K and V of every layer."""
+        if not offloads:
+            return
+        blocks = torch.tensor([b for b, _ in offloads], device=self.device)
+        slots = torch.tensor([s for _, s in offloads])
+        for layer, (k_cache, v_cache) in enumerate(self.kv_caches):
+            self.offload_host[slots, layer, 0] = k_cache.index_select(0, blocks).to("cpu")
+            self.offload_host[slots, layer, 1] = v_cache.index_select(0, blocks).to("cpu")
+
+    def _load_blocks(self, loads: list[tuple[int, int]]) -> None:
+        """Host -> device: (host slot, device block)."""
+        if not loads:
+            return
+        slots = torch.tensor([s for s, _ in loads])
+        blocks = torch.tensor([b for _, b in loads], device=self.device)
+        for layer, (k_cache, v_cache) in enumerate(self.kv_caches):
+            k_cache.index_copy_(0, blocks, self.offload_host[slots, layer, 0].to(self.device))
+            v_cache.index_copy_(0, blocks, self.offload_host[slots, layer, 1].to(self.device))
+
+    @torch.inference_mode()
+    def apply_block_copies(self, scheduler_output: SchedulerOutput) -> None:
+        """Every block copy of a step, in the order that keeps each source intact until read:
+        offloads read evicted blocks before loads or copies may overwrite them."""
+        self._offload_blocks(scheduler_output.blocks_to_offload)
+        self._load_blocks(scheduler_output.blocks_to_load)
+        self._copy_blocks(scheduler_output.blocks_to_copy)
+
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        self._copy_blocks(scheduler_output.blocks_to_copy)
+        self.apply_block_copies(scheduler_output)
         # Decodes first, longest first (grouped by length for batched attention), then prefill chunks.
         decodes = sorted((s for s in scheduler_output.scheduled if self._is_decode(s)), key=lambda s: -s.end)
         prefills = [s for s in scheduler_output.scheduled if not self._is_decode(s)]

@@ -150,3 +150,18 @@ def test_invalid_best_of_and_beam_settings_name_the_field(kwargs, field):
     with pytest.raises(SamplingParamsError) as error:
         SamplingParams(**kwargs)
     assert error.value.field_name == field and field in str(error.value)
+
+
+def test_unshared_beams_give_the_same_beams_with_more_blocks(tiny_llama):
+    prompt = list(range(3, 43))
+    params = SamplingParams(n=2, use_beam_search=True, beam_width=4, max_tokens=12, ignore_eos=True)
+    peaks, results = [], []
+    for sharing in (True, False):
+        llm = LLM(str(tiny_llama), dtype="float32", show_progress=False, num_blocks=256, block_size=4,
+                  enable_prefix_caching=False, enable_fork_sharing=sharing)
+        [output] = llm.generate(prompt, params)
+        results.append([c.token_ids for c in output.outputs])
+        peaks.append(llm.engine.kv_cache_manager.pool.peak_blocks_in_use)
+        assert llm.engine.kv_cache_manager.usage == 0.0
+    assert results[0] == results[1]
+    assert peaks[1] > 3 * peaks[0] / 2  # copying forks hold each beam's prompt blocks separately

@@ -98,6 +98,24 @@ def test_completions_n_logprobs_and_stop(client):
         assert len(choice.logprobs.tokens) == len(choice.logprobs.token_logprobs)
 
 
+def test_completions_beam_search_and_best_of(client):
+    beams = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, n=2,
+                                      extra_body={"use_beam_search": True, "beam_width": 3, "length_penalty": 1.0})
+    assert len(beams.choices) == 2 and all(c.text for c in beams.choices)
+    assert beams.choices[0].text != beams.choices[1].text  # two different beams
+    assert 2 <= beams.usage.completion_tokens <= 16  # both returned beams count, at most 8 tokens each
+    best = client.completions.create(model=MODEL, prompt="Name a colour:", max_tokens=6, n=1, best_of=3,
+                                     temperature=1.0, seed=3)
+    assert len(best.choices) == 1 and best.choices[0].index == 0
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=4, best_of=3, temperature=1.0, stream=True)
+    assert info.value.body["param"] == "best_of"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=4, n=3,
+                                  extra_body={"use_beam_search": True, "beam_width": 2})
+    assert info.value.body["param"] == "beam_width"
+
+
 def test_sixteen_concurrent_streams(server):
     async def one(client, i):
         text = ""

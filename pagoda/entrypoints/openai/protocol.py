@@ -43,6 +43,13 @@ class _SamplingFields(BaseModel):
     cache_salt: str | None = None
     # With `--scheduling-policy priority`: lower values are served first (vLLM's convention).
     priority: int = 0
+    # Generate best_of samples, return the n with the highest cumulative logprob (not streamable).
+    best_of: int | None = None
+    # Beam search (vLLM's extension): the n best of beam_width beams (default: best_of, else n).
+    use_beam_search: bool = False
+    beam_width: int | None = None
+    length_penalty: float = 1.0
+    early_stopping: bool | Literal["never"] = False
 
 
 class CompletionRequest(_SamplingFields):

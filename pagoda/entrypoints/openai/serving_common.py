@@ -47,6 +47,9 @@ class OpenAIServing:
                 f"{prompt_len} prompt tokens and asks for {max_tokens} completion tokens",
                 "max_tokens" if prompt_len <= self.max_model_len else "prompt",
             )
+        if body.stream and body.best_of is not None and body.best_of > body.n and not body.use_beam_search:
+            raise APIError(400, f"best_of={body.best_of} > n={body.n} cannot be streamed: the best samples are "
+                                "known only at the end", "best_of")
         fields = {name: getattr(body, name) for name in _SAMPLING_FIELDS if getattr(body, name) is not None}
         try:
             logit_bias = {int(k): v for k, v in body.logit_bias.items()} if body.logit_bias else None
@@ -56,6 +59,8 @@ class OpenAIServing:
             return SamplingParams(
                 n=body.n, seed=body.seed, stop=body.stop, stop_token_ids=body.stop_token_ids,
                 ignore_eos=body.ignore_eos, min_tokens=body.min_tokens, logit_bias=logit_bias,
+                best_of=body.best_of, use_beam_search=body.use_beam_search, beam_width=body.beam_width,
+                length_penalty=body.length_penalty, early_stopping=body.early_stopping,
                 max_tokens=max_tokens if max_tokens is not None else max(1, room), logprobs=logprobs, **fields,
             )
         except SamplingParamsError as error:
