@@ -140,6 +140,7 @@ def _chat(args: argparse.Namespace) -> int:
         system = [{"role": "system", "content": args.system}] if args.system else []
         output = _stream_reply(llm.engine, llm.apply_chat_template(system + history), params)
         history.append({"role": "assistant", "content": output.outputs[0].text if output else ""})
+    llm.close()
     return 0
 
 
@@ -242,6 +243,7 @@ def _generate(args: argparse.Namespace) -> int:
         prompt = args.prompt
     start = time.perf_counter()
     output = _stream_reply(llm.engine, prompt, params)
+    llm.close()
     if args.stats and output is not None:
         elapsed = time.perf_counter() - start
         completion = output.outputs[0]
