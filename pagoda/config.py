@@ -87,10 +87,16 @@ class SchedulerConfig:
     # first, as in vLLM) orders admission, and under pressure the lowest-priority
     # running request is preempted, also to admit a higher-priority one.
     policy: str = "fcfs"
+    # When blocks run out, a preempted request either drops its KV and computes it again
+    # later ("recompute"), or has its blocks copied to the host swap space and back
+    # ("swap", falling back to recompute when the swap space has no room).
+    preemption_mode: str = "recompute"
 
     def __post_init__(self) -> None:
         if self.policy not in ("fcfs", "priority"):
             raise ConfigError("policy", self.policy, "must be 'fcfs' or 'priority'")
+        if self.preemption_mode not in ("recompute", "swap"):
+            raise ConfigError("preemption_mode", self.preemption_mode, "must be 'recompute' or 'swap'")
         if self.max_num_batched_tokens < 1:
             raise ConfigError("max_num_batched_tokens", self.max_num_batched_tokens, "must be >= 1")
         if self.max_num_seqs < 1:
@@ -110,6 +116,9 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     # n > 1: siblings share the prompt's blocks (ref counts, copy on write) instead of copies.
     enable_fork_sharing: bool = True
+    # GiB of host memory for the blocks of requests preempted by swapping (preemption_mode
+    # "swap" only; allocated only then). 0: no swap space, every preemption recomputes.
+    swap_space: float = 4.0
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size > 1024:
@@ -120,6 +129,8 @@ class CacheConfig:
             raise ConfigError("gpu_memory_utilization", self.gpu_memory_utilization, "must be in (0, 1]")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ConfigError("num_blocks", self.num_blocks, "must be >= 1")
+        if not self.swap_space >= 0 or self.swap_space == float("inf"):
+            raise ConfigError("swap_space", self.swap_space, "must be a finite number of GiB >= 0")
 
 
 @dataclass

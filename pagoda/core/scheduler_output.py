@@ -61,6 +61,11 @@ class SchedulerOutput:
     num_preempted: int = 0
     # Copy-on-write: (source, destination) KV blocks to copy, in order, before the forward pass.
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
+    # Swap preemption: (device, host) blocks to copy to host memory and (host, device) blocks to
+    # copy back. The worker does every swap-out, then every swap-in, then `blocks_to_copy`, then
+    # the forward pass (see core/swap_space.py for why). Destinations are distinct within each list.
+    blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)
+    blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def total_num_tokens(self) -> int:
@@ -68,7 +73,8 @@ class SchedulerOutput:
 
     @property
     def is_empty(self) -> bool:
-        return not self.scheduled
+        """Nothing to run and no block to move."""
+        return not (self.scheduled or self.blocks_to_copy or self.blocks_to_swap_out or self.blocks_to_swap_in)
 
 
 @dataclass

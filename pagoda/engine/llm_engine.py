@@ -27,6 +27,7 @@ from pagoda.config import (
 )
 from pagoda.core.kv_cache_manager import KVCacheManager
 from pagoda.core.scheduler import RequestUpdate, Scheduler, SchedulerStats
+from pagoda.core.swap_space import SwapSpace
 from pagoda.engine.detokenizer import IncrementalDetokenizer
 from pagoda.model.loader.loader import build_model, load_hf_config, load_tokenizer
 from pagoda.model.loader.resolve import resolve_model
@@ -34,6 +35,7 @@ from pagoda.outputs import CompletionOutput, RequestMetrics, RequestOutput, logp
 from pagoda.request import Request, RequestStatus
 from pagoda.sampling_params import SamplingParams
 from pagoda.worker.kv_cache import (
+    allocate_host_kv_caches,
     allocate_kv_caches,
     kv_bytes_per_token,
     num_blocks_for_budget,
@@ -118,9 +120,18 @@ class LLMEngine:
         self.kv_caches = allocate_kv_caches(self.hf_config, num_blocks, block_size, self.dtype, self.device)
         self.kv_cache_manager = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching,
                                                config.cache.enable_fork_sharing)
-        self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager, self.max_model_len)
+        # Preemption by swap: a host pool of `swap_space` GiB (none in recompute mode).
+        num_swap_blocks = self._num_swap_blocks()
+        self.host_kv_caches = None
+        self.swap_space = None
+        if num_swap_blocks:
+            self.host_kv_caches = allocate_host_kv_caches(self.hf_config, num_swap_blocks, block_size,
+                                                          self.dtype, self.device)
+            self.swap_space = SwapSpace(self.kv_cache_manager, num_swap_blocks)
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager, self.max_model_len, self.swap_space)
         self.runner = ModelRunner(
-            self.model, self.kv_caches, block_size, Sampler(self.vocab_size, config.seed), self.device
+            self.model, self.kv_caches, block_size, Sampler(self.vocab_size, config.seed), self.device,
+            host_kv_caches=self.host_kv_caches,
         )
         self._parents: dict[str, _ParentRequest] = {}
         self._seq_to_parent: dict[str, str] = {}
@@ -161,6 +172,22 @@ class LLMEngine:
         blocks = num_blocks_for_budget(budget, cache.block_size, per_token)
         if blocks < 1:
             raise ConfigError("kv_cache_memory", budget, f"too small for one block ({cache.block_size * per_token} bytes)")
+        return blocks
+
+    def _num_swap_blocks(self) -> int:
+        """Host blocks for preemption by swap: swap_space GiB // bytes per block (0 in recompute mode).
+
+        In swap mode with a swap space smaller than one block, every preemption falls back to
+        recompute (warned here, not refused: swap_space=0 is how to turn swapping off for a run).
+        """
+        if self.config.scheduler.preemption_mode != "swap":
+            return 0
+        cache = self.config.cache
+        block_bytes = cache.block_size * kv_bytes_per_token(self.hf_config, self.dtype)
+        blocks = int(cache.swap_space * 1024**3) // block_bytes
+        if blocks == 0:
+            logger.warning("preemption_mode='swap' with swap_space=%s GiB: less than one block (%d bytes); "
+                           "every preemption will recompute", cache.swap_space, block_bytes)
         return blocks
 
     def _eos_token_ids(self) -> frozenset[int]:

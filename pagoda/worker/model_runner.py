@@ -1,7 +1,8 @@
 """Turns a SchedulerOutput into flat tensors, runs the model once, samples.
 
-The runner owns the KV tensors and the device; it reads requests but never
-changes their bookkeeping (the scheduler does that from our output).
+The runner owns the KV tensors (and the host swap space, if any) and the
+device; it reads requests but never changes their bookkeeping (the
+scheduler does that from our output).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pagoda.core.scheduler_output import (
     SchedulerOutput,
 )
 from pagoda.model.attention.metadata import AttentionMetadata, DecodeGroup, PrefillChunk
+from pagoda.worker.kv_cache import move_blocks
 from pagoda.worker.sampler import Sampler, token_logprobs
 
 
@@ -26,9 +28,11 @@ class ModelRunner:
         block_size: int,
         sampler: Sampler,
         device: torch.device,
+        host_kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ):
         self.model = model
         self.kv_caches = kv_caches
+        self.host_kv_caches = host_kv_caches  # swap space: same layout, in host memory
         self.block_size = block_size
         self.sampler = sampler
         self.device = device
@@ -55,7 +59,16 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        # This order is part of the scheduler's contract (core/swap_space.py): a device block a
+        # swap-out frees may be a swap-in's or a copy's destination in the same step.
+        if scheduler_output.blocks_to_swap_out or scheduler_output.blocks_to_swap_in:
+            if self.host_kv_caches is None:
+                raise RuntimeError("the scheduler asked for swaps, but this runner has no swap space")
+            move_blocks(self.kv_caches, self.host_kv_caches, scheduler_output.blocks_to_swap_out)
+            move_blocks(self.host_kv_caches, self.kv_caches, scheduler_output.blocks_to_swap_in)
         self._copy_blocks(scheduler_output.blocks_to_copy)
+        if not scheduler_output.scheduled:
+            return ModelRunnerOutput()
         # Decodes first, longest first (grouped by length for batched attention), then prefill chunks.
         decodes = sorted((s for s in scheduler_output.scheduled if self._is_decode(s)), key=lambda s: -s.end)
         prefills = [s for s in scheduler_output.scheduled if not self._is_decode(s)]
