@@ -50,10 +50,10 @@ MIN_TOKEN_ID = 20  # ids below are SmolLM2's special tokens
 
 # Defaults for a full run and for --quick; explicit flags override either.
 # Blocks of 16 tokens: a short prompt takes 8, a long one 128 (+1 for its first decode).
-FULL = dict(short_requests=32, short_output_len=128, short_num_blocks=160,
-            long_requests=4, long_output_len=48, long_num_blocks=260)
-QUICK = dict(short_requests=8, short_output_len=32, short_num_blocks=36,
-             long_requests=2, long_output_len=32, long_num_blocks=258)
+FULL = {"short_requests": 32, "short_output_len": 128, "short_num_blocks": 160,
+        "long_requests": 4, "long_output_len": 48, "long_num_blocks": 260}
+QUICK = {"short_requests": 8, "short_output_len": 32, "short_num_blocks": 36,
+         "long_requests": 2, "long_output_len": 32, "long_num_blocks": 258}
 
 
 def log(msg: str) -> None:
@@ -188,9 +188,9 @@ def main() -> int:
     for result in results:
         for r in result["rows"]:
             label = f"{result['workload']} {result['prompt_len']}"
-            print(f"{label:>9} {r['num_blocks']:>6} {r['mode']:>9} {r['wall_s']:>7.1f} {r['output_tok_s']:>9.1f} {r['preemptions']:>7} "
-                  f"{r['swapped_out']:>6} {r['mb_swapped_out']:>7.0f} {r['swap_copy_s']:>6.2f} "
-                  f"{r['tokens_dropped']:>7} {r['tokens_recomputed']:>10} {str(result['same_tokens']):>5}")
+            print(f"{label:>9} {r['num_blocks']:>6} {r['mode']:>9} {r['wall_s']:>7.1f} {r['output_tok_s']:>9.1f} "
+                  f"{r['preemptions']:>7} {r['swapped_out']:>6} {r['mb_swapped_out']:>7.0f} {r['swap_copy_s']:>6.2f} "
+                  f"{r['tokens_dropped']:>7} {r['tokens_recomputed']:>10} {result['same_tokens']!s:>5}")
     for result in results:
         recompute, swap = result["rows"]
         winner = "swap" if swap["wall_s"] < recompute["wall_s"] else "recompute"

@@ -299,7 +299,7 @@ def test_prefix_registration_restarts_after_swap_in():
 def test_the_youngest_is_swapped_out_keeping_its_progress():
     sched = _scheduler(num_blocks=6, host_blocks=8)
     worker = FakeWorker(sched)
-    a, b, c, d = _three_then_one(sched)
+    *_, c, _ = _three_then_one(sched)
     step(sched, worker)
     c_blocks = sched.kv_cache.block_table("c")
     out, _ = step(sched, worker)
@@ -336,7 +336,7 @@ def test_a_swapped_request_resumes_where_it_stopped_before_new_requests():
 def test_fallback_to_recompute_when_the_host_pool_is_full():
     sched = _scheduler(num_blocks=6, host_blocks=1)  # c needs 2 host blocks
     worker = FakeWorker(sched)
-    a, b, c, d = _three_then_one(sched)
+    *_, c, _ = _three_then_one(sched)
     step(sched, worker)
     out, _ = step(sched, worker)
     assert out.num_preempted == 1 and out.blocks_to_swap_out == []
@@ -373,7 +373,7 @@ def test_two_swaps_in_one_step_keep_arrival_order():
 def test_abort_of_a_swapped_request_frees_its_host_blocks():
     sched = _scheduler(num_blocks=6, host_blocks=8)
     worker = FakeWorker(sched)
-    a, b, c, d = _three_then_one(sched)
+    a, _, c, d = _three_then_one(sched)
     step(sched, worker)
     step(sched, worker)
     assert c.status == RequestStatus.SWAPPED and sched.swap_space.num_free_blocks == 6
@@ -389,7 +389,7 @@ def test_abort_of_a_swapped_request_frees_its_host_blocks():
 def test_abort_while_a_swap_in_is_in_flight_still_releases_its_host_blocks():
     sched = _scheduler(num_blocks=6, host_blocks=8)
     worker = FakeWorker(sched)
-    a, b, c, d = _three_then_one(sched)
+    *_, c, _ = _three_then_one(sched)
     # Drive until c is swapped out, then until the step that swaps it back in is planned.
     step(sched, worker)
     step(sched, worker)
@@ -413,7 +413,7 @@ def test_abort_while_a_swap_in_is_in_flight_still_releases_its_host_blocks():
 def test_priority_keeps_a_swapped_request_ahead_of_new_ones_of_the_same_priority():
     sched = _scheduler(num_blocks=6, host_blocks=8, policy="priority")
     worker = FakeWorker(sched)
-    a, b, c, d = _three_then_one(sched)
+    *_, c, _ = _three_then_one(sched)
     step(sched, worker)
     step(sched, worker)
     assert c.status == RequestStatus.SWAPPED
