@@ -87,10 +87,16 @@ class SchedulerConfig:
     # first, as in vLLM) orders admission, and under pressure the lowest-priority
     # running request is preempted, also to admit a higher-priority one.
     policy: str = "fcfs"
+    # When blocks run out, a preempted request either drops its KV and computes it again
+    # later ("recompute"), or has its blocks copied to the host swap space and back
+    # ("swap", falling back to recompute when the swap space has no room).
+    preemption_mode: str = "recompute"
 
     def __post_init__(self) -> None:
         if self.policy not in ("fcfs", "priority"):
             raise ConfigError("policy", self.policy, "must be 'fcfs' or 'priority'")
+        if self.preemption_mode not in ("recompute", "swap"):
+            raise ConfigError("preemption_mode", self.preemption_mode, "must be 'recompute' or 'swap'")
         if self.max_num_batched_tokens < 1:
             raise ConfigError("max_num_batched_tokens", self.max_num_batched_tokens, "must be >= 1")
         if self.max_num_seqs < 1:
@@ -114,6 +120,9 @@ class CacheConfig:
     # folder on disk (kept across restarts). A disk folder alone gets 1 GiB of host memory.
     kv_offload_cpu_gb: float | None = None
     kv_offload_disk: str | None = None
+    # GiB of host memory for the blocks of requests preempted by swapping (preemption_mode
+    # "swap" only; allocated only then). 0: no swap space, every preemption recomputes.
+    swap_space: float = 4.0
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size > 1024:
@@ -124,8 +133,11 @@ class CacheConfig:
             raise ConfigError("gpu_memory_utilization", self.gpu_memory_utilization, "must be in (0, 1]")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ConfigError("num_blocks", self.num_blocks, "must be >= 1")
-        if self.kv_offload_cpu_gb is not None and not self.kv_offload_cpu_gb >= 0:
-            raise ConfigError("kv_offload_cpu_gb", self.kv_offload_cpu_gb, "must be >= 0 GiB")
+        if not self.swap_space >= 0 or self.swap_space == float("inf"):
+            raise ConfigError("swap_space", self.swap_space, "must be a finite number of GiB >= 0")
+        if self.kv_offload_cpu_gb is not None and (not self.kv_offload_cpu_gb >= 0
+                                                   or self.kv_offload_cpu_gb == float("inf")):
+            raise ConfigError("kv_offload_cpu_gb", self.kv_offload_cpu_gb, "must be a finite number of GiB >= 0")
         if self.kv_offload_disk is not None and self.kv_offload_cpu_gb == 0:
             raise ConfigError("kv_offload_cpu_gb", 0, "must be > 0 with kv_offload_disk "
                               "(blocks reach the disk through host memory)")

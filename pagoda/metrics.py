@@ -38,7 +38,16 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily("pagoda:num_requests_waiting", "Requests waiting to be scheduled.", stats.num_waiting)
         yield GaugeMetricFamily("pagoda:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).",
                                 stats.kv_cache_usage)
-        yield CounterMetricFamily("pagoda:num_preemptions", "Preemptions by recompute.", stats.num_preemptions_total)
+        yield CounterMetricFamily("pagoda:num_preemptions", "Preemptions, by recompute or by swap.",
+                                  stats.num_preemptions_total)
+        yield CounterMetricFamily("pagoda:num_swapped_out", "Preemptions by swap: requests whose KV blocks "
+                                  "were copied to the host swap space.", stats.num_swapped_out_total)
+        yield CounterMetricFamily("pagoda:num_swapped_in", "Swapped requests copied back to the KV cache.",
+                                  stats.num_swapped_in_total)
+        yield GaugeMetricFamily("pagoda:num_requests_swapped", "Requests swapped out to host memory.",
+                                stats.num_swapped)
+        yield GaugeMetricFamily("pagoda:cpu_cache_usage_perc", "Fraction of host swap-space blocks in use (0-1).",
+                                stats.swap_space_usage)
         yield GaugeMetricFamily("pagoda:kv_cache_token_efficiency",
                                 "Tokens stored / token slots allocated in KV blocks, over all steps (1 = no waste).",
                                 stats.kv_token_efficiency)

@@ -20,11 +20,12 @@ from pagoda.sampling_params import SamplingParams
 class RequestStatus(enum.IntEnum):
     WAITING = 0
     RUNNING = 1
-    PREEMPTED = 2
+    PREEMPTED = 2  # by recompute: waits holding no blocks, computes its KV again
+    SWAPPED = 3  # by swap: waits holding host blocks only, keeps num_computed_tokens
     # Everything from here on is finished.
-    FINISHED_STOPPED = 3
-    FINISHED_LENGTH = 4
-    FINISHED_ABORTED = 5
+    FINISHED_STOPPED = 4
+    FINISHED_LENGTH = 5
+    FINISHED_ABORTED = 6
 
     @property
     def is_finished(self) -> bool:

@@ -3,10 +3,15 @@
 Each step, running requests go first (oldest first), each asking for the
 tokens it lacks (`num_tokens - num_computed_tokens`: one when decoding, a
 chunk of the prompt when prefilling), capped by what is left of the budget.
-When the pool runs dry the youngest running request is preempted by
-recompute: its blocks are freed and it goes back to the front of the queue.
+When the pool runs dry the youngest running request is preempted and goes
+back to the front of the queue: by recompute (its blocks are freed, its KV
+is computed again when it is admitted again) or, with preemption_mode
+"swap" and room in the swap space for all its blocks, by swap (its blocks
+are copied to host memory; it keeps `num_computed_tokens`, and is swapped
+back in, into fresh device blocks, when it reaches the head of the queue).
 Waiting requests are then admitted first-come-first-served while budget,
-sequence slots and blocks last.
+sequence slots and blocks last; preempted ones, at the front, resume ahead
+of new ones.
 
 With the "priority" policy, `waiting` and `running` are kept sorted by
 (priority, preempted first, arrival): admission takes the most urgent
@@ -20,10 +25,26 @@ chose; such beams are skipped (running or waiting). `fork_request` makes a
 beam a copy of another, sharing its blocks. If nothing at all can run, the
 youngest idle beam is preempted so the sibling it waits for gets blocks.
 
+Swapping within one step. The worker runs the step's swap-outs, then its
+swap-ins, then its copy-on-write copies, then the forward pass (host-block
+reuse is covered in core/swap_space.py: host blocks a swap-in read are freed
+in `update_from_output`). Two rules keep that order safe:
+- a victim already planned in this step (the priority policy takes back a
+  planned request) is preempted by recompute: its new blocks and its
+  copies are still pending, so its device blocks do not yet hold what a
+  swap-out would copy;
+- no swap-in follows a preemption in the same step, so every swap-in
+  destination was free when the step began and nothing else in the step
+  reads or writes it (a block a preempted request just freed may still be
+  the source or target of a pending copy). Under fcfs this is the rule
+  that nothing is admitted after a preemption; under priority, a swapped
+  request that preempted to get blocks is swapped in one step later.
+
 Invariants:
 - a request is in exactly one of `waiting`, `running`, or neither (finished);
-- a waiting request holds no blocks; a running request holds exactly
-  ceil(num_computed_tokens / block_size) blocks between steps;
+- a waiting request holds no device blocks; a swapped one (status SWAPPED)
+  holds host blocks only, one per device block it held; a running request
+  holds exactly ceil(num_computed_tokens / block_size) blocks between steps;
 - progress: the oldest running request can always be scheduled, because the
   engine refuses a `max_model_len` larger than the whole cache.
 """
@@ -42,6 +63,7 @@ from pagoda.core.scheduler_output import (
     ScheduledRequest,
     SchedulerOutput,
 )
+from pagoda.core.swap_space import SwapSpace
 from pagoda.request import Request, RequestStatus, TokenLogprobs
 
 
@@ -61,7 +83,7 @@ class SchedulerStats:
     num_running: int
     num_waiting: int
     kv_cache_usage: float
-    num_preemptions_total: int
+    num_preemptions_total: int  # by recompute and by swap
     prefix_cache_queries_total: int = 0  # prompt tokens looked up at admission
     prefix_cache_hits_total: int = 0  # of those, tokens found cached
     # Offload tiers: blocks saved to host memory on eviction, and brought back from each tier.
@@ -72,6 +94,15 @@ class SchedulerStats:
     # after the step, and the token slots of the blocks they hold.
     kv_tokens_stored_total: int = 0
     kv_token_slots_total: int = 0
+    # Swap preemption: requests and blocks moved each way, requests now swapped out, host pool use.
+    num_swapped_out_total: int = 0
+    num_swapped_in_total: int = 0
+    num_blocks_swapped_out_total: int = 0
+    num_blocks_swapped_in_total: int = 0
+    num_swapped: int = 0
+    swap_space_usage: float = 0.0
+    # Tokens whose KV recompute preemptions dropped (computed again unless still in the prefix cache).
+    num_tokens_dropped_total: int = 0
 
     @property
     def kv_token_efficiency(self) -> float:
@@ -80,14 +111,25 @@ class SchedulerStats:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager, max_model_len: int):
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager, max_model_len: int,
+                 swap_space: SwapSpace | None = None):
+        """`swap_space`: host blocks for preemption_mode "swap" (its KV cache manager must be
+        `kv_cache`); without it, or with no blocks, every preemption is by recompute."""
         self.config = config
         self.kv_cache = kv_cache
         self.max_model_len = max_model_len
+        self.swap_space = swap_space
+        if swap_space is not None and swap_space.kv_cache is not kv_cache:
+            raise ValueError("swap_space belongs to another KV cache manager")
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._requests: dict[str, Request] = {}
         self.num_preemptions_total = 0
+        self.num_swapped_out_total = 0
+        self.num_swapped_in_total = 0
+        self.num_blocks_swapped_out_total = 0
+        self.num_blocks_swapped_in_total = 0
+        self.num_tokens_dropped_total = 0
         self.kv_tokens_stored_total = 0
         self.kv_token_slots_total = 0
 
@@ -106,7 +148,8 @@ class Scheduler:
     @staticmethod
     def _urgency(request: Request) -> tuple:
         """Sort key under the priority policy: smaller is served first."""
-        return (request.priority, request.status != RequestStatus.PREEMPTED, request.arrival_time)
+        preempted = request.status in (RequestStatus.PREEMPTED, RequestStatus.SWAPPED)
+        return (request.priority, not preempted, request.arrival_time)
 
     def _enqueue(self, request: Request, front: bool) -> None:
         """Into `waiting`: sorted by urgency (priority policy), else at the back, or the front if `front`."""
@@ -125,8 +168,13 @@ class Scheduler:
         else:
             self.running.append(request)
 
+    @property
+    def _swap_enabled(self) -> bool:
+        return self.config.preemption_mode == "swap" and self.swap_space is not None and \
+            self.swap_space.num_blocks > 0
+
     def abort_requests(self, request_ids: list[str]) -> list[Request]:
-        """Removes requests wherever they are and frees their blocks."""
+        """Removes requests wherever they are and frees their blocks (host blocks too)."""
         aborted = []
         for request_id in request_ids:
             request = self._requests.get(request_id)
@@ -162,6 +210,13 @@ class Scheduler:
             **self._offload_stats(),
             kv_tokens_stored_total=self.kv_tokens_stored_total,
             kv_token_slots_total=self.kv_token_slots_total,
+            num_swapped_out_total=self.num_swapped_out_total,
+            num_swapped_in_total=self.num_swapped_in_total,
+            num_blocks_swapped_out_total=self.num_blocks_swapped_out_total,
+            num_blocks_swapped_in_total=self.num_blocks_swapped_in_total,
+            num_swapped=self.swap_space.num_requests if self.swap_space is not None else 0,
+            swap_space_usage=self.swap_space.usage if self.swap_space is not None else 0.0,
+            num_tokens_dropped_total=self.num_tokens_dropped_total,
         )
 
     def _offload_stats(self) -> dict[str, int]:
@@ -206,22 +261,38 @@ class Scheduler:
                     break
                 budget += refund
                 continue
-            # A request being admitted holds no blocks (new, or preempted by recompute): it
-            # starts after the blocks it can share (a sibling's prompt, or cached prefix).
-            start = self._shared_start(request)
-            if start is None:
-                break  # a sibling is still computing the prompt this request will share
-            shared, num_cached, forked = start
-            num_new = min(request.num_tokens - num_cached, budget)
-            if not self.kv_cache.allocate_slots(request.request_id, num_cached + num_new, shared, num_cached):
-                refund = self._preempt_less_urgent(request, out)
-                if refund is None:
-                    break
-                budget += refund
-                continue
-            if not forked:
-                self.kv_cache.count_prefix_query(request.num_tokens, num_cached)
-            request.num_computed_tokens = request.num_cached_tokens = num_cached
+            if request.status == RequestStatus.SWAPPED:
+                if out.num_preempted:
+                    break  # no swap-in after a preemption in the same step (module docstring)
+                # Its KV comes back from host memory into fresh blocks, with room for its next tokens.
+                num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+                swap_in = self.swap_space.swap_in(request.request_id, request.num_computed_tokens + num_new)
+                if swap_in is None:
+                    refund = self._preempt_less_urgent(request, out)
+                    if refund is None:
+                        break
+                    budget += refund
+                    continue
+                out.blocks_to_swap_in.extend(swap_in)
+                self.num_swapped_in_total += 1
+                self.num_blocks_swapped_in_total += len(swap_in)
+            else:
+                # A request being admitted holds no blocks (new, or preempted by recompute): it
+                # starts after the blocks it can share (a sibling's prompt, or cached prefix).
+                start = self._shared_start(request)
+                if start is None:
+                    break  # a sibling is still computing the prompt this request will share
+                shared, num_cached, forked = start
+                num_new = min(request.num_tokens - num_cached, budget)
+                if not self.kv_cache.allocate_slots(request.request_id, num_cached + num_new, shared, num_cached):
+                    refund = self._preempt_less_urgent(request, out)
+                    if refund is None:
+                        break
+                    budget += refund
+                    continue
+                if not forked:
+                    self.kv_cache.count_prefix_query(request.num_tokens, num_cached)
+                request.num_computed_tokens = request.num_cached_tokens = num_cached
             self.waiting.remove(request)
             request.status = RequestStatus.RUNNING
             if request.first_scheduled_time is None:
@@ -236,7 +307,8 @@ class Scheduler:
             idle = [r for r in self.running if r.num_computed_tokens == r.num_tokens]
             if idle:
                 self.running.remove(idle[-1])
-                self._preempt(idle[-1])
+                # By recompute: this step's plan (where a swap-out would be listed) is redone.
+                self._preempt(idle[-1], out, planned=True)
                 return self.schedule()
         out.blocks_to_copy = self.kv_cache.take_pending_copies()
         if self.kv_cache.offload is not None:
@@ -254,8 +326,7 @@ class Scheduler:
         while not self.kv_cache.allocate_slots(request.request_id, request.num_computed_tokens + num_new,
                                                first_write=request.num_computed_tokens):
             victim = self.running.pop()
-            self._preempt(victim)
-            out.num_preempted += 1
+            self._preempt(victim, out)  # not planned yet: the loop plans running requests in order
             if victim is request:
                 return False
         return True
@@ -316,6 +387,8 @@ class Scheduler:
             except ValueError:
                 pass
         self.kv_cache.free(request.request_id)
+        if self.swap_space is not None:
+            self.swap_space.free(request.request_id)
 
     def _preempt_less_urgent(self, request: Request, out: SchedulerOutput) -> int | None:
         """Priority policy: preempts the least urgent running request if it has a strictly
@@ -325,21 +398,38 @@ class Scheduler:
             return None
         victim = self.running.pop()
         refund = 0
+        planned = False
         for index, item in enumerate(out.scheduled):
             if item.request is victim:
                 refund = item.num_new_tokens
+                planned = True
                 del out.scheduled[index]
                 break
-        self._preempt(victim)
-        out.num_preempted += 1
+        self._preempt(victim, out, planned)
         return refund
 
-    def _preempt(self, request: Request) -> None:
-        self.kv_cache.free(request.request_id)
-        request.status = RequestStatus.PREEMPTED
-        request.num_computed_tokens = 0
+    def _preempt(self, request: Request, out: SchedulerOutput, planned: bool = False) -> None:
+        """Preempts a request just taken out of `running` and puts it at the front of `waiting`.
+
+        By swap when the mode is "swap", the request was not `planned` in this
+        step (module docstring) and the swap space has room for all its
+        blocks; otherwise by recompute.
+        """
+        request_id = request.request_id
+        if self._swap_enabled and not planned and self.swap_space.can_swap_out(request_id):
+            swap_out = self.swap_space.swap_out(request_id)
+            out.blocks_to_swap_out.extend(swap_out)
+            request.status = RequestStatus.SWAPPED  # keeps num_computed_tokens
+            self.num_swapped_out_total += 1
+            self.num_blocks_swapped_out_total += len(swap_out)
+        else:
+            self.kv_cache.free(request_id)
+            request.status = RequestStatus.PREEMPTED
+            self.num_tokens_dropped_total += request.num_computed_tokens
+            request.num_computed_tokens = 0
         request.num_preemptions += 1
         self.num_preemptions_total += 1
+        out.num_preempted += 1
         self._enqueue(request, front=True)
 
     def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
@@ -358,6 +448,10 @@ class Scheduler:
     ) -> list[RequestUpdate]:
         updates = []
         now = time.monotonic()
+        if scheduler_output.blocks_to_swap_in:
+            # The worker has run this step's swap-ins: the host blocks they read are free now
+            # (not before: a swap-out of the same step runs first and would overwrite them).
+            self.swap_space.release([host for host, _ in scheduler_output.blocks_to_swap_in])
         for item in scheduler_output.scheduled:
             request = item.request
             if request.is_finished:  # aborted while the step ran

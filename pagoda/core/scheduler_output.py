@@ -65,6 +65,11 @@ class SchedulerOutput:
     # copies of evicted cached blocks, then (host slot, device block) loads of prefix hits.
     blocks_to_offload: list[tuple[int, int]] = field(default_factory=list)
     blocks_to_load: list[tuple[int, int]] = field(default_factory=list)
+    # Swap preemption: (device, host) blocks to copy to host memory and (host, device) blocks to
+    # copy back. The worker does every swap-out, then every swap-in, then `blocks_to_copy`, then
+    # the forward pass (see core/swap_space.py for why). Destinations are distinct within each list.
+    blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)
+    blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def total_num_tokens(self) -> int:
@@ -72,11 +77,13 @@ class SchedulerOutput:
 
     @property
     def is_empty(self) -> bool:
-        return not self.scheduled
+        """Nothing to run and no block to move."""
+        return not (self.scheduled or self.has_block_moves)
 
     @property
-    def has_block_copies(self) -> bool:
-        return bool(self.blocks_to_copy or self.blocks_to_offload or self.blocks_to_load)
+    def has_block_moves(self) -> bool:
+        return bool(self.blocks_to_copy or self.blocks_to_offload or self.blocks_to_load
+                    or self.blocks_to_swap_out or self.blocks_to_swap_in)
 
 
 @dataclass

@@ -33,6 +33,7 @@ from pagoda.core.kv_offload import KVOffloadManager, model_fingerprint
 from pagoda.core.scheduler_output import SchedulerOutput
 from pagoda.core.scheduler import RequestUpdate, Scheduler, SchedulerStats
 from pagoda.engine.beam_search import BeamSearch, BeamStep
+from pagoda.core.swap_space import SwapSpace
 from pagoda.engine.detokenizer import IncrementalDetokenizer
 from pagoda.model.loader.loader import build_model, load_hf_config, load_tokenizer
 from pagoda.model.loader.resolve import resolve_model
@@ -40,6 +41,7 @@ from pagoda.outputs import CompletionOutput, RequestMetrics, RequestOutput, logp
 from pagoda.request import Request, RequestStatus
 from pagoda.sampling_params import SamplingParams
 from pagoda.worker.kv_cache import (
+    allocate_host_kv_caches,
     allocate_kv_caches,
     kv_bytes_per_token,
     num_blocks_for_budget,
@@ -133,10 +135,19 @@ class LLMEngine:
         self.offload = self._make_offload_tiers()
         self.kv_cache_manager = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching,
                                                config.cache.enable_fork_sharing, self.offload)
-        self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager, self.max_model_len)
+        # Preemption by swap: a host pool of `swap_space` GiB (none in recompute mode).
+        num_swap_blocks = self._num_swap_blocks()
+        self.host_kv_caches = None
+        self.swap_space = None
+        if num_swap_blocks:
+            self.host_kv_caches = allocate_host_kv_caches(self.hf_config, num_swap_blocks, block_size,
+                                                          self.dtype, self.device)
+            self.swap_space = SwapSpace(self.kv_cache_manager, num_swap_blocks)
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager, self.max_model_len, self.swap_space)
         self.runner = ModelRunner(
             self.model, self.kv_caches, block_size, Sampler(self.vocab_size, config.seed), self.device,
             offload_host=self.offload.host if self.offload is not None else None,
+            host_kv_caches=self.host_kv_caches,
         )
         self._parents: dict[str, _ParentRequest] = {}
         self._seq_to_parent: dict[str, str] = {}
@@ -216,6 +227,22 @@ class LLMEngine:
             offloads, _ = offload.take_step_copies()
             self.runner.apply_block_copies(SchedulerOutput(blocks_to_offload=offloads))
             offload.after_step()
+
+    def _num_swap_blocks(self) -> int:
+        """Host blocks for preemption by swap: swap_space GiB // bytes per block (0 in recompute mode).
+
+        In swap mode with a swap space smaller than one block, every preemption falls back to
+        recompute (warned here, not refused: swap_space=0 is how to turn swapping off for a run).
+        """
+        if self.config.scheduler.preemption_mode != "swap":
+            return 0
+        cache = self.config.cache
+        block_bytes = cache.block_size * kv_bytes_per_token(self.hf_config, self.dtype)
+        blocks = int(cache.swap_space * 1024**3) // block_bytes
+        if blocks == 0:
+            logger.warning("preemption_mode='swap' with swap_space=%s GiB: less than one block (%d bytes); "
+                           "every preemption will recompute", cache.swap_space, block_bytes)
+        return blocks
 
     def _eos_token_ids(self) -> frozenset[int]:
         ids: set[int] = set()
@@ -305,9 +332,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Runs one engine step; returns an output for every request that changed."""
         scheduler_output = self.scheduler.schedule()
-        if scheduler_output.is_empty:
-            if scheduler_output.has_block_copies:
-                self.runner.apply_block_copies(scheduler_output)
+        if scheduler_output.is_empty:  # nothing to run and no block to move
             if self.offload is not None:
                 self.offload.after_step()
             return []

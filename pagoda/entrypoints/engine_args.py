@@ -28,6 +28,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--scheduling-policy", dest="policy", choices=["fcfs", "priority"], default="fcfs",
                        help="fcfs, or priority: requests' `priority` (lower first) orders admission and "
                             "preemption (default: fcfs)")
+    group.add_argument("--preemption-mode", choices=["recompute", "swap"], default="recompute",
+                       help="when KV blocks run out: recompute (drop a request's KV, compute it again later) or "
+                            "swap (copy its blocks to host memory and back; recompute if the swap space is full) "
+                            "(default: recompute)")
+    group.add_argument("--swap-space", type=float, default=4.0, metavar="GiB",
+                       help="host memory for swapped-out KV blocks with --preemption-mode swap (default: 4)")
     group.add_argument("--max-num-seqs", type=int, default=256, help="requests running at once")
     group.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per engine step")
     group.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
@@ -47,4 +53,6 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         policy=args.policy,
         kv_offload_cpu_gb=args.kv_offload_cpu_gb,
         kv_offload_disk=args.kv_offload_disk,
+        preemption_mode=args.preemption_mode,
+        swap_space=args.swap_space,
     )

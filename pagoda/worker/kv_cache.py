@@ -2,6 +2,7 @@
 
 Per layer: K and V of shape [num_blocks, block_size, num_kv_heads, head_dim],
 addressed by block id and offset (slot = block_id * block_size + offset).
+The host swap space (preemption by swap) has the same layout in host memory.
 """
 
 from __future__ import annotations
@@ -33,3 +34,45 @@ def allocate_kv_caches(
         (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
         for _ in range(hf_config.num_hidden_layers)
     ]
+
+
+def allocate_host_kv_caches(
+    hf_config, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The swap space: per layer K and V like the device caches, in host memory (pinned when
+    the device is CUDA, for faster copies).
+
+    Left uninitialised (no pages touched until used): a host block is read only by the
+    swap-in of the request whose swap-out wrote it, whole blocks at a time, so the
+    device's finite values are all it ever holds when read.
+    """
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+    shape = (num_blocks, block_size, kv_heads, head_dim_of(hf_config))
+    pin = device.type == "cuda"
+    return [
+        (torch.empty(shape, dtype=dtype, pin_memory=pin), torch.empty(shape, dtype=dtype, pin_memory=pin))
+        for _ in range(hf_config.num_hidden_layers)
+    ]
+
+
+def move_blocks(
+    source: list[tuple[torch.Tensor, torch.Tensor]],
+    target: list[tuple[torch.Tensor, torch.Tensor]],
+    pairs: list[tuple[int, int]],
+) -> None:
+    """Copies block `s` of every layer's K and V in `source` to block `t` in `target`, for each
+    (s, t) in `pairs`: one index_select + index_copy_ per tensor.
+
+    `source` and `target` are different tensors (device and host), so no copy reads
+    another's write; targets must be distinct (index_copy_ with repeated indices keeps
+    an unspecified one).
+    """
+    if not pairs:
+        return
+    from_device = source[0][0].device
+    to_device = target[0][0].device
+    sources = torch.tensor([s for s, _ in pairs], device=from_device)
+    targets = torch.tensor([t for _, t in pairs], device=to_device)
+    for (source_k, source_v), (target_k, target_v) in zip(source, target, strict=True):
+        for source_cache, target_cache in ((source_k, target_k), (source_v, target_v)):
+            target_cache.index_copy_(0, targets, source_cache.index_select(0, sources).to(to_device))

@@ -1,7 +1,8 @@
 """Turns a SchedulerOutput into flat tensors, runs the model once, samples.
 
-The runner owns the KV tensors and the device; it reads requests but never
-changes their bookkeeping (the scheduler does that from our output).
+The runner owns the KV tensors (and the host swap space, if any) and the
+device; it reads requests but never changes their bookkeeping (the
+scheduler does that from our output).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pagoda.core.scheduler_output import (
     SchedulerOutput,
 )
 from pagoda.model.attention.metadata import AttentionMetadata, DecodeGroup, PrefillChunk
+from pagoda.worker.kv_cache import move_blocks
 from pagoda.worker.sampler import Sampler, token_logprobs
 
 
@@ -27,11 +29,13 @@ class ModelRunner:
         sampler: Sampler,
         device: torch.device,
         offload_host: torch.Tensor | None = None,
+        host_kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ):
         self.model = model
         # Host-memory tier: [slots, layers, 2 (K, V), block_size, kv_heads, head_dim] (core/kv_offload.py).
         self.offload_host = offload_host
         self.kv_caches = kv_caches
+        self.host_kv_caches = host_kv_caches  # swap space: same layout, in host memory
         self.block_size = block_size
         self.sampler = sampler
         self.device = device
@@ -78,15 +82,27 @@ class ModelRunner:
 
     @torch.inference_mode()
     def apply_block_copies(self, scheduler_output: SchedulerOutput) -> None:
-        """Every block copy of a step, in the order that keeps each source intact until read:
-        offloads read evicted blocks before loads or copies may overwrite them."""
-        self._offload_blocks(scheduler_output.blocks_to_offload)
-        self._load_blocks(scheduler_output.blocks_to_load)
-        self._copy_blocks(scheduler_output.blocks_to_copy)
+        """Every block move of a step, before its forward pass, in an order that is part of the
+        scheduler's contract: every read of a device block (offloads of evicted cached blocks,
+        swap-outs) comes before any write to one (loads from the offload tiers, swap-ins,
+        copy-on-write copies), because a block freed or evicted this step may already be
+        another move's destination (core/swap_space.py, core/kv_offload.py)."""
+        out = scheduler_output
+        self._offload_blocks(out.blocks_to_offload)
+        if out.blocks_to_swap_out or out.blocks_to_swap_in:
+            if self.host_kv_caches is None:
+                raise RuntimeError("the scheduler asked for swaps, but this runner has no swap space")
+            move_blocks(self.kv_caches, self.host_kv_caches, out.blocks_to_swap_out)
+        self._load_blocks(out.blocks_to_load)
+        if out.blocks_to_swap_in:
+            move_blocks(self.host_kv_caches, self.kv_caches, out.blocks_to_swap_in)
+        self._copy_blocks(out.blocks_to_copy)
 
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         self.apply_block_copies(scheduler_output)
+        if not scheduler_output.scheduled:
+            return ModelRunnerOutput()
         # Decodes first, longest first (grouped by length for batched attention), then prefill chunks.
         decodes = sorted((s for s in scheduler_output.scheduled if self._is_decode(s)), key=lambda s: -s.end)
         prefills = [s for s in scheduler_output.scheduled if not self._is_decode(s)]

@@ -94,16 +94,20 @@ def test_beams_share_blocks_and_copy_only_partly_filled_ones(tiny_llama):
     assert llm.engine.kv_cache_manager.usage == 0.0
 
 
-def test_beam_search_survives_preemption_with_the_same_result(tiny_llama, llm):
-    # 14 blocks of 4 tokens: four beams of a 30-token prompt + 16 new tokens cannot all stay resident.
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_beam_search_survives_preemption_with_the_same_result(tiny_llama, llm, mode):
+    # 16 blocks of 4 tokens: four beams of a 30-token prompt + 16 new tokens cannot all stay resident.
     small = LLM(str(tiny_llama), dtype="float32", show_progress=False, num_blocks=16, block_size=4,
-                max_model_len=60, enable_prefix_caching=False)
+                max_model_len=60, enable_prefix_caching=False, preemption_mode=mode, swap_space=0.001)
     prompts = [list(range(5, 35)), list(range(40, 70))]
     params = SamplingParams(n=2, use_beam_search=True, beam_width=4, max_tokens=16, ignore_eos=True)
     expected = [[c.token_ids for c in o.outputs] for o in llm.generate(prompts, params)]
     outputs = small.generate(prompts, params)
     assert [[c.token_ids for c in o.outputs] for o in outputs] == expected
     assert small.engine.scheduler.num_preemptions_total > 0
+    if mode == "swap":
+        assert small.engine.scheduler.num_swapped_out_total > 0
+        assert small.engine.swap_space.num_requests == 0  # no host blocks left held
     assert small.engine.kv_cache_manager.usage == 0.0
     assert small.engine.kv_cache_manager.num_requests_holding_blocks() == 0
 
