@@ -120,6 +120,8 @@ class CacheConfig:
     # folder on disk (kept across restarts). A disk folder alone gets 1 GiB of host memory.
     kv_offload_cpu_gb: float | None = None
     kv_offload_disk: str | None = None
+    # The disk folder's budget; least recently used block files are deleted beyond it.
+    kv_offload_disk_gb: float = 16.0
     # GiB of host memory for the blocks of requests preempted by swapping (preemption_mode
     # "swap" only; allocated only then). 0: no swap space, every preemption recomputes.
     swap_space: float = 4.0
@@ -138,6 +140,8 @@ class CacheConfig:
         if self.kv_offload_cpu_gb is not None and (not self.kv_offload_cpu_gb >= 0
                                                    or self.kv_offload_cpu_gb == float("inf")):
             raise ConfigError("kv_offload_cpu_gb", self.kv_offload_cpu_gb, "must be a finite number of GiB >= 0")
+        if not self.kv_offload_disk_gb > 0 or self.kv_offload_disk_gb == float("inf"):
+            raise ConfigError("kv_offload_disk_gb", self.kv_offload_disk_gb, "must be a finite number of GiB > 0")
         if self.kv_offload_disk is not None and self.kv_offload_cpu_gb == 0:
             raise ConfigError("kv_offload_cpu_gb", 0, "must be > 0 with kv_offload_disk "
                               "(blocks reach the disk through host memory)")

@@ -133,19 +133,25 @@ class KVCacheManager:
         protected = list(device_hits)
         for block_id in protected:
             self.pool.incref(block_id)
-        loaded = []
+        found = []
         for block_hash in hashes:
-            if not self.offload.contains(block_hash) or self.pool.num_free_blocks < 2:
-                break
-            slot = self.offload.stage(block_hash)
-            if slot is None:
-                break
-            [block_id] = self.pool.allocate(1)
-            self.pool.cache_block(block_id, block_hash)
-            self.offload.plan_load(slot, block_id)
-            loaded.append(block_id)
-        self.pool.free(list(reversed(protected + loaded)))  # tail first: evicted first
-        return loaded
+            block_id = self.pool.cached_block(block_hash)  # a later block may still be on the device
+            if block_id is not None:
+                self.pool.incref(block_id)
+            else:
+                if not self.offload.contains(block_hash) or self.pool.num_free_blocks < 2:
+                    break
+                slot = self.offload.stage(block_hash)
+                if slot is None:
+                    break
+                [block_id] = self.pool.allocate(1)
+                if not self.pool.cache_block(block_id, block_hash):  # cannot happen: checked above
+                    self.pool.free([block_id])
+                    break
+                self.offload.plan_load(slot, block_id)
+            found.append(block_id)
+        self.pool.free(list(reversed(protected + found)))  # tail first: evicted first
+        return found
 
     def count_prefix_query(self, num_tokens: int, num_hit_tokens: int) -> None:
         if self.enable_prefix_caching:
@@ -238,6 +244,13 @@ class KVCacheManager:
             self._hashes[target_id] = list(self._hashes[source_id])
         self._num_registered[target_id] = self._num_registered.get(source_id, 0)
         return True
+
+    def has_pending_copy_into(self, request_id: str) -> bool:
+        """Whether a copy still to be done this step writes into one of the request's blocks."""
+        if not self.pending_copies:
+            return False
+        targets = {target for _, target in self.pending_copies}
+        return any(block_id in targets for block_id in self._tables.get(request_id, ()))
 
     def take_pending_copies(self) -> list[tuple[int, int]]:
         copies, self.pending_copies = self.pending_copies, []

@@ -10,17 +10,18 @@ computing those tokens.
 
 This module is the bookkeeping and the host/disk storage; the copies between
 device and host are the worker's (`SchedulerOutput.blocks_to_offload`,
-`blocks_to_load`), done at the start of the step, before anything else
-writes to device blocks:
-  1. offloads (device -> host): the evicted blocks still hold their KV;
-  2. loads (host -> device) into freshly taken device blocks.
+`blocks_to_load`): offloads (device -> host) first of all the step's block
+moves, while the evicted blocks still hold their KV; loads (host -> device)
+last, into freshly taken device blocks (worker/model_runner.py says why).
 Host slots filled by this step's offloads are written to disk after the
 step (`after_step`); slots read or written in a step are pinned until then,
 so nothing reuses them while a copy is pending.
 
 Disk files carry the model fingerprint (weights, config, dtype, block size)
 and a SHA-256 of their data. A file that does not match (another model, a
-torn write, flipped bits) is ignored and deleted, never loaded.
+torn write, flipped bits) is ignored and deleted, never loaded. The folder
+is kept under a size budget, least recently used files deleted first; a
+failed write or read (disk full, I/O error) is logged and skipped.
 
 Invariants:
 - a hash is in at most one host slot; `_slot_of[h] == s` iff `_hash_of[s] == h`;
@@ -55,8 +56,10 @@ class OffloadStats:
 
 class KVOffloadManager:
     def __init__(self, num_host_blocks: int, block_shape: tuple[int, ...], dtype: torch.dtype,
-                 fingerprint: str, disk_dir: str | Path | None = None, pin_memory: bool = False):
-        """`block_shape`: one block's KV, [layers, 2 (K, V), block_size, kv_heads, head_dim]."""
+                 fingerprint: str, disk_dir: str | Path | None = None, pin_memory: bool = False,
+                 disk_max_bytes: int | None = None):
+        """`block_shape`: one block's KV, [layers, 2 (K, V), block_size, kv_heads, head_dim].
+        `disk_max_bytes`: the disk folder's budget (None: unlimited)."""
         if num_host_blocks < 1:
             raise ValueError(f"num_host_blocks={num_host_blocks} is invalid: must be >= 1.")
         self.block_shape = tuple(block_shape)
@@ -72,16 +75,22 @@ class KVOffloadManager:
         self.pending_loads: list[tuple[int, int]] = []  # (host slot, device block)
         self.stats = OffloadStats()
         self.disk_dir: Path | None = None
-        self._on_disk: set[bytes] = set()
+        self.disk_max_bytes = disk_max_bytes
+        self._on_disk: OrderedDict[bytes, int] = OrderedDict()  # hash -> file size, least recently used first
+        self.disk_bytes = 0
         if disk_dir is not None:
             # One subfolder per model fingerprint: models sharing a folder never collide.
             self.disk_dir = Path(disk_dir) / fingerprint[:16]
             self.disk_dir.mkdir(parents=True, exist_ok=True)
+            files = []
             for path in self.disk_dir.glob("*.safetensors"):
                 try:
-                    self._on_disk.add(bytes.fromhex(path.stem))
-                except ValueError:
-                    continue  # not one of ours
+                    files.append((path.stat().st_mtime, bytes.fromhex(path.stem), path.stat().st_size))
+                except (ValueError, OSError):
+                    continue  # not one of ours, or gone
+            for _, block_hash, size in sorted(files):
+                self._on_disk[block_hash] = size
+                self.disk_bytes += size
 
     @property
     def num_host_blocks(self) -> int:
@@ -198,12 +207,22 @@ class KVOffloadManager:
         try:
             save_file({"kv": data}, str(temporary), metadata=self._metadata(data))
             os.replace(temporary, path)  # readers see a whole file or none
-        except OSError as error:
+            size = path.stat().st_size
+        except Exception as error:  # disk full, I/O error (safetensors wraps them in its own type)
             logger.warning("could not write KV block to %s: %s", path, error)
-            temporary.unlink(missing_ok=True)
+            _unlink(temporary)
             return
-        self._on_disk.add(block_hash)
+        self._on_disk[block_hash] = size
+        self.disk_bytes += size
         self.stats.disk_writes += 1
+        while self.disk_max_bytes is not None and self.disk_bytes > self.disk_max_bytes and len(self._on_disk) > 1:
+            oldest, oldest_size = self._on_disk.popitem(last=False)
+            self.disk_bytes -= oldest_size
+            _unlink(self._path(oldest))
+
+    def _forget_file(self, block_hash: bytes) -> None:
+        self.disk_bytes -= self._on_disk.pop(block_hash, 0)
+        _unlink(self._path(block_hash))
 
     def _read(self, block_hash: bytes, slot: int) -> bool:
         """Loads a disk block into `slot` if it is this model's and intact; else deletes the file."""
@@ -215,6 +234,14 @@ class KVOffloadManager:
             with safe_open(str(path), framework="pt") as f:
                 metadata = f.metadata() or {}
                 data = f.get_tensor("kv")
+        except OSError as error:  # gone, or an I/O error: not the file's fault, keep it
+            logger.warning("could not read KV block file %s: %s", path, error)
+            if not path.exists():
+                self.disk_bytes -= self._on_disk.pop(block_hash, 0)
+            return False
+        except Exception as error:  # truncated, or not safetensors at all
+            problem = f"unreadable ({type(error).__name__}: {error})"
+        if problem is None:
             expected = self._metadata(data)
             for key in ("format", "fingerprint", "dtype", "shape"):
                 if metadata.get(key) != expected[key]:
@@ -225,15 +252,13 @@ class KVOffloadManager:
                     problem = f"tensor {tuple(data.shape)} {data.dtype} does not match"
                 elif metadata.get("sha256") != expected["sha256"]:
                     problem = "checksum mismatch"
-        except Exception as error:  # truncated or not safetensors at all
-            problem = f"unreadable ({type(error).__name__}: {error})"
         if problem is not None:
             logger.warning("ignoring KV block file %s: %s", path, problem)
             self.stats.rejected_files += 1
-            self._on_disk.discard(block_hash)
-            path.unlink(missing_ok=True)
+            self._forget_file(block_hash)
             return False
         self.host[slot].copy_(data)
+        self._on_disk.move_to_end(block_hash)
         return True
 
     def flush_to_disk(self, slots: list[tuple[bytes, int]]) -> None:
@@ -241,6 +266,13 @@ class KVOffloadManager:
         for block_hash, slot in slots:
             if self.disk_dir is not None and block_hash not in self._on_disk:
                 self._write(block_hash, slot)
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as error:
+        logger.warning("could not delete %s: %s", path, error)
 
 
 def _digest(data: torch.Tensor) -> str:

@@ -300,7 +300,7 @@ class Scheduler:
             self._start_running(request)
             out.scheduled.append(self._scheduled(request, num_new))
             budget -= num_new
-        if not out.scheduled and self.waiting and not running_preempted:
+        if not out.scheduled and self.waiting and out.num_preempted == 0:
             # Nothing could run: every running request is an idle beam (it waits for a sibling)
             # and the waiting ones lack blocks. Free the youngest idle beam's blocks (it keeps its
             # candidates) and try again, so the siblings it waits for can be admitted.
@@ -416,7 +416,9 @@ class Scheduler:
         blocks; otherwise by recompute.
         """
         request_id = request.request_id
-        if self._swap_enabled and not planned and self.swap_space.can_swap_out(request_id):
+        # A block a pending copy still has to fill (an unshared fork) holds nothing to swap yet.
+        if (self._swap_enabled and not planned and not self.kv_cache.has_pending_copy_into(request_id)
+                and self.swap_space.can_swap_out(request_id)):
             swap_out = self.swap_space.swap_out(request_id)
             out.blocks_to_swap_out.extend(swap_out)
             request.status = RequestStatus.SWAPPED  # keeps num_computed_tokens

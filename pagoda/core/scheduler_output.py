@@ -61,8 +61,8 @@ class SchedulerOutput:
     num_preempted: int = 0
     # Copy-on-write: (source, destination) KV blocks to copy, in order, before the forward pass.
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
-    # Offload tiers (core/kv_offload.py), done first, in this order: (device block, host slot)
-    # copies of evicted cached blocks, then (host slot, device block) loads of prefix hits.
+    # Offload tiers (core/kv_offload.py): (device block, host slot) copies of evicted cached
+    # blocks, done first of all moves; (host slot, device block) loads of prefix hits, done last.
     blocks_to_offload: list[tuple[int, int]] = field(default_factory=list)
     blocks_to_load: list[tuple[int, int]] = field(default_factory=list)
     # Swap preemption: (device, host) blocks to copy to host memory and (host, device) blocks to

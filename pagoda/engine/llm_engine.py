@@ -211,7 +211,8 @@ class LLMEngine:
             extra["seed"] = self.config.seed  # random weights: the seed is their identity
         fingerprint = model_fingerprint(files, config, self.dtype, cache.block_size, extra)
         return KVOffloadManager(num_host_blocks, block_shape, self.dtype, fingerprint, cache.kv_offload_disk,
-                                pin_memory=self.device.type == "cuda")
+                                pin_memory=self.device.type == "cuda",
+                                disk_max_bytes=int(cache.kv_offload_disk_gb * 1024**3))
 
     def close(self) -> None:
         """Saves what the offload disk tier should keep across a restart: every prefix-cache

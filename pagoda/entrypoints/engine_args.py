@@ -25,6 +25,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                             "back instead of recomputing (default: off; 1 with --kv-offload-disk)")
     group.add_argument("--kv-offload-disk", default=None, metavar="DIR",
                        help="folder that also keeps them on disk, across restarts (default: off)")
+    group.add_argument("--kv-offload-disk-gb", type=float, default=16.0, metavar="GIB",
+                       help="size budget of that folder; least recently used blocks go first (default: 16)")
     group.add_argument("--scheduling-policy", dest="policy", choices=["fcfs", "priority"], default="fcfs",
                        help="fcfs, or priority: requests' `priority` (lower first) orders admission and "
                             "preemption (default: fcfs)")
@@ -53,6 +55,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         policy=args.policy,
         kv_offload_cpu_gb=args.kv_offload_cpu_gb,
         kv_offload_disk=args.kv_offload_disk,
+        kv_offload_disk_gb=args.kv_offload_disk_gb,
         preemption_mode=args.preemption_mode,
         swap_space=args.swap_space,
     )

@@ -84,19 +84,21 @@ class ModelRunner:
     def apply_block_copies(self, scheduler_output: SchedulerOutput) -> None:
         """Every block move of a step, before its forward pass, in an order that is part of the
         scheduler's contract: every read of a device block (offloads of evicted cached blocks,
-        swap-outs) comes before any write to one (loads from the offload tiers, swap-ins,
-        copy-on-write copies), because a block freed or evicted this step may already be
-        another move's destination (core/swap_space.py, core/kv_offload.py)."""
+        swap-outs) comes before any write to one, because a block freed or evicted this step
+        may already be another move's destination (core/swap_space.py, core/kv_offload.py).
+        Then swap-ins, copy-on-write copies, and last the loads from the offload tiers: a load
+        may go into a block a preempted request gave up this step, whose pending copy or
+        swap-in must not land on top of it; and nothing reads a loaded block before the
+        forward pass."""
         out = scheduler_output
         self._offload_blocks(out.blocks_to_offload)
         if out.blocks_to_swap_out or out.blocks_to_swap_in:
             if self.host_kv_caches is None:
                 raise RuntimeError("the scheduler asked for swaps, but this runner has no swap space")
             move_blocks(self.kv_caches, self.host_kv_caches, out.blocks_to_swap_out)
-        self._load_blocks(out.blocks_to_load)
-        if out.blocks_to_swap_in:
             move_blocks(self.host_kv_caches, self.kv_caches, out.blocks_to_swap_in)
         self._copy_blocks(out.blocks_to_copy)
+        self._load_blocks(out.blocks_to_load)
 
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:

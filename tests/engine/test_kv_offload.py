@@ -140,3 +140,53 @@ def test_offload_settings_are_validated():
         LLM("unused", kv_offload_cpu_gb=-1)
     with pytest.raises(ConfigError, match="prefix caching"):
         LLM("unused", kv_offload_cpu_gb=1, enable_prefix_caching=False)
+
+
+def test_a_later_block_still_on_the_device_is_used_not_loaded():
+    """Host has blocks 0 and 1, the device still has 1: the lookup loads 0 and shares 1."""
+    from pagoda.core.kv_cache_manager import KVCacheManager, request_block_hashes
+    from pagoda.request import Request
+
+    offload = KVOffloadManager(8, (1, 2, 4, 1, 2), torch.float32, "f" * 64)
+    kv = KVCacheManager(num_blocks=6, block_size=4, offload=offload)
+    prompt = list(range(10, 19))  # 9 tokens: two full blocks
+    h0, h1 = request_block_hashes(prompt, 4)
+    offload.offload(h0, device_block=4)
+    offload.offload(h1, device_block=5)
+    offload.take_step_copies()
+    offload.after_step()
+    [b1] = kv.pool.allocate(1)
+    kv.pool.cache_block(b1, h1)
+    kv.pool.free([b1])  # block 1's KV is on the device (free, cached); block 0's only in host memory
+    request = Request("r", prompt, SamplingParams(max_tokens=1), frozenset({2}))
+    blocks = kv.find_cached_prefix(request)
+    assert len(blocks) == 2 and blocks[1] == b1
+    assert offload.take_step_copies()[1] == [(offload._slot_of[h0], blocks[0])]
+    assert kv.allocate_slots("r", 9, blocks, 8)  # admission takes both as prefix hits
+    assert kv.block_table("r")[:2] == blocks
+
+
+def test_disk_budget_keeps_the_most_recent_files(tmp_path):
+    block = (1, 2, 4, 1, 2)
+    offload = KVOffloadManager(4, block, torch.float32, "f" * 64, disk_dir=tmp_path, disk_max_bytes=1)
+    for i in range(3):
+        offload.offload(bytes([i]) * 32, device_block=i)
+        offload.take_step_copies()
+        offload.after_step()
+    assert offload.num_disk_blocks == 1 and offload.on_disk(bytes([2]) * 32)
+    assert len(list(offload.disk_dir.glob("*.safetensors"))) == 1
+
+
+def test_a_failed_disk_write_is_skipped_not_raised(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("Error while serializing: No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    offload = KVOffloadManager(4, (1, 2, 4, 1, 2), torch.float32, "f" * 64, disk_dir=tmp_path)
+    offload.offload(b"a" * 32, device_block=0)
+    offload.take_step_copies()
+    offload.after_step()  # logs, does not raise
+    assert offload.contains(b"a" * 32) and not offload.on_disk(b"a" * 32)
+    assert list(offload.disk_dir.iterdir()) == []
