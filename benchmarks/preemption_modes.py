@@ -67,7 +67,7 @@ def run_mode(args, mode: str, prompts: list[list[int]], output_len: int, num_blo
     max_model_len = math.ceil((len(prompts[0]) + output_len) / args.block_size) * args.block_size
     llm = LLM(args.model, show_progress=False, dtype=args.dtype, num_blocks=num_blocks, block_size=args.block_size,
               max_model_len=max_model_len, preemption_mode=mode, swap_space=args.swap_space,
-              enable_prefix_caching=args.prefix_caching)
+              enable_prefix_caching=args.prefix_caching, load_format=args.load_format)
     engine = llm.engine
     llm.generate([[MIN_TOKEN_ID + i for i in range(16)]], SamplingParams(max_tokens=2))  # warm-up
 
@@ -135,6 +135,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="a small run to check that the script works")
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--load-format", default="auto",
+                        help="dummy: random weights from a config.json folder (e.g. benchmarks/configs/llama-3-8b)")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--swap-space", type=float, default=4.0, help="GiB of host memory for swapped blocks")
     parser.add_argument("--prefix-caching", action="store_true", help="keep prefix caching on (off by default)")
@@ -146,12 +148,14 @@ def main() -> int:
     parser.add_argument("--long-output-len", type=int, default=None)
     parser.add_argument("--short-num-blocks", type=int, default=None, help="KV cache blocks for the short workload")
     parser.add_argument("--long-num-blocks", type=int, default=None, help="KV cache blocks for the long workload")
+    parser.add_argument("--workloads", nargs="+", choices=["short", "long"], default=["short", "long"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
-            setattr(args, key, value)
+            # The default block counts are for blocks of 16 tokens: the same token room otherwise.
+            setattr(args, key, math.ceil(value * 16 / args.block_size) if key.endswith("num_blocks") else value)
     name = "preemption_modes" + ("_prefix_caching" if args.prefix_caching else "") + ("_quick" if args.quick else "")
     output_path = args.output or RESULTS / f"{name}.json"
 
@@ -164,7 +168,8 @@ def main() -> int:
         ("long", args.long_len, args.long_requests, args.long_output_len, args.long_num_blocks),
     ):
         prompts = [[rng.randrange(MIN_TOKEN_ID, 49152) for _ in range(prompt_len)] for _ in range(num_requests)]
-        workloads.append((name, prompts, output_len, num_blocks))
+        if name in args.workloads:
+            workloads.append((name, prompts, output_len, num_blocks))
 
     results = []
     for name, prompts, output_len, num_blocks in workloads:

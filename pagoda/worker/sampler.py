@@ -50,7 +50,8 @@ class Sampler:
 
         logits = apply_logit_processors(logits, requests)
         greedy = logits.argmax(dim=-1)
-        random_rows = [i for i, r in enumerate(requests) if r.sampling_params.sampling_type == SamplingType.RANDOM]
+        random_rows = [i for i, r in enumerate(requests) if r.sampling_params.sampling_type == SamplingType.RANDOM
+                       and not r.sampling_params.use_beam_search]
         if random_rows:
             rows = torch.tensor(random_rows, device=logits.device)
             sampled = self._sample(logits[rows], [requests[i] for i in random_rows])
@@ -74,11 +75,12 @@ class Sampler:
         min_p = torch.tensor([p.min_p for p in params], device=device, dtype=logits.dtype)
         logits = filter_logits(logits, top_k, top_p, min_p)
         probs = torch.softmax(logits, dim=-1)
-        # Exponential race: argmax(p / E) with E ~ Exp(1) is a draw from p.
-        noise = torch.empty_like(probs)
+        # Exponential race: argmax(p / E) with E ~ Exp(1) is a draw from p. The noise is drawn
+        # on the CPU, from CPU generators, so a seed gives the same tokens on every device.
+        noise = torch.empty(probs.shape, dtype=probs.dtype)
         for i, request in enumerate(requests):
             noise[i].exponential_(generator=request.generator or self.generator)
-        return (probs / noise).argmax(dim=-1)
+        return (probs / noise.to(device)).argmax(dim=-1)
 
 
 def beam_search_candidates(logits: torch.Tensor, requests: list[Request]) -> list | None:
