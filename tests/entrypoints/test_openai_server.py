@@ -98,6 +98,17 @@ def test_completions_n_logprobs_and_stop(client):
         assert len(choice.logprobs.tokens) == len(choice.logprobs.token_logprobs)
 
 
+def test_streamed_completion_logprobs_match_the_unstreamed_ones(client):
+    kwargs = dict(model=MODEL, prompt="Count: 1, 2, 3,", max_tokens=10, temperature=0, logprobs=2)
+    full = client.completions.create(**kwargs)
+    chunks = [c for c in client.completions.create(stream=True, **kwargs) if c.choices]
+    tokens = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    values = [v for c in chunks if c.choices[0].logprobs for v in c.choices[0].logprobs.token_logprobs]
+    assert tokens == full.choices[0].logprobs.tokens
+    assert values == pytest.approx(full.choices[0].logprobs.token_logprobs, abs=1e-5)
+    assert all(len(c.choices[0].logprobs.top_logprobs[0]) >= 2 for c in chunks if c.choices[0].logprobs)
+
+
 def test_completions_beam_search_and_best_of(client):
     beams = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, n=2,
                                       extra_body={"use_beam_search": True, "beam_width": 3, "length_penalty": 1.0})

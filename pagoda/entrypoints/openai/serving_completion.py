@@ -88,16 +88,20 @@ class OpenAIServingCompletion(OpenAIServing):
 
     def _logprobs(self, c: CompletionOutput, echoed: RequestOutput | None = None) -> dict:
         """OpenAI's completion logprobs; with echo, the prompt's tokens come first (the very first has None)."""
-        def name(token_id: int) -> str:
-            return self.decode([token_id]) if self.tokenizer is not None else str(token_id)
-
         token_ids = list(c.token_ids)
         entries: list[dict[int, float] | None] = list(c.logprobs or [])
         if echoed is not None:
             token_ids = list(echoed.prompt_token_ids) + token_ids
             entries = list(echoed.prompt_logprobs or [None] * len(echoed.prompt_token_ids)) + entries
+        return self._logprobs_of(token_ids, entries, 0)
+
+    def _logprobs_of(self, token_ids: list[int], entries: list[dict[int, float] | None], offset: int) -> dict:
+        """The logprobs object for these tokens; `offset`: text position of the first one."""
+        def name(token_id: int) -> str:
+            return self.decode([token_id]) if self.tokenizer is not None else str(token_id)
+
         tokens = [name(t) for t in token_ids]
-        offsets, position = [], 0
+        offsets, position = [], offset
         for token in tokens:
             offsets.append(position)
             position += len(token)
@@ -120,6 +124,7 @@ class OpenAIServingCompletion(OpenAIServing):
         if echo:
             yield chunk([{"index": i, "text": echo, "logprobs": None, "finish_reason": None} for i in range(n)])
         sent = [0] * n
+        sent_tokens = [0] * n  # tokens whose logprobs went out
         done = [False] * n
         final = first
         async for output in prepend(first, outputs):
@@ -130,9 +135,16 @@ class OpenAIServingCompletion(OpenAIServing):
                 delta = c.text[sent[c.index]:]
                 if not delta and not c.finished:
                     continue
+                logprobs = None
+                if c.logprobs is not None:  # the tokens since the last chunk (text may lag them)
+                    start = sent_tokens[c.index]
+                    logprobs = self._logprobs_of(list(c.token_ids[start:]), list(c.logprobs[start:]),
+                                                 len(echo or "") + sent[c.index])
+                    sent_tokens[c.index] = len(c.token_ids)
                 sent[c.index] = len(c.text)
                 done[c.index] = c.finished
-                yield chunk([{"index": c.index, "text": delta, "logprobs": None, "finish_reason": c.finish_reason}])
+                yield chunk([{"index": c.index, "text": delta, "logprobs": logprobs,
+                              "finish_reason": c.finish_reason}])
         if include_usage:
             yield chunk([], usage=usage(final))
         yield sse("[DONE]")
