@@ -356,8 +356,9 @@ class Scheduler:
         (ref counts; the partly filled last block is copied when one of them first writes
         into it). Whatever `target` held before is released.
 
-        A running source's copy runs next to it; if the source holds no KV (preempted),
-        the copy waits to be recomputed too.
+        A running source's copy runs next to it; if the source holds no KV (preempted), or
+        `max_num_seqs` requests already run, the copy waits and is recomputed when admitted
+        (from the prefix cache, where the source's full blocks are registered).
         """
         if target.request_id in self._requests:
             self._detach(target)
@@ -366,7 +367,8 @@ class Scheduler:
         target.output_token_ids = list(source.output_token_ids)
         target.output_logprobs = list(source.output_logprobs)
         target.beam_candidates = None
-        if source.status == RequestStatus.RUNNING and self.kv_cache.fork(source.request_id, target.request_id):
+        if (source.status == RequestStatus.RUNNING and len(self.running) < self.config.max_num_seqs
+                and self.kv_cache.fork(source.request_id, target.request_id)):
             target.num_computed_tokens = source.num_computed_tokens
             target.status = RequestStatus.RUNNING
             if target.first_scheduled_time is None:

@@ -112,6 +112,21 @@ def test_beam_search_survives_preemption_with_the_same_result(tiny_llama, llm, m
     assert small.engine.kv_cache_manager.num_requests_holding_blocks() == 0
 
 
+def test_beams_beyond_max_num_seqs_wait_their_turn(tiny_llama, llm):
+    prompt = list(range(5, 35))
+    params = SamplingParams(n=2, use_beam_search=True, beam_width=4, max_tokens=12, ignore_eos=True)
+    [expected] = llm.generate(prompt, params)
+    narrow = LLM(str(tiny_llama), dtype="float32", show_progress=False, num_blocks=256, block_size=4,
+                 max_num_seqs=2)
+    running = []
+    schedule = narrow.engine.scheduler.schedule
+    narrow.engine.scheduler.schedule = lambda: (running.append(len(narrow.engine.scheduler.running)), schedule())[1]
+    [output] = narrow.generate(prompt, params)
+    assert [c.token_ids for c in output.outputs] == [c.token_ids for c in expected.outputs]
+    assert max(running) <= 2
+    assert narrow.engine.kv_cache_manager.usage == 0.0
+
+
 def test_aborting_a_beam_search_frees_every_block(llm):
     engine = llm.engine
     engine.add_request([1, 5, 17, 33], SamplingParams(use_beam_search=True, beam_width=4, max_tokens=50,
