@@ -67,8 +67,8 @@ class ModelRunner:
         blocks = torch.tensor([b for b, _ in offloads], device=self.device)
         slots = torch.tensor([s for _, s in offloads])
         for layer, (k_cache, v_cache) in enumerate(self.kv_caches):
-            self.offload_host[slots, layer, 0] = k_cache.index_select(0, blocks).to("cpu")
-            self.offload_host[slots, layer, 1] = v_cache.index_select(0, blocks).to("cpu")
+            self.offload_host[slots, layer, 0] = _to_host(k_cache.index_select(0, blocks))
+            self.offload_host[slots, layer, 1] = _to_host(v_cache.index_select(0, blocks))
 
     def _load_blocks(self, loads: list[tuple[int, int]]) -> None:
         """Host -> device: (host slot, device block)."""
@@ -77,8 +77,8 @@ class ModelRunner:
         slots = torch.tensor([s for s, _ in loads])
         blocks = torch.tensor([b for _, b in loads], device=self.device)
         for layer, (k_cache, v_cache) in enumerate(self.kv_caches):
-            k_cache.index_copy_(0, blocks, self.offload_host[slots, layer, 0].to(self.device))
-            v_cache.index_copy_(0, blocks, self.offload_host[slots, layer, 1].to(self.device))
+            k_cache.index_copy_(0, blocks, _to_device(self.offload_host[slots, layer, 0], self.device))
+            v_cache.index_copy_(0, blocks, _to_device(self.offload_host[slots, layer, 1], self.device))
 
     @torch.inference_mode()
     def apply_block_copies(self, scheduler_output: SchedulerOutput) -> None:
@@ -207,6 +207,21 @@ class ModelRunner:
             meta.prefills.append(PrefillChunk(query_start, item.num_new_tokens, item.start, key_blocks, mask))
             query_start += item.num_new_tokens
         return input_ids, positions, meta
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A GPU tensor's copy in host memory, crossing in pinned memory (pageable copies are slow)."""
+    if tensor.device.type == "cpu":
+        return tensor
+    pinned = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    pinned.copy_(tensor)
+    return pinned
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cpu":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 # A decode group may pad its keys to at most this much more than it holds.
