@@ -130,6 +130,7 @@ class KVCacheManager:
         hit, so admission takes them as usual. While loading, the device hits and the loaded
         blocks hold a reference, so taking a block for the next load cannot evict them; one
         free block is always left."""
+        peak = self.pool.peak_blocks_in_use  # the references below are bookkeeping, not use
         protected = list(device_hits)
         for block_id in protected:
             self.pool.incref(block_id)
@@ -151,6 +152,7 @@ class KVCacheManager:
                 self.offload.plan_load(slot, block_id)
             found.append(block_id)
         self.pool.free(list(reversed(protected + found)))  # tail first: evicted first
+        self.pool.peak_blocks_in_use = peak
         return found
 
     def count_prefix_query(self, num_tokens: int, num_hit_tokens: int) -> None:
