@@ -73,16 +73,18 @@ def move_blocks(
     to_device = target[0][0].device
     sources = torch.tensor([s for s, _ in pairs], device=from_device)
     targets = torch.tensor([t for _, t in pairs], device=to_device)
-    # Between a GPU and the host, the gathered blocks cross in pinned memory (torch's caching
-    # host allocator keeps the buffers): pageable transfers run at a fraction of the bus speed.
-    staged = from_device.type != to_device.type
     for (source_k, source_v), (target_k, target_v) in zip(source, target, strict=True):
         for source_cache, target_cache in ((source_k, target_k), (source_v, target_v)):
-            gathered = source_cache.index_select(0, sources)
-            if staged and to_device.type == "cpu":
-                pinned = torch.empty(gathered.shape, dtype=gathered.dtype, pin_memory=True)
-                pinned.copy_(gathered)
-                gathered = pinned
-            elif staged:
-                gathered = gathered.pin_memory().to(to_device, non_blocking=True)
-            target_cache.index_copy_(0, targets, gathered.to(to_device))
+            target_cache.index_copy_(0, targets, transfer(source_cache.index_select(0, sources), to_device))
+
+
+def transfer(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device`. Between a GPU and the host it crosses in pinned memory (torch's
+    caching host allocator keeps the buffers): pageable copies run at a fraction of bus speed."""
+    if tensor.device.type == device.type:
+        return tensor.to(device)
+    if device.type == "cpu":
+        pinned = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        pinned.copy_(tensor)
+        return pinned
+    return tensor.pin_memory().to(device, non_blocking=True)

@@ -16,7 +16,7 @@ from pagoda.core.scheduler_output import (
     SchedulerOutput,
 )
 from pagoda.model.attention.metadata import AttentionMetadata, DecodeGroup, PrefillChunk
-from pagoda.worker.kv_cache import move_blocks
+from pagoda.worker.kv_cache import move_blocks, transfer
 from pagoda.worker.sampler import Sampler, token_logprobs
 
 
@@ -67,8 +67,8 @@ class ModelRunner:
         blocks = torch.tensor([b for b, _ in offloads], device=self.device)
         slots = torch.tensor([s for _, s in offloads])
         for layer, (k_cache, v_cache) in enumerate(self.kv_caches):
-            self.offload_host[slots, layer, 0] = _to_host(k_cache.index_select(0, blocks))
-            self.offload_host[slots, layer, 1] = _to_host(v_cache.index_select(0, blocks))
+            self.offload_host[slots, layer, 0] = transfer(k_cache.index_select(0, blocks), _CPU)
+            self.offload_host[slots, layer, 1] = transfer(v_cache.index_select(0, blocks), _CPU)
 
     def _load_blocks(self, loads: list[tuple[int, int]]) -> None:
         """Host -> device: (host slot, device block)."""
@@ -77,8 +77,8 @@ class ModelRunner:
         slots = torch.tensor([s for s, _ in loads])
         blocks = torch.tensor([b for _, b in loads], device=self.device)
         for layer, (k_cache, v_cache) in enumerate(self.kv_caches):
-            k_cache.index_copy_(0, blocks, _to_device(self.offload_host[slots, layer, 0], self.device))
-            v_cache.index_copy_(0, blocks, _to_device(self.offload_host[slots, layer, 1], self.device))
+            k_cache.index_copy_(0, blocks, transfer(self.offload_host[slots, layer, 0], self.device))
+            v_cache.index_copy_(0, blocks, transfer(self.offload_host[slots, layer, 1], self.device))
 
     @torch.inference_mode()
     def apply_block_copies(self, scheduler_output: SchedulerOutput) -> None:
@@ -209,20 +209,7 @@ class ModelRunner:
         return input_ids, positions, meta
 
 
-def _to_host(tensor: torch.Tensor) -> torch.Tensor:
-    """A GPU tensor's copy in host memory, crossing in pinned memory (pageable copies are slow)."""
-    if tensor.device.type == "cpu":
-        return tensor
-    pinned = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-    pinned.copy_(tensor)
-    return pinned
-
-
-def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type == "cpu":
-        return tensor
-    return tensor.pin_memory().to(device, non_blocking=True)
-
+_CPU = torch.device("cpu")
 
 # A decode group may pad its keys to at most this much more than it holds.
 _MAX_PADDING_RATIO = 1.25
