@@ -4,14 +4,13 @@ prefix-cache hits on its very first request."""
 from __future__ import annotations
 
 import subprocess
-import sys
-import time
 
 import httpx
 import openai
 
 from tests.conftest import requires_smollm2
-from tests.entrypoints.test_openai_server import MODEL, _free_port
+from tests.entrypoints.serve_process import free_port, start_server
+from tests.entrypoints.test_openai_server import MODEL
 
 pytestmark = requires_smollm2
 
@@ -19,24 +18,7 @@ PROMPT = "You are a careful assistant who answers in one short sentence. " * 12 
 
 
 def _serve(folder) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pagoda", "serve", "--port", str(port), "--kv-offload-disk", str(folder),
-         "--kv-offload-cpu-gb", "0.25"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited: {process.stdout.read()}")
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                return process, base
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    process.kill()
-    raise RuntimeError("server did not become healthy")
+    return start_server(free_port(), "--kv-offload-disk", str(folder), "--kv-offload-cpu-gb", "0.25")
 
 
 def _complete(base: str):

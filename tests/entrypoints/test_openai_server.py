@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -14,38 +13,16 @@ import openai
 import pytest
 
 from tests.conftest import requires_smollm2
+from tests.entrypoints.serve_process import free_port, start_server
 
 pytestmark = requires_smollm2
 MODEL = "smollm2-135m-instruct"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server():
-    port, ollama_port = _free_port(), _free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pagoda", "serve", "--port", str(port), "--max-num-seqs", "32",
-         "--ollama-port", str(ollama_port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited: {process.stdout.read()}")
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    else:
-        process.kill()
-        raise RuntimeError("server did not become healthy")
+    port, ollama_port = free_port(), free_port()
+    process, base = start_server(port, "--max-num-seqs", "32", "--ollama-port", str(ollama_port))
     base_ollama = f"http://127.0.0.1:{ollama_port}"
     yield base
     # The second listener serves the same app (Ollama clients default to port 11434).
@@ -282,7 +259,7 @@ def test_pagoda_bench_serve_measures_this_server(server, tmp_path):
 
 
 def test_pagoda_bench_serve_exits_nonzero_when_everything_fails(tmp_path):
-    closed = _free_port()
+    closed = free_port()
     result = subprocess.run(
         [sys.executable, "-m", "pagoda", "bench", "serve", "--base-url", f"http://127.0.0.1:{closed}",
          "--model", MODEL, "--num-prompts", "3", "--input-len", "8", "--output-len", "2", "--warmup", "0",
