@@ -104,6 +104,16 @@ def test_completions_beam_search_and_best_of(client):
     assert info.value.body["param"] == "beam_width"
 
 
+def test_chat_beam_search_streams_its_final_answer(client):
+    kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "Name a fruit."}], max_tokens=8,
+                  extra_body={"use_beam_search": True, "beam_width": 3})
+    full = client.chat.completions.create(**kwargs).choices[0].message.content
+    chunks = list(client.chat.completions.create(stream=True, **kwargs))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert full and streamed == full
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+
+
 def test_sixteen_concurrent_streams(server):
     async def one(client, i):
         text = ""
