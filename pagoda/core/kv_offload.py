@@ -80,7 +80,7 @@ class KVOffloadManager:
         self.disk_bytes = 0
         if disk_dir is not None:
             # One subfolder per model fingerprint: models sharing a folder never collide.
-            self.disk_dir = Path(disk_dir) / fingerprint[:16]
+            self.disk_dir = Path(disk_dir).expanduser() / fingerprint[:16]
             self.disk_dir.mkdir(parents=True, exist_ok=True)
             files = []
             for path in self.disk_dir.glob("*.safetensors"):
