@@ -9,12 +9,19 @@ recompute after preemption are all that one number moving.
 from __future__ import annotations
 
 import enum
+import functools
 import time
 from dataclasses import dataclass, field
 
 import torch
 
 from pagoda.sampling_params import SamplingParams
+
+
+def num_beam_candidates_kept(beam_width: int, num_stop_tokens: int) -> int:
+    """(beam, token) candidates a beam search step ranks (HF's count): enough that
+    `beam_width` of them continue even if every stop token of every beam ranks high."""
+    return max(2, 1 + num_stop_tokens) * beam_width
 
 
 class RequestStatus(enum.IntEnum):
@@ -96,7 +103,7 @@ class Request:
         """Extra keys of this request's prefix-cache hashes (a LoRA id would join here)."""
         return () if self.cache_salt is None else (self.cache_salt,)
 
-    @property
+    @functools.cached_property
     def stop_token_set(self) -> frozenset[int]:
         """Token ids that end this request when sampled (EOS unless ignore_eos, plus stop_token_ids)."""
         params = self.sampling_params
@@ -105,13 +112,11 @@ class Request:
             ids |= self.eos_token_ids
         return frozenset(ids)
 
-    @property
+    @functools.cached_property
     def num_beam_candidates(self) -> int:
-        """Candidates a beam reports: enough that `beam_width` of them always continue
-        even if every stop token of every beam ranks high (HF's count), and enough for logprobs."""
-        params = self.sampling_params
-        keep = max(2, 1 + len(self.stop_token_set)) * params.beam_width
-        return max(keep, params.logprobs or 0)
+        """Candidates a beam reports: all a beam search step considers, and enough for logprobs."""
+        kept = num_beam_candidates_kept(self.sampling_params.beam_width, len(self.stop_token_set))
+        return max(kept, self.sampling_params.logprobs or 0)
 
     @property
     def num_prompt_tokens(self) -> int:

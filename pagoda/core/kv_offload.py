@@ -40,6 +40,8 @@ from pathlib import Path
 
 import torch
 
+from pagoda.core.block_pool import HostBlockPool
+
 logger = logging.getLogger(__name__)
 
 _FORMAT = "pagoda-kv-block-v1"
@@ -55,18 +57,20 @@ class OffloadStats:
 
 
 class KVOffloadManager:
-    def __init__(self, num_host_blocks: int, block_shape: tuple[int, ...], dtype: torch.dtype,
-                 fingerprint: str, disk_dir: str | Path | None = None, pin_memory: bool = False,
-                 disk_max_bytes: int | None = None):
-        """`block_shape`: one block's KV, [layers, 2 (K, V), block_size, kv_heads, head_dim].
-        `disk_max_bytes`: the disk folder's budget (None: unlimited)."""
-        if num_host_blocks < 1:
-            raise ValueError(f"num_host_blocks={num_host_blocks} is invalid: must be >= 1.")
-        self.block_shape = tuple(block_shape)
-        self.dtype = dtype
+    def __init__(self, host: list[tuple[torch.Tensor, torch.Tensor]], fingerprint: str,
+                 disk_dir: str | Path | None = None, disk_max_bytes: int | None = None):
+        """`host`: per layer K and V of the host pool, [slots, block_size, kv_heads, head_dim]
+        (worker/kv_cache.allocate_host_kv_caches, the swap space's layout; the worker copies
+        into and out of it). `disk_max_bytes`: the disk folder's budget (None: unlimited)."""
+        k_cache = host[0][0]
+        if k_cache.shape[0] < 1:
+            raise ValueError(f"num_host_blocks={k_cache.shape[0]} is invalid: must be >= 1.")
+        self.host = host
+        # One block as a disk file sees it: [layers, 2 (K, V), block_size, kv_heads, head_dim].
+        self.block_shape = (len(host), 2, *k_cache.shape[1:])
+        self.dtype = k_cache.dtype
         self.fingerprint = fingerprint
-        self.host = torch.zeros((num_host_blocks, *block_shape), dtype=dtype, pin_memory=pin_memory)
-        self._free_slots = list(range(num_host_blocks - 1, -1, -1))
+        self.pool = HostBlockPool(k_cache.shape[0])
         self._slot_of: OrderedDict[bytes, int] = OrderedDict()  # least recently used first
         self._hash_of: dict[int, bytes] = {}
         self._pinned: set[int] = set()
@@ -94,7 +98,7 @@ class KVOffloadManager:
 
     @property
     def num_host_blocks(self) -> int:
-        return self.host.shape[0]
+        return self.pool.num_blocks
 
     @property
     def num_disk_blocks(self) -> int:
@@ -146,7 +150,7 @@ class KVOffloadManager:
         if slot is None:
             return None
         if not self._read(block_hash, slot):
-            self._free_slots.append(slot)
+            self.pool.free([slot])
             self._pinned.discard(slot)
             return None
         self._assign(block_hash, slot)
@@ -174,8 +178,8 @@ class KVOffloadManager:
 
     def _take_slot(self) -> int | None:
         """A free host slot, evicting the least recently used unpinned one if none is free."""
-        if self._free_slots:
-            slot = self._free_slots.pop()
+        if self.pool.num_free_blocks:
+            [slot] = self.pool.allocate(1)
         else:
             victim = next((h for h, s in self._slot_of.items() if s not in self._pinned), None)
             if victim is None:
@@ -201,7 +205,7 @@ class KVOffloadManager:
     def _write(self, block_hash: bytes, slot: int) -> None:
         from safetensors.torch import save_file
 
-        data = self.host[slot].contiguous()
+        data = self._block(slot)
         path = self._path(block_hash)
         temporary = path.with_suffix(".tmp")
         try:
@@ -257,9 +261,15 @@ class KVOffloadManager:
             self.stats.rejected_files += 1
             self._forget_file(block_hash)
             return False
-        self.host[slot].copy_(data)
+        for layer, (k_cache, v_cache) in enumerate(self.host):
+            k_cache[slot].copy_(data[layer, 0])
+            v_cache[slot].copy_(data[layer, 1])
         self._on_disk.move_to_end(block_hash)
         return True
+
+    def _block(self, slot: int) -> torch.Tensor:
+        """A host slot's KV as one tensor of `block_shape`."""
+        return torch.stack([torch.stack((k_cache[slot], v_cache[slot])) for k_cache, v_cache in self.host])
 
     def flush_to_disk(self, slots: list[tuple[bytes, int]]) -> None:
         """Writes the given (hash, host slot) blocks to disk now (at shutdown)."""

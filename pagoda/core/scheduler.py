@@ -25,10 +25,12 @@ chose; such beams are skipped (running or waiting). `fork_request` makes a
 beam a copy of another, sharing its blocks. If nothing at all can run, the
 youngest idle beam is preempted so the sibling it waits for gets blocks.
 
-Swapping within one step. The worker runs the step's swap-outs, then its
-swap-ins, then its copy-on-write copies, then the forward pass (host-block
-reuse is covered in core/swap_space.py: host blocks a swap-in read are freed
-in `update_from_output`). Two rules keep that order safe:
+Swapping within one step. The worker runs the step's device reads
+(offload-tier saves, swap-outs), then its device writes (swap-ins,
+copy-on-write copies, offload-tier loads), then the forward pass
+(`ModelRunner.apply_block_copies`; host-block reuse is covered in
+core/swap_space.py: host blocks a swap-in read are freed in
+`update_from_output`). Two rules keep that order safe:
 - a victim already planned in this step (the priority policy takes back a
   planned request) is preempted by recompute: its new blocks and its
   copies are still pending, so its device blocks do not yet hold what a

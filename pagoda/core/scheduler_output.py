@@ -66,8 +66,8 @@ class SchedulerOutput:
     blocks_to_offload: list[tuple[int, int]] = field(default_factory=list)
     blocks_to_load: list[tuple[int, int]] = field(default_factory=list)
     # Swap preemption: (device, host) blocks to copy to host memory and (host, device) blocks to
-    # copy back. The worker does every swap-out, then every swap-in, then `blocks_to_copy`, then
-    # the forward pass (see core/swap_space.py for why). Destinations are distinct within each list.
+    # copy back. Destinations are distinct within each list. The order of all these moves is
+    # ModelRunner.apply_block_copies's: offloads, swap-outs, swap-ins, copies, loads.
     blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)
     blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
 

@@ -11,9 +11,10 @@ all the same; the request just lets go of its reference, and after
 blocks for the table plus room for the tokens the request computes next,
 and gives the host blocks back.
 
-Ordering: the worker applies a step's block operations in this order (see
-`ModelRunner.execute`): swap-outs, then swap-ins, then copy-on-write copies,
-then the forward pass. Hence:
+Ordering: the worker applies a step's block operations in a fixed order
+(`ModelRunner.apply_block_copies`): device reads (offload-tier saves,
+swap-outs) before device writes (swap-ins, copy-on-write copies, offload-tier
+loads), all before the forward pass. Hence:
 - a device block freed by a swap-out may be allocated again in the same
   step (to a swap-in, a copy, new tokens): it is read before it is written;
 - a host block read by a swap-in must not be written by a swap-out of the
@@ -38,46 +39,8 @@ Invariants:
 
 from __future__ import annotations
 
-from collections import deque
-
+from pagoda.core.block_pool import HostBlockPool
 from pagoda.core.kv_cache_manager import KVCacheManager
-
-
-class HostBlockPool:
-    """Ids 0..num_blocks-1 and a free list: no ref counts (a host block has one owner) and no prefix cache."""
-
-    def __init__(self, num_blocks: int):
-        if num_blocks < 0:
-            raise ValueError(f"num_blocks={num_blocks} is invalid: must be >= 0.")
-        self.num_blocks = num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
-        self._in_use = [False] * num_blocks
-        self.peak_blocks_in_use = 0
-
-    @property
-    def num_free_blocks(self) -> int:
-        return len(self._free)
-
-    @property
-    def usage(self) -> float:
-        """Fraction of host blocks in use, 0.0 to 1.0 (0.0 for an empty pool)."""
-        return 1.0 - len(self._free) / self.num_blocks if self.num_blocks else 0.0
-
-    def allocate(self, count: int) -> list[int]:
-        if count > len(self._free):
-            raise ValueError(f"asked for {count} host blocks, {len(self._free)} free")
-        blocks = [self._free.popleft() for _ in range(count)]
-        for block_id in blocks:
-            self._in_use[block_id] = True
-        self.peak_blocks_in_use = max(self.peak_blocks_in_use, self.num_blocks - len(self._free))
-        return blocks
-
-    def free(self, blocks: list[int]) -> None:
-        for block_id in blocks:
-            if not self._in_use[block_id]:
-                raise ValueError(f"host block {block_id} freed but not in use")
-            self._in_use[block_id] = False
-            self._free.append(block_id)
 
 
 class SwapSpace:

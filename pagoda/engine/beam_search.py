@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from pagoda.request import TokenLogprobs
+from pagoda.request import TokenLogprobs, num_beam_candidates_kept
 from pagoda.sampling_params import SamplingParams
 
 
@@ -88,6 +88,7 @@ class BeamSearch:
         self.extra_stop_ids = extra_stop_ids  # the user's stop_token_ids (reported as stop_reason)
         room = max_model_len - num_prompt_tokens
         self.max_new_tokens = min(params.max_tokens, room) if params.max_tokens is not None else room
+        self.keep = num_beam_candidates_kept(self.width, len(stop_token_ids))
         self.live: list[int] = [0]  # the prompt is one beam to start with
         self.scores: list[float] = [0.0]
         self.finished: list[BeamHypothesis] = []
@@ -105,8 +106,7 @@ class BeamSearch:
                 order = index * 1_000_000 + rank
                 candidates.append(_Candidate(score + logprob, -order, slot, token_id, logprob, rank + 1))
         num_generated = len(beams[self.live[0]].output_token_ids) + 1  # after this step
-        keep = max(2, 1 + len(self.stop_token_ids)) * width
-        top = sorted(candidates, reverse=True)[:keep]
+        top = sorted(candidates, reverse=True)[:self.keep]
         at_limit = num_generated >= self.max_new_tokens
         ends = [at_limit or c.token_id in self.stop_token_ids for c in top]
 

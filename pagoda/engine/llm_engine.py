@@ -30,10 +30,10 @@ from pagoda.config import (
 )
 from pagoda.core.kv_cache_manager import KVCacheManager
 from pagoda.core.kv_offload import KVOffloadManager, model_fingerprint
-from pagoda.core.scheduler_output import SchedulerOutput
 from pagoda.core.scheduler import RequestUpdate, Scheduler, SchedulerStats
-from pagoda.engine.beam_search import BeamSearch, BeamStep
+from pagoda.core.scheduler_output import SchedulerOutput
 from pagoda.core.swap_space import SwapSpace
+from pagoda.engine.beam_search import BeamSearch, BeamStep
 from pagoda.engine.detokenizer import IncrementalDetokenizer
 from pagoda.model.loader.loader import build_model, load_hf_config, load_tokenizer
 from pagoda.model.loader.resolve import resolve_model
@@ -194,9 +194,7 @@ class LLMEngine:
         cache = self.config.cache
         if not cache.offload_host_bytes:
             return None
-        k_cache = self.kv_caches[0][0]
-        block_shape = (len(self.kv_caches), 2, *k_cache.shape[1:])
-        block_bytes = k_cache[0].numel() * k_cache.element_size() * 2 * len(self.kv_caches)
+        block_bytes = self._block_bytes()
         num_host_blocks = cache.offload_host_bytes // block_bytes
         if num_host_blocks < 1:
             raise ConfigError("kv_offload_cpu_gb", cache.kv_offload_cpu_gb,
@@ -210,9 +208,13 @@ class LLMEngine:
         if self.config.load_format == "dummy":
             extra["seed"] = self.config.seed  # random weights: the seed is their identity
         fingerprint = model_fingerprint(files, config, self.dtype, cache.block_size, extra)
-        return KVOffloadManager(num_host_blocks, block_shape, self.dtype, fingerprint, cache.kv_offload_disk,
-                                pin_memory=self.device.type == "cuda",
+        host = allocate_host_kv_caches(self.hf_config, num_host_blocks, cache.block_size, self.dtype, self.device)
+        return KVOffloadManager(host, fingerprint, cache.kv_offload_disk,
                                 disk_max_bytes=int(cache.kv_offload_disk_gb * 1024**3))
+
+    def _block_bytes(self) -> int:
+        """Bytes of one KV block: K and V of every layer for block_size tokens."""
+        return self.config.cache.block_size * kv_bytes_per_token(self.hf_config, self.dtype)
 
     def close(self) -> None:
         """Saves what the offload disk tier should keep across a restart: every prefix-cache
@@ -238,7 +240,7 @@ class LLMEngine:
         if self.config.scheduler.preemption_mode != "swap":
             return 0
         cache = self.config.cache
-        block_bytes = cache.block_size * kv_bytes_per_token(self.hf_config, self.dtype)
+        block_bytes = self._block_bytes()
         blocks = int(cache.swap_space * 1024**3) // block_bytes
         if blocks == 0:
             logger.warning("preemption_mode='swap' with swap_space=%s GiB: less than one block (%d bytes); "

@@ -2,7 +2,7 @@
 
 Per layer: K and V of shape [num_blocks, block_size, num_kv_heads, head_dim],
 addressed by block id and offset (slot = block_id * block_size + offset).
-The host swap space (preemption by swap) has the same layout in host memory.
+Host block pools (swap space, offload tier) have the same layout in host memory.
 """
 
 from __future__ import annotations
@@ -39,11 +39,11 @@ def allocate_kv_caches(
 def allocate_host_kv_caches(
     hf_config, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The swap space: per layer K and V like the device caches, in host memory (pinned when
-    the device is CUDA, for faster copies).
+    """Host block pools (the swap space, the offload tier of the prefix cache): per layer K
+    and V like the device caches, in host memory (pinned when the device is CUDA).
 
-    Left uninitialised (no pages touched until used): a host block is read only by the
-    swap-in of the request whose swap-out wrote it, whole blocks at a time, so the
+    Left uninitialised (no pages touched until used): a host block is read only after a
+    whole block was written into it (a swap-out, an offload, a disk read), so the
     device's finite values are all it ever holds when read.
     """
     kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads

@@ -16,7 +16,7 @@ from pagoda.core.scheduler_output import (
     SchedulerOutput,
 )
 from pagoda.model.attention.metadata import AttentionMetadata, DecodeGroup, PrefillChunk
-from pagoda.worker.kv_cache import move_blocks, transfer
+from pagoda.worker.kv_cache import move_blocks
 from pagoda.worker.sampler import Sampler, token_logprobs
 
 
@@ -28,11 +28,11 @@ class ModelRunner:
         block_size: int,
         sampler: Sampler,
         device: torch.device,
-        offload_host: torch.Tensor | None = None,
+        offload_host: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
         host_kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ):
         self.model = model
-        # Host-memory tier: [slots, layers, 2 (K, V), block_size, kv_heads, head_dim] (core/kv_offload.py).
+        # Host-memory tier of the prefix cache (core/kv_offload.py): the swap space's layout.
         self.offload_host = offload_host
         self.kv_caches = kv_caches
         self.host_kv_caches = host_kv_caches  # swap space: same layout, in host memory
@@ -60,26 +60,6 @@ class ModelRunner:
                 else:
                     cache.index_copy_(0, targets, cache.index_select(0, sources))
 
-    def _offload_blocks(self, offloads: list[tuple[int, int]]) -> None:
-        """Device -> host: (device block, host slot), K and V of every layer."""
-        if not offloads:
-            return
-        blocks = torch.tensor([b for b, _ in offloads], device=self.device)
-        slots = torch.tensor([s for _, s in offloads])
-        for layer, (k_cache, v_cache) in enumerate(self.kv_caches):
-            self.offload_host[slots, layer, 0] = transfer(k_cache.index_select(0, blocks), _CPU)
-            self.offload_host[slots, layer, 1] = transfer(v_cache.index_select(0, blocks), _CPU)
-
-    def _load_blocks(self, loads: list[tuple[int, int]]) -> None:
-        """Host -> device: (host slot, device block)."""
-        if not loads:
-            return
-        slots = torch.tensor([s for s, _ in loads])
-        blocks = torch.tensor([b for _, b in loads], device=self.device)
-        for layer, (k_cache, v_cache) in enumerate(self.kv_caches):
-            k_cache.index_copy_(0, blocks, transfer(self.offload_host[slots, layer, 0], self.device))
-            v_cache.index_copy_(0, blocks, transfer(self.offload_host[slots, layer, 1], self.device))
-
     @torch.inference_mode()
     def apply_block_copies(self, scheduler_output: SchedulerOutput) -> None:
         """Every block move of a step, before its forward pass, in an order that is part of the
@@ -91,14 +71,16 @@ class ModelRunner:
         swap-in must not land on top of it; and nothing reads a loaded block before the
         forward pass."""
         out = scheduler_output
-        self._offload_blocks(out.blocks_to_offload)
+        if out.blocks_to_offload:
+            move_blocks(self.kv_caches, self.offload_host, out.blocks_to_offload)
         if out.blocks_to_swap_out or out.blocks_to_swap_in:
             if self.host_kv_caches is None:
                 raise RuntimeError("the scheduler asked for swaps, but this runner has no swap space")
             move_blocks(self.kv_caches, self.host_kv_caches, out.blocks_to_swap_out)
             move_blocks(self.host_kv_caches, self.kv_caches, out.blocks_to_swap_in)
         self._copy_blocks(out.blocks_to_copy)
-        self._load_blocks(out.blocks_to_load)
+        if out.blocks_to_load:
+            move_blocks(self.offload_host, self.kv_caches, out.blocks_to_load)
 
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
@@ -208,8 +190,6 @@ class ModelRunner:
             query_start += item.num_new_tokens
         return input_ids, positions, meta
 
-
-_CPU = torch.device("cpu")
 
 # A decode group may pad its keys to at most this much more than it holds.
 _MAX_PADDING_RATIO = 1.25

@@ -100,6 +100,12 @@ def test_foreign_and_corrupt_files_are_ignored(tiny_llama, expected, tmp_path):
     assert offload.stage(hashes[2]) is not None  # an intact file of this model still loads
 
 
+def _manager(num_slots: int, **kwargs) -> KVOffloadManager:
+    """One layer, blocks of 4 tokens, 1 KV head of 2 dims: a block is (1, 2, 4, 1, 2)."""
+    host = [(torch.zeros(num_slots, 4, 1, 2), torch.zeros(num_slots, 4, 1, 2))]
+    return KVOffloadManager(host, "f" * 64, **kwargs)
+
+
 def _rewrite_metadata(path, **changes) -> None:
     raw = path.read_bytes()
     (size,) = struct.unpack("<Q", raw[:8])
@@ -111,7 +117,7 @@ def _rewrite_metadata(path, **changes) -> None:
 
 
 def test_a_pinned_host_slot_is_never_reused_within_a_step():
-    manager = KVOffloadManager(2, (1, 2, 4, 1, 2), torch.float32, "f" * 64)
+    manager = _manager(2)
     manager.offload(b"a", device_block=0)
     manager.offload(b"b", device_block=1)
     manager.offload(b"c", device_block=2)  # both slots pinned by this step's copies: c is dropped
@@ -126,7 +132,7 @@ def test_a_pinned_host_slot_is_never_reused_within_a_step():
 
 
 def test_a_load_into_a_block_evicted_before_the_step_is_cancelled():
-    manager = KVOffloadManager(4, (1, 2, 4, 1, 2), torch.float32, "f" * 64)
+    manager = _manager(4)
     manager.offload(b"a", device_block=0)
     manager.take_step_copies()
     manager.after_step()
@@ -147,7 +153,7 @@ def test_a_later_block_still_on_the_device_is_used_not_loaded():
     from pagoda.core.kv_cache_manager import KVCacheManager, request_block_hashes
     from pagoda.request import Request
 
-    offload = KVOffloadManager(8, (1, 2, 4, 1, 2), torch.float32, "f" * 64)
+    offload = _manager(8)
     kv = KVCacheManager(num_blocks=6, block_size=4, offload=offload)
     prompt = list(range(10, 19))  # 9 tokens: two full blocks
     h0, h1 = request_block_hashes(prompt, 4)
@@ -167,8 +173,7 @@ def test_a_later_block_still_on_the_device_is_used_not_loaded():
 
 
 def test_disk_budget_keeps_the_most_recent_files(tmp_path):
-    block = (1, 2, 4, 1, 2)
-    offload = KVOffloadManager(4, block, torch.float32, "f" * 64, disk_dir=tmp_path, disk_max_bytes=1)
+    offload = _manager(4, disk_dir=tmp_path, disk_max_bytes=1)
     for i in range(3):
         offload.offload(bytes([i]) * 32, device_block=i)
         offload.take_step_copies()
@@ -184,7 +189,7 @@ def test_a_failed_disk_write_is_skipped_not_raised(tmp_path, monkeypatch):
         raise RuntimeError("Error while serializing: No space left on device")
 
     monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
-    offload = KVOffloadManager(4, (1, 2, 4, 1, 2), torch.float32, "f" * 64, disk_dir=tmp_path)
+    offload = _manager(4, disk_dir=tmp_path)
     offload.offload(b"a" * 32, device_block=0)
     offload.take_step_copies()
     offload.after_step()  # logs, does not raise

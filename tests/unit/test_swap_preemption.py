@@ -24,7 +24,8 @@ from pagoda.config import CacheConfig, ConfigError, SchedulerConfig
 from pagoda.core.kv_cache_manager import KVCacheManager
 from pagoda.core.scheduler import Scheduler
 from pagoda.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
-from pagoda.core.swap_space import HostBlockPool, SwapSpace
+from pagoda.core.block_pool import HostBlockPool
+from pagoda.core.swap_space import SwapSpace
 from pagoda.request import Request, RequestStatus
 from pagoda.sampling_params import SamplingParams
 from pagoda.worker.kv_cache import allocate_host_kv_caches, move_blocks
