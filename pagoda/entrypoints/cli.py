@@ -68,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    serve.add_argument("--api-key", default=None,
+                       help="require 'Authorization: Bearer KEY' on every route (OpenAI, Ollama, /metrics, "
+                            "/tokenize, /docs...) except /health, which stays open for probes")
     serve.add_argument("--served-model-name", default=None, help="model id clients use (default: --model)")
     serve.add_argument("--ollama-port", type=int, default=None, metavar="PORT",
                        help="also listen on this port (Ollama's is 11434) for Ollama clients")
@@ -80,7 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="where the engine's step loop runs: a thread of the server process, or its own "
                             "process (default: thread; see benchmarks/engine_loop_placement.py)")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
-                       help="seconds to let in-flight requests finish on SIGTERM/Ctrl-C (default: 30)")
+                       help="seconds to let in-flight requests finish on SIGTERM/Ctrl-C; then the requests still "
+                            "running end with an error (streams: an error event, then [DONE]) (default: 30)")
+    serve.add_argument("--max-request-bytes", type=int, default=16 * 1024 * 1024, metavar="BYTES",
+                       help="refuse request bodies larger than this with 413 (default: 16 MiB)")
+    serve.add_argument("--request-timeout", type=float, default=30.0, metavar="SECONDS",
+                       help="a client must send a request's head within this time, and then its body (else the "
+                            "connection is closed, or 408) (default: 30)")
+    serve.add_argument("--keep-alive-timeout", type=float, default=5.0, metavar="SECONDS",
+                       help="close an idle keep-alive connection after this long (default: 5)")
     _add_engine_args(serve)
     serve.set_defaults(handler=_serve)
 
@@ -165,7 +175,8 @@ def _serve(args: argparse.Namespace) -> int:
     engine.on_finished = metrics.observe_finished
     name = args.served_model_name or args.model
     server_config = ServerConfig(served_model_name=name, api_key=args.api_key,
-                                 max_queued_requests=args.max_queued_requests, chat_template=chat_template)
+                                 max_queued_requests=args.max_queued_requests, chat_template=chat_template,
+                                 max_request_bytes=args.max_request_bytes, request_timeout=args.request_timeout)
     app = build_app(engine, server_config, metrics)
     info = engine.model_info
     print(f"pagoda {name!r} listening on http://{args.host}:{args.port}/v1 (max_model_len="
@@ -175,18 +186,21 @@ def _serve(args: argparse.Namespace) -> int:
     if args.ollama_port:
         print(f"pagoda Ollama API also on http://{args.host}:{args.ollama_port}", file=sys.stderr, flush=True)
     try:
-        _run_servers(app, args.host, ports, args.shutdown_timeout)
+        _run_servers(app, args.host, ports, args, engine)
     finally:
         engine.shutdown()
     return 0
 
 
-def _run_servers(app, host: str, ports: list[int], shutdown_timeout: float) -> None:
+def _run_servers(app, host: str, ports: list[int], args: argparse.Namespace, engine) -> None:
     """Serves `app` on each port until SIGTERM/SIGINT, then drains in-flight requests.
 
     uvicorn's own signal capture re-raises the signal after shutdown (the
     process would die by it); we handle the signals here so a graceful stop
     exits 0, and one signal stops every listener. A second Ctrl-C forces.
+    Requests still running when --shutdown-timeout passes are ended by shutting
+    the engine down: each gets the engine's error (a stream: an error event and
+    [DONE]) before uvicorn closes the connections a few seconds later.
     """
     import asyncio
     import contextlib
@@ -194,14 +208,18 @@ def _run_servers(app, host: str, ports: list[int], shutdown_timeout: float) -> N
 
     import uvicorn
 
+    from pagoda.entrypoints.http_guard import guarded_protocol
+
     class Server(uvicorn.Server):
         @contextlib.contextmanager
         def capture_signals(self):
             yield
 
+    protocol = guarded_protocol(args.request_timeout)
     servers = [
-        Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                              timeout_graceful_shutdown=shutdown_timeout))
+        Server(uvicorn.Config(app, host=host, port=port, log_level="warning", http=protocol,
+                              timeout_keep_alive=args.keep_alive_timeout,
+                              timeout_graceful_shutdown=args.shutdown_timeout + 5))
         for port in ports
     ]
 
@@ -213,8 +231,21 @@ def _run_servers(app, host: str, ports: list[int], shutdown_timeout: float) -> N
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
 
+    async def end_requests_after_timeout():
+        while not any(server.should_exit for server in servers):
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(args.shutdown_timeout)
+        if engine.num_unfinished:
+            print(f"pagoda: {engine.num_unfinished} requests still running after --shutdown-timeout "
+                  f"{args.shutdown_timeout:g} s: ending them", file=sys.stderr, flush=True)
+        await asyncio.to_thread(engine.shutdown)
+
     async def serve_all():
-        await asyncio.gather(*(server.serve() for server in servers))
+        ender = asyncio.ensure_future(end_requests_after_timeout())
+        try:
+            await asyncio.gather(*(server.serve() for server in servers))
+        finally:
+            ender.cancel()
 
     asyncio.run(serve_all())
 

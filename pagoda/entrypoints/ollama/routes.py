@@ -1,7 +1,13 @@
-"""Ollama-compatible routes on the same server: /api/generate, /api/chat, /api/tags, /api/show, /api/version.
+"""Ollama-compatible routes on the same server: / (liveness), /api/generate,
+/api/chat, /api/tags, /api/show, /api/ps, /api/version, /api/pull; the model
+management and embedding routes answer in Ollama's error shape.
 
 Streaming is NDJSON (one JSON object per line) and on by default, as in
-Ollama. Errors are Ollama's {"error": "..."}.
+Ollama; a stream that breaks ends with an `{"error": ...}` line and a `done`
+line. Errors are Ollama's {"error": "..."} (errors.py picks the shape by path,
+so APIError raised here, by validation or by the guards comes out right).
+Requests share the OpenAI side's queue limit, disconnect handling and
+off-loop tokenization (serving_common.py).
 """
 
 from __future__ import annotations
@@ -10,116 +16,83 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from fastapi import FastAPI
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict
+from fastapi import FastAPI, Request
+from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from pagoda import __version__
-from pagoda.engine.async_engine import AsyncLLM, EngineDeadError, prepend
+from pagoda.engine.async_engine import AsyncLLM, prepend
+from pagoda.entrypoints.http_guard import wait_or_disconnect
+from pagoda.entrypoints.ollama.protocol import (
+    SAMPLING_OPTIONS,
+    ChatRequest,
+    GenerateRequest,
+    OllamaOptions,
+    PullRequest,
+    ShowRequest,
+    refuse_unsupported,
+)
+from pagoda.entrypoints.openai.errors import APIError
+from pagoda.entrypoints.openai.serving_common import ServerConfig, ending_well, off_loop, run_request
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams, SamplingParamsError
 
-# Ollama option name -> SamplingParams field.
-_OPTIONS = {
-    "temperature": "temperature",
-    "top_p": "top_p",
-    "top_k": "top_k",
-    "min_p": "min_p",
-    "seed": "seed",
-    "stop": "stop",
-    "num_predict": "max_tokens",
-    "repeat_penalty": "repetition_penalty",
-    "presence_penalty": "presence_penalty",
-    "frequency_penalty": "frequency_penalty",
-}
 
-
-class OllamaMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: str
-    content: str = ""
-
-
-class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    model: str
-    prompt: str = ""
-    system: str | None = None
-    raw: bool = False
-    stream: bool = True
-    options: dict | None = None
-
-
-class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    model: str
-    messages: list[OllamaMessage] = []
-    stream: bool = True
-    options: dict | None = None
-
-
-class ShowRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    model: str | None = None
-    name: str | None = None  # older clients
-
-
-class _OllamaError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-
-
-def add_ollama_routes(app: FastAPI, engine: AsyncLLM, served_model_name: str, chat_template: str | None) -> None:
+def add_ollama_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig) -> None:
     info = engine.model_info
     tokenizer, max_model_len, hf_config = info.tokenizer, info.max_model_len, info.hf_config
-
-    @app.exception_handler(_OllamaError)
-    async def _error(_, error: _OllamaError):
-        return JSONResponse({"error": str(error)}, status_code=error.status)
+    served_model_name, chat_template = config.served_model_name, config.chat_template
 
     def check_model(name: str) -> None:
         if name not in (served_model_name, f"{served_model_name}:latest"):
-            raise _OllamaError(404, f"model '{name}' not found, try pulling it first")
+            raise APIError(404, f"model '{name}' not found, try pulling it first", "model")
 
-    def sampling_params(options: dict | None, prompt_len: int) -> SamplingParams:
+    def sampling_params(options: OllamaOptions | None, prompt_len: int) -> SamplingParams:
         fields = {}
-        for key, value in (options or {}).items():
-            if key in _OPTIONS and value is not None:
-                fields[_OPTIONS[key]] = value
+        for key, field in SAMPLING_OPTIONS.items():
+            value = getattr(options, key) if options is not None else None
+            if value is not None:
+                fields[field] = value
+        if fields.get("seed") == -1:  # llama.cpp's "random seed"
+            del fields["seed"]
         room = max_model_len - prompt_len
         if room < 1:
-            raise _OllamaError(400, f"prompt has {prompt_len} tokens; the context is {max_model_len}")
-        if fields.get("max_tokens") in (None, -1, -2):
-            fields["max_tokens"] = room
-        fields["max_tokens"] = min(fields["max_tokens"], room)
+            raise APIError(400, f"prompt has {prompt_len} tokens; the context is {max_model_len}", "prompt")
+        max_tokens = fields.get("max_tokens")
+        if max_tokens in (None, -1, -2):
+            max_tokens = room
+        elif max_tokens < 1:
+            raise APIError(400, f"options.num_predict={max_tokens} is invalid: must be -1, -2 or >= 1",
+                           "options.num_predict")
+        fields["max_tokens"] = min(max_tokens, room)
         try:
-            return SamplingParams(**fields)
+            params = SamplingParams(**fields)
+            params.validate_against_vocab(info.vocab_size)
         except SamplingParamsError as error:
-            raise _OllamaError(400, str(error)) from None
+            option = next((k for k, v in SAMPLING_OPTIONS.items() if v == error.field_name), error.field_name)
+            raise APIError(400, f"options.{option}: {error}", f"options.{option}") from None
+        return params
 
     def encode_chat(messages: list[dict]) -> list[int]:
         if tokenizer is None:
-            raise _OllamaError(400, "this model has no tokenizer")
-        text = tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
-                                             add_generation_prompt=True)
+            raise APIError(400, "this model has no tokenizer")
+        try:
+            text = tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
+                                                 add_generation_prompt=True)
+        except Exception as error:  # a template that rejects the conversation
+            raise APIError(400, f"chat template failed: {error}", "messages") from None
         return tokenizer.encode(text, add_special_tokens=False)
 
     def now() -> str:
         return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
 
-    async def run(prompt_ids: list[int], params: SamplingParams) -> tuple[RequestOutput, AsyncIterator]:
-        generator = engine.generate(prompt_ids, params, f"ollama-{uuid.uuid4().hex}")
-        try:
-            first = await generator.__anext__()
-        except EngineDeadError as error:
-            raise _OllamaError(503, str(error)) from None
-        except ValueError as error:
-            raise _OllamaError(400, str(error)) from None
-        return first, generator
+    async def start(request: Request, prompt_ids: list[int], params: SamplingParams
+                    ) -> tuple[RequestOutput, AsyncIterator[RequestOutput]]:
+        outputs = run_request(engine, config, prompt_ids, params, f"ollama-{uuid.uuid4().hex}")
+        first = await wait_or_disconnect(request, outputs.__anext__())
+        return first, outputs
 
     def final_fields(output: RequestOutput, started: float) -> dict:
         completion = output.outputs[0]
@@ -137,16 +110,25 @@ def add_ollama_routes(app: FastAPI, engine: AsyncLLM, served_model_name: str, ch
             "eval_duration": int(max(0.0, total - prompt_eval) * 1e9),
         }
 
-    async def respond(body, prompt_ids: list[int], piece) -> StreamingResponse | dict:
+    async def respond(request: Request, body, prompt_ids: list[int], piece, with_context: bool):
         """piece(text) -> the part of a line that carries text ("response" or "message")."""
         started = time.monotonic()
-        first, outputs = await run(prompt_ids, sampling_params(body.options, len(prompt_ids)))
+        params = sampling_params(body.options, len(prompt_ids))
+        first, outputs = await start(request, prompt_ids, params)
+
+        def final_line(output: RequestOutput) -> dict:
+            extra = {"context": list(output.prompt_token_ids) + list(output.outputs[0].token_ids)} \
+                if with_context else {}
+            return {**final_fields(output, started), **extra}
+
         if not body.stream:
-            final = first
-            async for final in outputs:
-                pass
-            return {"model": body.model, "created_at": now(), **piece(final.outputs[0].text),
-                    **final_fields(final, started)}
+            async def last(final: RequestOutput) -> RequestOutput:
+                async for final in outputs:
+                    pass
+                return final
+
+            final = await wait_or_disconnect(request, last(first))
+            return {"model": body.model, "created_at": now(), **piece(final.outputs[0].text), **final_line(final)}
 
         async def lines():
             sent = 0
@@ -158,44 +140,70 @@ def add_ollama_routes(app: FastAPI, engine: AsyncLLM, served_model_name: str, ch
                     sent = len(text)
                 if output.finished:
                     yield json.dumps({"model": body.model, "created_at": now(), **piece(""),
-                                      **final_fields(output, started)}) + "\n"
+                                      **final_line(output)}) + "\n"
 
-        return StreamingResponse(lines(), media_type="application/x-ndjson")
+        def error_lines(error: APIError) -> str:
+            return (json.dumps({"error": error.message}) + "\n"
+                    + json.dumps({"model": body.model, "created_at": now(), **piece(""), "done": True,
+                                  "done_reason": "error"}) + "\n")
+
+        return StreamingResponse(ending_well(lines(), error_lines, None), media_type="application/x-ndjson")
+
+    @app.api_route("/", methods=["GET", "HEAD"])
+    async def root():
+        return PlainTextResponse("Ollama is running")
 
     @app.post("/api/generate")
-    async def generate(body: GenerateRequest):
+    async def generate(body: GenerateRequest, request: Request):
         check_model(body.model)
+        refuse_unsupported(body)
         if tokenizer is None:
-            raise _OllamaError(400, "this model has no tokenizer")
+            raise APIError(400, "this model has no tokenizer")
         if body.raw:
-            prompt_ids = tokenizer.encode(body.prompt)
+            prompt_ids = await off_loop(tokenizer.encode, body.prompt)
         else:
             messages = ([{"role": "system", "content": body.system}] if body.system else []) + [
                 {"role": "user", "content": body.prompt}
             ]
-            prompt_ids = encode_chat(messages)
-        return await respond(body, prompt_ids, lambda text: {"response": text})
+            prompt_ids = await off_loop(encode_chat, messages)
+        if body.context:
+            bad = next((t for t in body.context if not 0 <= t < info.vocab_size), None)
+            if bad is not None:
+                raise APIError(400, f"context: token id {bad} is invalid: must be in [0, {info.vocab_size})",
+                               "context")
+            prompt_ids = list(body.context) + prompt_ids
+        return await respond(request, body, prompt_ids, lambda text: {"response": text}, with_context=True)
 
     @app.post("/api/chat")
-    async def chat(body: ChatRequest):
+    async def chat(body: ChatRequest, request: Request):
         check_model(body.model)
+        refuse_unsupported(body)
         if not body.messages:
-            raise _OllamaError(400, "messages must not be empty")
-        prompt_ids = encode_chat([{"role": m.role, "content": m.content} for m in body.messages])
-        return await respond(body, prompt_ids, lambda text: {"message": {"role": "assistant", "content": text}})
+            raise APIError(400, "messages must not be empty", "messages")
+        messages = [{"role": m.role, "content": m.content} for m in body.messages]
+        prompt_ids = await off_loop(encode_chat, messages)
+        return await respond(request, body, prompt_ids,
+                             lambda text: {"message": {"role": "assistant", "content": text}}, with_context=False)
 
     def details() -> dict:
         return {"format": info.source_kind, "family": getattr(hf_config, "model_type", ""),
                 "parameter_size": f"{info.num_parameters / 1e6:.0f}M", "quantization_level": info.dtype}
 
+    def model_entry() -> dict:
+        path = Path(info.source_path)
+        return {"name": f"{served_model_name}:latest", "model": f"{served_model_name}:latest",
+                "size": path.stat().st_size if path.is_file() else 0, "digest": "", "details": details()}
+
     @app.get("/api/tags")
     async def tags():
-        path = Path(info.source_path)
-        return {"models": [{
-            "name": f"{served_model_name}:latest", "model": f"{served_model_name}:latest",
-            "modified_at": datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).isoformat(),
-            "size": path.stat().st_size if path.is_file() else 0, "digest": "", "details": details(),
-        }]}
+        modified = datetime.fromtimestamp(Path(info.source_path).stat().st_mtime, timezone.utc).isoformat()
+        return {"models": [{**model_entry(), "modified_at": modified}]}
+
+    @app.get("/api/ps")
+    async def running():
+        # The model stays loaded while the server runs.
+        expires = (datetime.now(timezone.utc) + timedelta(days=365)).isoformat()
+        return {"models": [{**model_entry(), "expires_at": expires, "size_vram": 0}]}
 
     @app.post("/api/show")
     async def show(body: ShowRequest):
@@ -204,6 +212,24 @@ def add_ollama_routes(app: FastAPI, engine: AsyncLLM, served_model_name: str, ch
                 "details": details(),
                 "model_info": {"general.architecture": getattr(hf_config, "model_type", ""),
                                "context_length": max_model_len}}
+
+    @app.post("/api/pull")
+    async def pull(body: PullRequest):
+        check_model(body.model or body.name or "")
+        return {"status": "success"}  # the served model is already here
+
+    @app.post("/api/embed")
+    @app.post("/api/embeddings")
+    async def embeddings():
+        raise APIError(501, "embeddings are not supported by this server: it serves a generative model")
+
+    @app.post("/api/create")
+    @app.post("/api/copy")
+    @app.post("/api/push")
+    @app.delete("/api/delete")
+    async def manage_models():
+        raise APIError(501, f"model management is not supported by this server: it serves {served_model_name!r}, "
+                            "chosen when it starts")
 
     @app.get("/api/version")
     async def version():

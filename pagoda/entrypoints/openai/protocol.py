@@ -1,24 +1,43 @@
-"""Request bodies of the OpenAI API (the fields pagoda honours), as pydantic models.
+"""Request bodies of the OpenAI API, as pydantic models.
 
-Unknown fields are ignored, as OpenAI's clients send fields we do not use.
-Range checks live in `SamplingParams`, so the message names the field and
-its limit in one place.
+Types are strict: "10" is not a number and "yes" is not a boolean (400 naming
+the field). Range checks live in `SamplingParams`, so the message names the
+field and its limit in one place; only JSON-level bounds (64-bit integers)
+are here.
+
+Three kinds of fields:
+- honoured: the typed fields below;
+- refused: fields OpenAI defines that would change the answer and pagoda does
+  not implement (`UNSUPPORTED`): a 400 naming the field when they are set to
+  anything but their neutral value, never accepted and ignored;
+- unknown: anything else is ignored with a logged warning (as vLLM does),
+  since clients send fields of newer API versions that do not change the answer.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+import logging
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pagoda.entrypoints.openai.errors import APIError
 
-class StreamOptions(BaseModel):
+logger = logging.getLogger(__name__)
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class _SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class _SamplingFields(_Strict):
     model: str
     n: int = 1
     temperature: float | None = None
@@ -28,7 +47,7 @@ class _SamplingFields(BaseModel):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
@@ -42,7 +61,7 @@ class _SamplingFields(BaseModel):
     # Only requests with the same salt share prefix-cache blocks (tenant isolation).
     cache_salt: str | None = None
     # With `--scheduling-policy priority`: lower values are served first (vLLM's convention).
-    priority: int = 0
+    priority: int = Field(default=0, ge=INT64_MIN, le=INT64_MAX)
     # Generate best_of samples, return the n with the highest cumulative logprob (not streamable).
     best_of: int | None = None
     # Beam search (vLLM's extension): the n best of beam_width beams (default: best_of, else n).
@@ -50,6 +69,14 @@ class _SamplingFields(BaseModel):
     beam_width: int | None = None
     length_penalty: float = 1.0
     early_stopping: bool | Literal["never"] = False
+    # Accepted, do not change the answer.
+    metadata: dict | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+
+    def warn_unknown_fields(self) -> None:
+        if self.model_extra:
+            logger.warning("ignoring unknown request fields: %s", ", ".join(sorted(self.model_extra)))
 
 
 class CompletionRequest(_SamplingFields):
@@ -57,18 +84,30 @@ class CompletionRequest(_SamplingFields):
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool = False
+    # Refused when set (see UNSUPPORTED).
+    suffix: str | None = None
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class ContentPart(_Strict):
+    type: str
+    text: str | None = None
 
+
+class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict] | None = None
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_call_id: str | None = None
+    refusal: str | None = None
+    # Refused when set (see UNSUPPORTED): no tool calling yet.
+    tool_calls: list | None = None
+    function_call: dict | None = None
+    audio: dict | None = None
 
     def text(self) -> str:
         """Content as plain text (text parts of a multi-part message joined)."""
         if isinstance(self.content, list):
-            return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+            return "".join(part.text or "" for part in self.content)
         return self.content or ""
 
 
@@ -78,9 +117,79 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    # Refused when set to anything but their neutral value (see UNSUPPORTED).
+    tools: list | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    functions: list | None = None
+    function_call: Any = None
+    response_format: dict | None = None
+    modalities: list | None = None
+    audio: dict | None = None
+    prediction: dict | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    web_search_options: dict | None = None
 
 
-class TokenizeRequest(BaseModel):
+# Fields pagoda does not implement, with the values that mean "not used".
+# A request that sets one to anything else is refused with a 400 naming it.
+_NEUTRAL: dict[str, tuple] = {
+    "suffix": (None, ""),
+    "tools": (None, []),
+    "tool_choice": (None, "none", "auto"),
+    "functions": (None, []),
+    "function_call": (None, "none", "auto"),
+    "response_format": (None, {"type": "text"}),
+    "modalities": (None, ["text"]),
+    "audio": (None,),
+    "prediction": (None,),
+    "reasoning_effort": (None,),
+    "verbosity": (None,),
+    "web_search_options": (None,),
+}
+UNSUPPORTED = tuple(_NEUTRAL)
+
+
+def refuse_unsupported(body: CompletionRequest | ChatCompletionRequest) -> None:
+    """400 for the first field that asks for something pagoda does not do."""
+    for name, neutral in _NEUTRAL.items():
+        if name in type(body).model_fields and getattr(body, name) not in neutral:
+            raise APIError(400, f"{name} is not supported by this server (yet); remove it or send "
+                                f"{_show(neutral)}", name, code="unsupported_parameter")
+    if isinstance(body, ChatCompletionRequest):
+        _refuse_unsupported_messages(body.messages)
+        if body.top_logprobs is not None:
+            if not body.logprobs:
+                raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+            if not 0 <= body.top_logprobs <= 20:
+                raise APIError(400, f"top_logprobs={body.top_logprobs} is invalid: must be an integer in [0, 20]",
+                               "top_logprobs")
+    body.warn_unknown_fields()
+
+
+def _refuse_unsupported_messages(messages: list[ChatMessage]) -> None:
+    for i, message in enumerate(messages):
+        for name in ("tool_calls", "function_call", "audio"):
+            if getattr(message, name):
+                raise APIError(400, f"messages[{i}].{name} is not supported by this server (yet)",
+                               f"messages[{i}].{name}", code="unsupported_parameter")
+        if isinstance(message.content, list):
+            for j, part in enumerate(message.content):
+                where = f"messages[{i}].content[{j}]"
+                if part.type != "text":
+                    raise APIError(400, f"{where}.type={part.type!r} is not supported: this model takes text "
+                                        "parts only", f"{where}.type", code="unsupported_parameter")
+                if part.text is None:
+                    raise APIError(400, f"{where}.text is missing: a text part needs a string", f"{where}.text")
+
+
+def _show(values: tuple) -> str:
+    shown = [json.dumps(v) for v in values]
+    return shown[0] if len(shown) == 1 else ", ".join(shown[:-1]) + " or " + shown[-1]
+
+
+class TokenizeRequest(_Strict):
     """Either a prompt, or chat messages (the chat template is applied, as a chat request would)."""
 
     model: str | None = None
@@ -90,6 +199,6 @@ class TokenizeRequest(BaseModel):
     add_generation_prompt: bool = True
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(_Strict):
     model: str | None = None
     tokens: list[int]

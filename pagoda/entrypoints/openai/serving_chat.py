@@ -11,12 +11,24 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
+from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from pagoda.engine.async_engine import prepend
+from pagoda.entrypoints.http_guard import wait_or_disconnect
 from pagoda.entrypoints.openai.errors import APIError
-from pagoda.entrypoints.openai.protocol import ChatCompletionRequest
-from pagoda.entrypoints.openai.serving_common import OpenAIServing, request_options, sse, truncate, usage
+from pagoda.entrypoints.openai.protocol import ChatCompletionRequest, refuse_unsupported
+from pagoda.entrypoints.openai.serving_common import (
+    OpenAIServing,
+    ending_well,
+    off_loop,
+    request_options,
+    sse,
+    sse_error,
+    truncate,
+    usage,
+)
+from pagoda.entrypoints.openai.token_bytes import token_bytes
 from pagoda.outputs import RequestOutput
 
 
@@ -31,27 +43,34 @@ class OpenAIServingChat(OpenAIServing):
             raise APIError(400, f"chat template failed: {error}", "messages") from None
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    async def create(self, body: ChatCompletionRequest):
+    async def create(self, body: ChatCompletionRequest, request: Request):
         self.check_model(body.model)
+        refuse_unsupported(body)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        prompt_ids = truncate(self.encode_messages(messages), body.truncate_prompt_tokens)
+        prompt_ids = truncate(await off_loop(self.encode_messages, messages), body.truncate_prompt_tokens)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         top = (body.top_logprobs or 0) if body.logprobs else None
         params = self.sampling_params(body, max_tokens, len(prompt_ids), top)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        first, outputs = await self.start(prompt_ids, params, request_id, request_options(body))
+        first, outputs = await wait_or_disconnect(request, self.start(prompt_ids, params, request_id,
+                                                                      request_options(body)))
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(self._stream(first, outputs, request_id, body.model, include_usage, top),
-                                     media_type="text/event-stream")
-        final = first
-        async for final in outputs:
-            pass
+            events = self._stream(first, outputs, request_id, body.model, include_usage, top)
+            return StreamingResponse(ending_well(events, sse_error, sse("[DONE]")), media_type="text/event-stream")
+
+        async def last(final: RequestOutput) -> RequestOutput:
+            async for final in outputs:
+                pass
+            return final
+
+        final = await wait_or_disconnect(request, last(first))
         choices = [
             {
                 "index": c.index,
-                "message": {"role": "assistant", "content": c.text},
-                "logprobs": {"content": self._logprobs(c.token_ids, c.logprobs, top)} if top is not None else None,
+                "message": {"role": "assistant", "content": c.text, "refusal": None},
+                "logprobs": ({"content": self._logprobs(c.token_ids, c.logprobs, top), "refusal": None}
+                             if top is not None else None),
                 "finish_reason": c.finish_reason,
             }
             for c in final.outputs
@@ -63,8 +82,8 @@ class OpenAIServingChat(OpenAIServing):
                   start: int = 0) -> list[dict]:
         """OpenAI's chat logprobs: each token's logprob and its top-k alternatives."""
         def entry(token_id: int, logprob: float) -> dict:
-            text = self.decode([token_id])
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+            return {"token": self.decode([token_id]), "logprob": logprob,
+                    "bytes": list(token_bytes(self.tokenizer, token_id))}
 
         entries = []
         for token_id, alternatives in zip(token_ids[start:], (logprobs or [])[start:]):
@@ -106,7 +125,8 @@ class OpenAIServingChat(OpenAIServing):
                 if delta or c.finished:
                     logprobs = None
                     if top_logprobs is not None and new_tokens:
-                        logprobs = {"content": self._logprobs(c.token_ids, c.logprobs, top_logprobs, sent_tokens[i])}
+                        logprobs = {"content": self._logprobs(c.token_ids, c.logprobs, top_logprobs, sent_tokens[i]),
+                                    "refusal": None}
                     entry = {"index": i, "delta": {"content": delta} if delta else {}, "logprobs": logprobs,
                              "finish_reason": None}
                     sent_text[i] = len(c.text)
@@ -128,4 +148,3 @@ class OpenAIServingChat(OpenAIServing):
                     held[i] = entry
         if include_usage:
             yield chunk([], usage(final))
-        yield sse("[DONE]")

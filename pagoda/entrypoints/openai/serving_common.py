@@ -1,16 +1,22 @@
-"""What the OpenAI endpoints share: model check, sampling parameters from a
-request body, starting a request on the engine, usage counts."""
+"""What the OpenAI (and Ollama) endpoints share: model check, sampling
+parameters from a request body, starting a request on the engine (within the
+queue limit), tokenizing off the event loop, streams that always end well,
+usage counts."""
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from pagoda.engine.async_engine import AsyncLLM, EngineDeadError
 from pagoda.entrypoints.openai.errors import APIError
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams, SamplingParamsError
+
+logger = logging.getLogger(__name__)
 
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                     "repetition_penalty")
@@ -23,6 +29,10 @@ class ServerConfig:
     # Beyond this many requests waiting for the engine, answer 503 + Retry-After.
     max_queued_requests: int = 1024
     chat_template: str | None = None
+    # Request bodies larger than this are refused with 413.
+    max_request_bytes: int = 16 * 1024 * 1024
+    # Seconds a client has to send a request's head, and then its body (408 / closed after).
+    request_timeout: float = 30.0
 
 
 class OpenAIServing:
@@ -56,31 +66,22 @@ class OpenAIServing:
         except ValueError:
             raise APIError(400, "logit_bias keys must be token ids", "logit_bias") from None
         try:
-            return SamplingParams(
+            params = SamplingParams(
                 n=body.n, seed=body.seed, stop=body.stop, stop_token_ids=body.stop_token_ids,
                 ignore_eos=body.ignore_eos, min_tokens=body.min_tokens, logit_bias=logit_bias,
                 best_of=body.best_of, use_beam_search=body.use_beam_search, beam_width=body.beam_width,
                 length_penalty=body.length_penalty, early_stopping=body.early_stopping,
                 max_tokens=max_tokens if max_tokens is not None else max(1, room), logprobs=logprobs, **fields,
             )
+            params.validate_against_vocab(self.engine.model_info.vocab_size)
         except SamplingParamsError as error:
             raise APIError(400, str(error), error.field_name) from None
+        return params
 
     async def run(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
                   options: dict | None = None) -> AsyncIterator[RequestOutput]:
-        """The request's outputs; engine refusals become 400, a dead engine or a full queue 503."""
-        waiting = self.engine.num_waiting
-        if waiting >= self.config.max_queued_requests:
-            raise APIError(503, f"server is busy: {waiting} requests are waiting "
-                                f"(max_queued_requests={self.config.max_queued_requests}); retry shortly",
-                           kind="server_busy")
-        try:
-            async for output in self.engine.generate(prompt_ids, params, request_id, **(options or {})):
-                yield output
-        except EngineDeadError as error:
-            raise APIError(503, str(error), kind="server_error") from None
-        except ValueError as error:
-            raise APIError(400, str(error)) from None
+        async for output in run_request(self.engine, self.config, prompt_ids, params, request_id, options):
+            yield output
 
     async def start(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
                     options: dict | None = None) -> tuple[RequestOutput, AsyncIterator[RequestOutput]]:
@@ -91,6 +92,51 @@ class OpenAIServing:
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids) if self.tokenizer is not None else ""
+
+
+async def run_request(engine: AsyncLLM, config: ServerConfig, prompt_ids: list[int], params: SamplingParams,
+                      request_id: str, options: dict | None = None) -> AsyncIterator[RequestOutput]:
+    """A request's outputs, as APIErrors when it cannot be served: a full queue or a dead
+    engine is 503, an engine refusal 400, a failure of this request inside the engine 500."""
+    waiting = engine.num_waiting
+    if waiting >= config.max_queued_requests:
+        raise APIError(503, f"server is busy: {waiting} requests are waiting "
+                            f"(max_queued_requests={config.max_queued_requests}); retry shortly",
+                       kind="server_busy")
+    try:
+        async for output in engine.generate(prompt_ids, params, request_id, **(options or {})):
+            yield output
+    except EngineDeadError as error:
+        raise APIError(503, str(error), kind="server_error") from None
+    except ValueError as error:
+        raise APIError(400, str(error)) from None
+    except APIError:
+        raise
+    except Exception as error:  # this request failed inside the engine; the engine goes on
+        logger.warning("request %s failed: %r", request_id, error)
+        raise APIError(500, f"the request failed in the engine: {error}", kind="server_error") from None
+
+
+async def off_loop(function: Callable, *args, **kwargs):
+    """Runs slow CPU work (tokenizing, chat templates) on a worker thread, so the event
+    loop keeps serving other clients meanwhile."""
+    return await asyncio.to_thread(function, *args, **kwargs)
+
+
+async def ending_well(events: AsyncIterator[str], error_event: Callable[[APIError], str],
+                      end_event: str | None) -> AsyncIterator[str]:
+    """`events`, then: if they stopped on an error, one error event; and `end_event` in
+    every case (`data: [DONE]`), so no client is left waiting for an end that never comes."""
+    try:
+        async for event in events:
+            yield event
+    except APIError as error:
+        yield error_event(error)
+    except Exception as error:  # a bug while rendering: still end the stream properly
+        logger.exception("stream failed")
+        yield error_event(APIError(500, f"the stream failed: {error!r}", kind="server_error"))
+    if end_event is not None:
+        yield end_event
 
 
 def request_options(body) -> dict:
@@ -112,3 +158,8 @@ def usage(output: RequestOutput) -> dict:
 def sse(data: dict | str) -> str:
     """One server-sent event: `data: <json>` and a blank line."""
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+def sse_error(error: APIError) -> str:
+    """The error event that ends a broken OpenAI stream (vLLM's shape: an `error` object)."""
+    return sse({"error": {"message": error.message, "type": error.kind, "param": error.param, "code": error.code}})

@@ -12,13 +12,28 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
+from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from pagoda.engine.async_engine import prepend
+from pagoda.entrypoints.http_guard import wait_or_disconnect
 from pagoda.entrypoints.openai.errors import APIError
-from pagoda.entrypoints.openai.protocol import CompletionRequest
-from pagoda.entrypoints.openai.serving_common import OpenAIServing, request_options, sse, truncate, usage
+from pagoda.entrypoints.openai.protocol import CompletionRequest, refuse_unsupported
+from pagoda.entrypoints.openai.serving_common import (
+    OpenAIServing,
+    ending_well,
+    off_loop,
+    request_options,
+    sse,
+    sse_error,
+    truncate,
+    usage,
+)
 from pagoda.outputs import CompletionOutput, RequestOutput
+
+
+MAX_PROMPTS = 1024  # prompts in one /v1/completions request (each becomes an engine request)
+MAX_SEQUENCES = 1024  # prompts x (n, best_of or beam width): what one request may put in the queue
 
 
 def _prompt_list(prompt) -> list[str | list[int]]:
@@ -31,24 +46,33 @@ def _prompt_list(prompt) -> list[str | list[int]]:
 
 
 class OpenAIServingCompletion(OpenAIServing):
-    async def create(self, body: CompletionRequest):
+    async def create(self, body: CompletionRequest, request: Request):
         self.check_model(body.model)
+        refuse_unsupported(body)
         prompts = _prompt_list(body.prompt)
         if not prompts:
             raise APIError(400, "prompt must not be empty", "prompt")
+        if len(prompts) > MAX_PROMPTS:
+            raise APIError(400, f"prompt has {len(prompts)} prompts; at most {MAX_PROMPTS} per request", "prompt")
         if body.stream and len(prompts) != 1:
             raise APIError(400, "prompt: streaming takes one prompt per request", "prompt")
-        encoded = [truncate(self._encode(prompt), body.truncate_prompt_tokens) for prompt in prompts]
+        encoded = [truncate(ids, body.truncate_prompt_tokens)
+                   for ids in await off_loop(lambda: [self._encode(prompt) for prompt in prompts])]
         params = [self.sampling_params(body, body.max_tokens, len(ids), body.logprobs) for ids in encoded]
+        sequences = len(encoded) * max(params[0].num_samples, params[0].beam_width or 1)
+        if sequences > MAX_SEQUENCES:
+            raise APIError(400, f"the request asks for {sequences} sequences ({len(encoded)} prompts x "
+                                f"{sequences // len(encoded)} each); at most {MAX_SEQUENCES} per request", "n")
         if body.echo and body.logprobs is not None:
             params = [replace(p, prompt_logprobs=body.logprobs) for p in params]
         request_id = f"cmpl-{uuid.uuid4().hex}"
         if body.stream:
-            first, outputs = await self.start(encoded[0], params[0], request_id, request_options(body))
+            first, outputs = await wait_or_disconnect(request, self.start(encoded[0], params[0], request_id,
+                                                                          request_options(body)))
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             echo = self.decode(encoded[0]) if body.echo else None
-            return StreamingResponse(self._stream(first, outputs, request_id, body.model, include_usage, echo),
-                                     media_type="text/event-stream")
+            events = self._stream(first, outputs, request_id, body.model, include_usage, echo)
+            return StreamingResponse(ending_well(events, sse_error, sse("[DONE]")), media_type="text/event-stream")
 
         async def final_output(index: int) -> RequestOutput:
             final = None
@@ -57,12 +81,15 @@ class OpenAIServingCompletion(OpenAIServing):
                 pass
             return final
 
-        try:
-            async with asyncio.TaskGroup() as group:  # one refusal cancels (and aborts) the rest
-                tasks = [group.create_task(final_output(i)) for i in range(len(encoded))]
-        except ExceptionGroup as errors:
-            raise errors.exceptions[0] from None
-        finals = [task.result() for task in tasks]
+        async def all_outputs() -> list[RequestOutput]:
+            try:
+                async with asyncio.TaskGroup() as group:  # one refusal cancels (and aborts) the rest
+                    tasks = [group.create_task(final_output(i)) for i in range(len(encoded))]
+            except ExceptionGroup as errors:
+                raise errors.exceptions[0] from None
+            return [task.result() for task in tasks]
+
+        finals = await wait_or_disconnect(request, all_outputs())
         choices = []
         for prompt_index, final in enumerate(finals):
             for c in final.outputs:
@@ -147,4 +174,3 @@ class OpenAIServingCompletion(OpenAIServing):
                               "finish_reason": c.finish_reason}])
         if include_usage:
             yield chunk([], usage=usage(final))
-        yield sse("[DONE]")
