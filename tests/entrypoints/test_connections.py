@@ -1,0 +1,153 @@
+"""What happens on the wire: clients that leave, connections that idle or send half a
+request, streams whose engine fails under them. A real uvicorn on loopback (in process)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import httpx
+import pytest
+
+from tests.entrypoints.tiny_server import MODEL, client_for, live_server, make_engine, wait_until
+
+LONG = {"model": MODEL, "prompt": "Hello", "max_tokens": 500, "ignore_eos": True}
+
+
+@pytest.fixture
+def slow_engine(tiny_chat_llama, monkeypatch):
+    """An engine whose steps take 20 ms: a 500-token request would run 10 s."""
+    engine = make_engine(tiny_chat_llama)
+    execute = engine.engine.runner.execute
+
+    def slow(scheduler_output):
+        time.sleep(0.02)
+        return execute(scheduler_output)
+
+    monkeypatch.setattr(engine.engine.runner, "execute", slow)
+    yield engine
+    engine.shutdown()
+
+
+def _drained(engine) -> bool:
+    return (engine.num_unfinished == 0 and not engine.engine.has_unfinished_requests()
+            and engine.stats.num_running == 0 and engine.stats.kv_cache_usage == 0)
+
+
+def _leave_early(url: str, body: dict, stream: bool = False) -> None:
+    """Sends the request, gives up after 0.3 s (the connection is closed)."""
+    with pytest.raises(httpx.ReadTimeout):
+        with httpx.Client(timeout=httpx.Timeout(5.0, read=0.3)) as client:
+            if stream:
+                with client.stream("POST", url, json=body) as response:
+                    for _ in response.iter_lines():
+                        pass
+            else:
+                client.post(url, json=body)
+
+
+@pytest.mark.parametrize("route,body", [
+    ("/v1/completions", LONG),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 500,
+                              "ignore_eos": True}),
+    ("/v1/completions", {**LONG, "prompt": ["a", "b"], "n": 2, "temperature": 1.0}),
+    ("/api/generate", {"model": MODEL, "prompt": "Hi", "stream": False, "options": {"num_predict": 500}}),
+    ("/api/chat", {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "stream": False,
+                   "options": {"num_predict": 500}}),
+])
+def test_a_non_streaming_request_is_aborted_when_its_client_leaves(slow_engine, route, body):
+    with live_server(slow_engine) as url:
+        _leave_early(url + route, body)
+        # 500 steps of 20 ms would take 10 s; the abort comes within a step or two of the disconnect.
+        assert wait_until(lambda: _drained(slow_engine), timeout=8.0)
+        assert slow_engine.num_steps < 300
+
+
+def test_a_stream_still_waiting_for_its_first_output_is_aborted(tiny_chat_llama, monkeypatch):
+    engine = make_engine(tiny_chat_llama)
+    execute = engine.engine.runner.execute
+
+    def very_slow(scheduler_output):
+        time.sleep(0.5)
+        return execute(scheduler_output)
+
+    monkeypatch.setattr(engine.engine.runner, "execute", very_slow)
+    try:
+        with live_server(engine) as url:
+            _leave_early(url + "/v1/completions", {**LONG, "stream": True}, stream=True)
+            assert wait_until(lambda: _drained(engine), timeout=8.0)
+            assert engine.num_steps < 10
+    finally:
+        engine.shutdown()
+
+
+def _closed_by_server(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (a 10 s bound for a hung test)."""
+    sock.settimeout(10)
+    received = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return received
+        received += chunk
+
+
+def test_idle_and_half_sent_connections_are_closed(tiny_chat_llama):
+    engine = make_engine(tiny_chat_llama)
+    try:
+        with live_server(engine, request_timeout=0.5) as url:
+            port = int(url.rsplit(":", 1)[1])
+            with socket.create_connection(("127.0.0.1", port)) as idle:
+                assert _closed_by_server(idle) == b""
+            with socket.create_connection(("127.0.0.1", port)) as half_head:
+                half_head.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+                assert _closed_by_server(half_head) == b""
+            with socket.create_connection(("127.0.0.1", port)) as half_body:
+                half_body.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+                                  b"Content-Type: application/json\r\n\r\n{\"model\":")
+                answer = _closed_by_server(half_body)
+                assert answer.startswith(b"HTTP/1.1 408")
+                assert b"not received within" in answer
+            # A normal client still gets answers.
+            assert httpx.post(url + "/v1/completions", json={**LONG, "max_tokens": 2}).status_code == 200
+    finally:
+        engine.shutdown()
+
+
+def _events(lines) -> list[str]:
+    return [line[6:] for line in lines if line.startswith("data: ")]
+
+
+def test_a_stream_whose_engine_fails_ends_with_an_error_event_and_done(slow_engine, monkeypatch):
+    client = client_for(slow_engine)
+    with client.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        assert json.loads(first[6:])["choices"]
+
+        def broken(_):
+            raise RuntimeError("injected device failure")
+
+        monkeypatch.setattr(slow_engine.engine.runner, "execute", broken)
+        events = _events(lines)
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert "injected device failure" in error["message"] and error["type"] == "server_error"
+
+
+def test_an_ollama_stream_whose_engine_fails_ends_with_an_error_line_and_done(slow_engine, monkeypatch):
+    client = client_for(slow_engine)
+    body = {"model": MODEL, "prompt": "Hi", "options": {"num_predict": 500}}
+    with client.stream("POST", "/api/generate", json=body) as response:
+        lines = response.iter_lines()
+        assert json.loads(next(lines))["done"] is False
+
+        def broken(_):
+            raise RuntimeError("injected device failure")
+
+        monkeypatch.setattr(slow_engine.engine.runner, "execute", broken)
+        rest = [json.loads(line) for line in lines if line]
+    assert "injected device failure" in rest[-2]["error"]
+    assert rest[-1]["done"] is True and rest[-1]["done_reason"] == "error"
