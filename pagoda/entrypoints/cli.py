@@ -176,7 +176,8 @@ def _serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or args.model
     server_config = ServerConfig(served_model_name=name, api_key=args.api_key,
                                  max_queued_requests=args.max_queued_requests, chat_template=chat_template,
-                                 max_request_bytes=args.max_request_bytes, request_timeout=args.request_timeout)
+                                 max_request_bytes=args.max_request_bytes, request_timeout=args.request_timeout,
+                                 scheduling_policy=args.policy)
     app = build_app(engine, server_config, metrics)
     info = engine.model_info
     print(f"pagoda {name!r} listening on http://{args.host}:{args.port}/v1 (max_model_len="

@@ -392,3 +392,14 @@ def test_refusal_is_null_in_messages_and_logprobs(client):
         chunks = [json.loads(line[6:]) for line in stream.iter_lines() if line.startswith("data: {")]
     with_logprobs = [c for c in chunks if c["choices"] and c["choices"][0]["logprobs"]]
     assert with_logprobs and all(c["choices"][0]["logprobs"]["refusal"] is None for c in with_logprobs)
+
+
+def test_priority_without_the_priority_policy_is_refused(client):
+    error = openai_error(client.post("/v1/completions", json={**COMPLETION, "priority": 5}), 400, "priority")
+    assert "--scheduling-policy priority" in error["message"]
+    assert client.post("/v1/completions", json={**COMPLETION, "priority": 0}).status_code == 200
+
+
+def test_tokenize_refuses_image_parts(client):
+    body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}
+    openai_error(client.post("/tokenize", json=body), 400, "messages[0].content[0].type")

@@ -158,7 +158,7 @@ def refuse_unsupported(body: CompletionRequest | ChatCompletionRequest) -> None:
             raise APIError(400, f"{name} is not supported by this server (yet); remove it or send "
                                 f"{_show(neutral)}", name, code="unsupported_parameter")
     if isinstance(body, ChatCompletionRequest):
-        _refuse_unsupported_messages(body.messages)
+        refuse_unsupported_messages(body.messages)
         if body.top_logprobs is not None:
             if not body.logprobs:
                 raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
@@ -168,7 +168,7 @@ def refuse_unsupported(body: CompletionRequest | ChatCompletionRequest) -> None:
     body.warn_unknown_fields()
 
 
-def _refuse_unsupported_messages(messages: list[ChatMessage]) -> None:
+def refuse_unsupported_messages(messages: list[ChatMessage]) -> None:
     for i, message in enumerate(messages):
         for name in ("tool_calls", "function_call", "audio"):
             if getattr(message, name):

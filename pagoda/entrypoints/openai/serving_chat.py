@@ -22,7 +22,6 @@ from pagoda.entrypoints.openai.serving_common import (
     OpenAIServing,
     ending_well,
     off_loop,
-    request_options,
     sse,
     sse_error,
     truncate,
@@ -53,7 +52,7 @@ class OpenAIServingChat(OpenAIServing):
         params = self.sampling_params(body, max_tokens, len(prompt_ids), top)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         first, outputs = await wait_or_disconnect(request, self.start(prompt_ids, params, request_id,
-                                                                      request_options(body)))
+                                                                      self.request_options(body)))
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             events = self._stream(first, outputs, request_id, body.model, include_usage, top)

@@ -33,6 +33,8 @@ class ServerConfig:
     max_request_bytes: int = 16 * 1024 * 1024
     # Seconds a client has to send a request's head, and then its body (408 / closed after).
     request_timeout: float = 30.0
+    # The engine's scheduling policy: a request's `priority` means something only with "priority".
+    scheduling_policy: str = "fcfs"
 
 
 class OpenAIServing:
@@ -82,6 +84,13 @@ class OpenAIServing:
                   options: dict | None = None) -> AsyncIterator[RequestOutput]:
         async for output in run_request(self.engine, self.config, prompt_ids, params, request_id, options):
             yield output
+
+    def request_options(self, body) -> dict:
+        """Per-request engine options from the body's pagoda extensions (not sampling parameters)."""
+        if body.priority != 0 and self.config.scheduling_policy != "priority":
+            raise APIError(400, f"priority={body.priority} needs the server started with --scheduling-policy "
+                                "priority", "priority")
+        return {"cache_salt": body.cache_salt, "priority": body.priority}
 
     async def start(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
                     options: dict | None = None) -> tuple[RequestOutput, AsyncIterator[RequestOutput]]:
@@ -137,11 +146,6 @@ async def ending_well(events: AsyncIterator[str], error_event: Callable[[APIErro
         yield error_event(APIError(500, f"the stream failed: {error!r}", kind="server_error"))
     if end_event is not None:
         yield end_event
-
-
-def request_options(body) -> dict:
-    """Per-request engine options from the body's pagoda extensions (not sampling parameters)."""
-    return {"cache_salt": body.cache_salt, "priority": body.priority}
 
 
 def truncate(prompt_ids: list[int], keep_last: int | None) -> list[int]:

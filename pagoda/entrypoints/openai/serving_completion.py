@@ -23,7 +23,6 @@ from pagoda.entrypoints.openai.serving_common import (
     OpenAIServing,
     ending_well,
     off_loop,
-    request_options,
     sse,
     sse_error,
     truncate,
@@ -68,7 +67,7 @@ class OpenAIServingCompletion(OpenAIServing):
         request_id = f"cmpl-{uuid.uuid4().hex}"
         if body.stream:
             first, outputs = await wait_or_disconnect(request, self.start(encoded[0], params[0], request_id,
-                                                                          request_options(body)))
+                                                                          self.request_options(body)))
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             echo = self.decode(encoded[0]) if body.echo else None
             events = self._stream(first, outputs, request_id, body.model, include_usage, echo)
@@ -77,7 +76,7 @@ class OpenAIServingCompletion(OpenAIServing):
         async def final_output(index: int) -> RequestOutput:
             final = None
             async for final in self.run(encoded[index], params[index], f"{request_id}-{index}",
-                                        request_options(body)):
+                                        self.request_options(body)):
                 pass
             return final
 
