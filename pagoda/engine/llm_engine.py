@@ -1,7 +1,8 @@
 """The synchronous engine: add requests, step, collect outputs.
 
-One `step()` = schedule -> run the model once -> update requests ->
-detokenize and check stop strings -> build outputs. The engine owns request
+One `step()` = schedule -> run the model once -> update requests (append
+each sampled token and its text, decide stops: `Request.check_stop`) ->
+build outputs. The engine owns request
 lifecycle: a request with n > 1 (or best_of > 1) becomes that many sequences
 (children) that are scheduled independently and reported together; with
 best_of > n only the n with the highest cumulative logprob are reported,
@@ -293,7 +294,10 @@ class LLMEngine:
             fork_of = parent.sequences[0].request if index and not beams else None
             request = Request(seq_id, token_ids, child_params, self.eos_token_ids, cache_salt=cache_salt,
                               priority=priority, fork_of=fork_of)
-            parent.sequences.append(_Sequence(request, IncrementalDetokenizer(self.tokenizer, token_ids, child_params)))
+            detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, child_params)
+            if not beams:  # Request.check_stop feeds it and matches stop strings (beams keep their rules)
+                request.text = detokenizer
+            parent.sequences.append(_Sequence(request, detokenizer))
             self._seq_to_parent[seq_id] = request_id
         if beams:
             head = parent.sequences[0].request
@@ -367,19 +371,11 @@ class LLMEngine:
         return outputs
 
     def _process_update(self, update: RequestUpdate, parent: _ParentRequest) -> None:
-        seq = next(s for s in parent.sequences if s.request is update.request)
+        """The scheduler has appended the new token, its text and decided whether it ended the
+        request (`Request.check_stop`); a finished sequence's last text is flushed here."""
         request = update.request
-        if update.new_token_ids:
-            # Special tokens that end the request (EOS, stop ids) are not text.
-            text_ids = update.new_token_ids
-            if request.status == RequestStatus.FINISHED_STOPPED and not request.sampling_params.include_stop_str_in_output:
-                text_ids = text_ids[:-1]
-            if seq.detokenizer.add_tokens(text_ids) and not request.is_finished:
-                request.stop_reason = seq.detokenizer.stop_reason
-                self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
-            elif seq.detokenizer.stop_reason is not None:
-                request.stop_reason = seq.detokenizer.stop_reason
         if request.is_finished:
+            seq = next(s for s in parent.sequences if s.request is request)
             seq.detokenizer.flush()
             if parent.finished and parent.finished_time is None:
                 parent.finished_time = time.monotonic()
