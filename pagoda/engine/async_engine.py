@@ -12,8 +12,9 @@ caller's asyncio loop with call_soon_threadsafe.
 
 Invariants:
 - a request's stream ends exactly once: with a finished output, with the
-  engine's error, or when the caller stops reading (then it is aborted and
-  its KV blocks are freed within one step);
+  engine's error (RequestFailedError: the engine failed this request alone;
+  EngineDeadError: the loop died), or when the caller stops
+  reading (then it is aborted and its KV blocks are freed within one step);
 - `is_healthy` is False once the loop (thread or process) has died.
 """
 
@@ -39,6 +40,7 @@ from pagoda.engine.engine_loop import (
     LoopUpdate,
     ModelInfo,
     Rejected,
+    RequestFailed,
     Shutdown,
     StepUpdate,
     run_engine_loop,
@@ -54,6 +56,15 @@ LOOP_PLACEMENTS = ("thread", "process")
 
 class EngineDeadError(RuntimeError):
     """The engine loop stopped; no request can be served."""
+
+
+class RequestFailedError(RuntimeError):
+    """The engine failed this one request (an exception while serving it); the engine goes on."""
+
+    def __init__(self, request_id: str, message: str):
+        super().__init__(f"request {request_id!r} failed: {message}")
+        self.request_id = request_id
+        self.message = message
 
 
 class _Stream:
@@ -232,7 +243,9 @@ class AsyncLLM:
         """Yields cumulative outputs until the request finishes.
 
         Raises the engine's validation error (a ValueError) before the first
-        output if the request is refused. Stopping iteration early aborts it.
+        output if the request is refused. Raises RequestFailedError if the
+        engine fails this request, EngineDeadError if the engine dies before it
+        finishes. Stopping iteration early aborts it.
         """
         if not self.is_healthy:
             raise EngineDeadError(self._error or "the engine loop is not running")
@@ -242,9 +255,13 @@ class AsyncLLM:
             self._streams[request_id] = stream
             self._accepting[request_id] = accepted
         self._loop.send(AddRequest(request_id, prompt, params, cache_salt, priority))
-        finished = False
+        finished = False  # True once the engine holds nothing of this request: no abort to send
         try:
-            await asyncio.wrap_future(accepted)  # re-raises validation errors
+            try:
+                await asyncio.wrap_future(accepted)  # re-raises validation errors
+            except (ValueError, RequestFailedError, EngineDeadError):
+                finished = True  # refused, failed or dead (and its stream already dropped)
+                raise
             while True:
                 item = await stream.get()
                 if isinstance(item, BaseException):
@@ -292,6 +309,15 @@ class AsyncLLM:
                 self._streams.pop(update.request_id, None)
             if future is not None:
                 future.set_exception(ValueError(update.message))
+        elif isinstance(update, RequestFailed):
+            with self._lock:
+                future = self._accepting.pop(update.request_id, None)
+                stream = self._streams.pop(update.request_id, None)
+            error = RequestFailedError(update.request_id, update.message)
+            if future is not None and not future.done():  # failed while being added
+                future.set_exception(error)
+            elif stream is not None:
+                stream.put(error)
         elif isinstance(update, LoopDied):
             logger.error("%s", update.message)
             self._error = update.message
