@@ -15,6 +15,8 @@ Invariants:
   engine's error (RequestFailedError: the engine failed this request alone;
   EngineDeadError: the loop died), or when the caller stops
   reading (then it is aborted and its KV blocks are freed within one step);
+- a request id names at most one live request: generate() refuses an id
+  still in use, leaving the first caller's stream alone;
 - `is_healthy` is False once the loop (thread or process) has died.
 """
 
@@ -243,7 +245,8 @@ class AsyncLLM:
         """Yields cumulative outputs until the request finishes.
 
         Raises the engine's validation error (a ValueError) before the first
-        output if the request is refused. Raises RequestFailedError if the
+        output if the request is refused, or if `request_id` is still in use by
+        an unfinished request. Raises RequestFailedError if the
         engine fails this request, EngineDeadError if the engine dies before it
         finishes. Stopping iteration early aborts it.
         """
@@ -252,6 +255,9 @@ class AsyncLLM:
         stream = _Stream(asyncio.get_running_loop())
         accepted: Future = Future()
         with self._lock:
+            if request_id in self._streams or request_id in self._accepting:
+                raise ValueError(f"request_id={request_id!r} is already in use by a request that has not "
+                                 "finished; use a unique id.")
             self._streams[request_id] = stream
             self._accepting[request_id] = accepted
         self._loop.send(AddRequest(request_id, prompt, params, cache_salt, priority))

@@ -1,5 +1,6 @@
 """AsyncLLM when things go wrong: a request the engine fails raises RequestFailedError from its
-own generate() while the others go on."""
+own generate() while the others go on; a request id still in use is refused without touching
+its first owner."""
 
 from __future__ import annotations
 
@@ -135,3 +136,21 @@ def test_an_unexpected_error_while_adding_is_a_request_failure_not_a_refusal(thr
         asyncio.run(_final(thread_engine, PROMPT, GREEDY, "boom"))
     assert asyncio.run(_final(thread_engine, PROMPT, GREEDY, "fine")).finished
     assert thread_engine.is_healthy and thread_engine.num_unfinished == 0
+
+
+def test_a_request_id_in_use_is_refused_without_touching_the_first(thread_engine):
+    async def run():
+        first = thread_engine.generate(PROMPT, LONG, "dup")
+        output = await first.__anext__()
+        assert not output.finished
+        with pytest.raises(ValueError, match="request_id='dup' is already in use"):
+            await _final(thread_engine, PROMPT, GREEDY, "dup")
+        final = output
+        async for final in first:  # the first caller's stream is intact and finishes
+            pass
+        return final
+
+    final = asyncio.run(asyncio.wait_for(run(), timeout=120))  # a guard: the old behaviour hung forever
+    assert final.finished and len(final.outputs[0].token_ids) == LONG.max_tokens
+    assert final.outputs[0].finish_reason == "length"
+    assert thread_engine.num_unfinished == 0
