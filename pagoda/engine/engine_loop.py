@@ -8,7 +8,8 @@ placements share this code.
 
 One request never ends the loop: a request the engine failed (an output with
 `error`, or an unexpected exception while adding it) is reported alone as
-`RequestFailed`. The loop ends on Shutdown or when the engine raises, e.g. `EngineStepError`
+`RequestFailed`. The loop ends on Shutdown (aborting every request first, so
+their blocks are freed) or when the engine raises, e.g. `EngineStepError`
 when steps keep failing whatever they run (a broken device).
 """
 
@@ -138,6 +139,7 @@ def run_engine_loop(
         changed = False
         while command is not None:
             if isinstance(command, Shutdown):
+                engine.abort_all_requests()  # nothing is left holding blocks
                 engine.close()  # e.g. the offload disk tier saves the device's cached blocks
                 return
             changed = True

@@ -1,6 +1,6 @@
 """AsyncLLM when things go wrong: a request the engine fails raises RequestFailedError from its
 own generate() while the others go on; a request id still in use is refused without touching
-its first owner."""
+its first owner; shutdown() ends every open generate() with EngineDeadError."""
 
 from __future__ import annotations
 
@@ -154,3 +154,29 @@ def test_a_request_id_in_use_is_refused_without_touching_the_first(thread_engine
     assert final.finished and len(final.outputs[0].token_ids) == LONG.max_tokens
     assert final.outputs[0].finish_reason == "length"
     assert thread_engine.num_unfinished == 0
+
+
+def test_shutdown_ends_every_open_generate_and_refuses_new_ones(async_engine):
+    async def run():
+        streams = [async_engine.generate(_tokens(10, seed), LONG, f"r{seed}") for seed in range(3)]
+        for stream in streams:
+            await stream.__anext__()  # all three are running
+        waiter = asyncio.ensure_future(_final(async_engine, PROMPT, LONG, "waiting"))
+        await asyncio.sleep(0)
+        await asyncio.get_running_loop().run_in_executor(None, async_engine.shutdown)
+        for stream in streams:
+            with pytest.raises(EngineDeadError, match="the engine shut down"):
+                async for _ in stream:
+                    pass
+        with pytest.raises(EngineDeadError, match="the engine shut down"):
+            await waiter
+        with pytest.raises(EngineDeadError, match="the engine shut down"):
+            await _final(async_engine, PROMPT, GREEDY, "late")
+
+    asyncio.run(asyncio.wait_for(run(), timeout=60))
+    assert not async_engine.is_healthy and async_engine.num_unfinished == 0
+    async_engine.shutdown()  # twice is fine
+    if async_engine.engine is not None:  # thread placement: the loop aborted every request on its way out
+        engine = async_engine.engine
+        assert not engine.has_unfinished_requests() and not engine.scheduler.has_unfinished()
+        assert engine.kv_cache_manager.num_free_blocks == engine.kv_cache_manager.pool.num_blocks
