@@ -2,8 +2,8 @@
 
 One `step()` = schedule -> run the model once -> update requests (append
 each sampled token and its text, decide stops: `Request.check_stop`) ->
-build outputs. The engine owns request
-lifecycle: a request with n > 1 (or best_of > 1) becomes that many sequences
+build outputs. The engine owns request lifecycle: a request with n > 1 (or
+best_of > 1) becomes that many sequences
 (children) that are scheduled independently and reported together; with
 best_of > n only the n with the highest cumulative logprob are reported,
 once all are finished. A beam search request is `beam_width` slots steered
