@@ -16,7 +16,7 @@ class CompletionOutput:
     # One entry per generated token when logprobs were asked for: {token_id: logprob}
     # holding the top-k and the sampled token.
     logprobs: list[dict[int, float]] | None
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | None while running
     stop_reason: int | str | None = None  # the stop string or stop token id that matched
 
     @property
@@ -46,6 +46,11 @@ class RequestOutput:
     metrics: RequestMetrics | None = field(default=None, repr=False)
     # Prompt tokens found in the prefix cache at the (last) admission.
     num_cached_tokens: int = 0
+    # Set when the engine failed this request (an exception while it was scheduled, run,
+    # sampled, detokenized or reported): what went wrong. The output is then finished, each
+    # completion has finish_reason "error" and holds what was generated before the failure.
+    # The async front end raises it as RequestFailedError instead of yielding it.
+    error: str | None = None
 
 
 def logprob_dict(entry: TokenLogprobs) -> dict[int, float]:

@@ -12,6 +12,7 @@ import enum
 import functools
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -33,6 +34,7 @@ class RequestStatus(enum.IntEnum):
     FINISHED_STOPPED = 4
     FINISHED_LENGTH = 5
     FINISHED_ABORTED = 6
+    FINISHED_ERROR = 7  # the engine failed while serving it (an exception in its step)
 
     @property
     def is_finished(self) -> bool:
@@ -44,6 +46,7 @@ class RequestStatus(enum.IntEnum):
             RequestStatus.FINISHED_STOPPED: "stop",
             RequestStatus.FINISHED_LENGTH: "length",
             RequestStatus.FINISHED_ABORTED: "abort",
+            RequestStatus.FINISHED_ERROR: "error",
         }.get(self)
 
 
@@ -55,6 +58,16 @@ class TokenLogprobs:
     logprob: float
     rank: int
     top: dict[int, float]
+
+
+class SequenceText(Protocol):
+    """The text of a sequence as it grows (engine/detokenizer.IncrementalDetokenizer)."""
+
+    stop_reason: str | None  # the stop string that matched, if one did
+
+    def add_tokens(self, token_ids: list[int], match_stops: bool = True) -> bool:
+        """Appends the tokens' text; True if a stop string matched (only looked for if `match_stops`)."""
+        ...
 
 
 @dataclass(eq=False)
@@ -92,6 +105,10 @@ class Request:
     # first, computed for its current tokens and waiting for the beam group to choose.
     # A beam with candidates has nothing to compute until the group appends a token.
     beam_candidates: list[tuple[int, float]] | None = field(default=None, repr=False)
+    # The engine's incremental text of this sequence: `check_stop` appends each new token's
+    # text to it and matches stop strings there. None: token-level stops only (no tokenizer,
+    # scheduler unit tests, beam slots).
+    text: SequenceText | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
@@ -139,20 +156,35 @@ class Request:
         self.all_token_ids.append(token_id)
 
     def check_stop(self, max_model_len: int) -> bool:
-        """Sets a finished status if the last sampled token ends the request.
+        """Decides whether the newest output token ends the request; sets the finished status
+        and `stop_reason`. The one home of the stop conditions of sampled sequences (beam search
+        keeps its own rules, engine/beam_search.py), checked in this order:
 
-        Stop *strings* are checked later, on text, by the detokenizer.
+        1. a stop token (EOS unless ignore_eos, then stop_token_ids), once the request has
+           `min_tokens` output tokens: "stop", stop_reason = the id if one of stop_token_ids.
+           Its text is not added unless include_stop_str_in_output;
+        2. a stop string completed by the token's text, once the request has `min_tokens`
+           output tokens (vLLM's rule; the text is cut before it, or after it with
+           include_stop_str_in_output): "stop", stop_reason = the string. A stop string that
+           the last allowed token completes is a stop, not a length finish (OpenAI, vLLM);
+        3. `max_tokens` output tokens, or `max_model_len` tokens in all: "length".
+
+        Appends the token's text to `self.text` (if any) on the way.
         """
         params = self.sampling_params
         last = self.output_token_ids[-1]
-        if self.num_output_tokens >= params.min_tokens:
-            if not params.ignore_eos and last in self.eos_token_ids:
-                self.status = RequestStatus.FINISHED_STOPPED
-                return True
-            if params.stop_token_ids and last in params.stop_token_ids:
-                self.status = RequestStatus.FINISHED_STOPPED
-                self.stop_reason = last
-                return True
+        allowed = self.num_output_tokens >= params.min_tokens
+        if allowed and last in self.stop_token_set:
+            if params.ignore_eos or last not in self.eos_token_ids:
+                self.stop_reason = last  # one of stop_token_ids (EOS reports no stop_reason)
+            if self.text is not None and params.include_stop_str_in_output:
+                self.text.add_tokens([last], match_stops=False)
+            self.status = RequestStatus.FINISHED_STOPPED
+            return True
+        if self.text is not None and self.text.add_tokens([last], match_stops=allowed):
+            self.status = RequestStatus.FINISHED_STOPPED
+            self.stop_reason = self.text.stop_reason
+            return True
         if (params.max_tokens is not None and self.num_output_tokens >= params.max_tokens) or (
             self.num_tokens >= max_model_len
         ):

@@ -124,6 +124,14 @@ class BlockPool:
         self._cached[block_hash] = block_id
         return True
 
+    def uncache(self, block_id: int) -> None:
+        """Forgets the block's hash, if it has one (its contents can no longer be trusted:
+        a step that was to write them failed). The block stays where it is, in use or free."""
+        block_hash = self._hashes[block_id]
+        if block_hash is not None:
+            del self._cached[block_hash]
+            self._hashes[block_id] = None
+
     def reset_cache(self) -> int:
         """Forgets every cached hash (e.g. after the weights change); returns how many."""
         count = len(self._cached)

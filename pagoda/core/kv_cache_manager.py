@@ -254,9 +254,32 @@ class KVCacheManager:
         targets = {target for _, target in self.pending_copies}
         return any(block_id in targets for block_id in self._tables.get(request_id, ()))
 
+    def drop_copies_into_free_blocks(self) -> None:
+        """Drops pending copies whose destination nobody holds any more (its request failed
+        while being scheduled): left in the plan, such a copy could land on top of a block the
+        same step gives to someone else. A destination that a kept copy reads is kept."""
+        while True:
+            sources = {source for source, _ in self.pending_copies}
+            kept = [(s, d) for s, d in self.pending_copies if self.pool.ref_count(d) > 0 or d in sources]
+            if len(kept) == len(self.pending_copies):
+                return
+            self.pending_copies = kept
+
     def take_pending_copies(self) -> list[tuple[int, int]]:
         copies, self.pending_copies = self.pending_copies, []
         return copies
+
+    def truncate(self, request_id: str, num_tokens: int) -> None:
+        """Frees the request's blocks beyond those holding its first `num_tokens` tokens (a step
+        that was to fill them failed; none of them is registered yet)."""
+        table = self._tables.get(request_id)
+        keep = cdiv(num_tokens, self.block_size)
+        if not table or len(table) <= keep:
+            return
+        tail = table[keep:]
+        del table[keep:]
+        self._num_registered[request_id] = min(self._num_registered.get(request_id, 0), keep)
+        self.pool.free(list(reversed(tail)))
 
     def free(self, request_id: str) -> None:
         blocks = self._tables.pop(request_id, None)

@@ -166,6 +166,19 @@ class KVOffloadManager:
         self.pending_offloads, self.pending_loads = [], []
         return offloads, loads
 
+    def discard(self, slots: list[int]) -> None:
+        """A step failed before its copies surely ran: the host slots its offloads were to fill
+        may hold anything, so they forget their hash and are freed (never written to disk).
+        Call before `after_step`."""
+        for slot in slots:
+            block_hash = self._hash_of.pop(slot, None)
+            if block_hash is None:
+                continue
+            del self._slot_of[block_hash]
+            self.pool.free([slot])
+        dropped = set(slots)
+        self._unwritten = [(h, s) for h, s in self._unwritten if s not in dropped]
+
     def after_step(self) -> None:
         """The step's copies are done: write newly offloaded blocks to disk, unpin slots."""
         for block_hash, slot in self._unwritten:

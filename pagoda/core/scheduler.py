@@ -42,6 +42,12 @@ core/swap_space.py: host blocks a swap-in read are freed in
   that nothing is admitted after a preemption; under priority, a swapped
   request that preempted to get blocks is swapped in one step later.
 
+Failures (the engine's rules are in engine/llm_engine.py): a request that
+raises while being planned fails alone (`SchedulerOutput.failed`), one whose
+update raises is reported (`RequestUpdate.error`) for the engine to end it;
+`undo_step` restores the bookkeeping when the worker raised on a whole step,
+and `schedule_alone` plans one suspect by itself.
+
 Invariants:
 - a request is in exactly one of `waiting`, `running`, or neither (finished);
 - a waiting request holds no device blocks; a swapped one (status SWAPPED)
@@ -64,6 +70,7 @@ from pagoda.core.scheduler_output import (
     ModelRunnerOutput,
     ScheduledRequest,
     SchedulerOutput,
+    describe_error,
 )
 from pagoda.core.swap_space import SwapSpace
 from pagoda.request import Request, RequestStatus, TokenLogprobs
@@ -78,6 +85,9 @@ class RequestUpdate:
     new_logprobs: list[TokenLogprobs]
     new_prompt_logprobs: list[TokenLogprobs]
     finished: bool
+    # Set when the request failed in this step (its row in the worker, its update here): the
+    # error as text. Nothing else of the update is to be used; the engine ends the request.
+    error: str | None = None
 
 
 @dataclass
@@ -175,14 +185,16 @@ class Scheduler:
         return self.config.preemption_mode == "swap" and self.swap_space is not None and \
             self.swap_space.num_blocks > 0
 
-    def abort_requests(self, request_ids: list[str]) -> list[Request]:
-        """Removes requests wherever they are and frees their blocks (host blocks too)."""
+    def abort_requests(self, request_ids: list[str],
+                       status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> list[Request]:
+        """Removes requests wherever they are and frees their blocks (host blocks too).
+        `status`: the finished status they get (FINISHED_ERROR when the engine failed them)."""
         aborted = []
         for request_id in request_ids:
             request = self._requests.get(request_id)
             if request is None:
                 continue
-            request.status = RequestStatus.FINISHED_ABORTED
+            request.status = status
             self._remove(request)
             aborted.append(request)
         return aborted
@@ -232,6 +244,11 @@ class Scheduler:
     # -- scheduling --------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
+        """This step's plan.
+
+        A request that raises while being planned is failed alone (status FINISHED_ERROR, out
+        of the scheduler, its blocks freed) and listed in `failed`; the plan goes on.
+        """
         budget = self.config.max_num_batched_tokens
         out = SchedulerOutput()
 
@@ -242,9 +259,14 @@ class Scheduler:
             if num_new == 0:  # a beam waiting for its group to choose its next token
                 i += 1
                 continue
-            if not self._make_room(request, num_new, out):
-                break  # `request` itself was preempted; everything after it too.
-            out.scheduled.append(self._scheduled(request, num_new))
+            try:
+                if not self._make_room(request, num_new, out):
+                    break  # `request` itself was preempted; everything after it too.
+                item = self._scheduled(request, num_new)
+            except Exception as error:  # noqa: BLE001 - one request's planning failed: it fails alone
+                self._fail(request, error, out)  # out of `running`: `i` is the next one already
+                continue
+            out.scheduled.append(item)
             budget -= num_new
             i += 1
 
@@ -257,51 +279,54 @@ class Scheduler:
             request = next((r for r in self.waiting if r.beam_candidates is None), None)
             if request is None:
                 break
-            if len(self.running) >= self.config.max_num_seqs:
-                refund = self._preempt_less_urgent(request, out)
-                if refund is None:
-                    break
-                budget += refund
-                continue
-            if request.status == RequestStatus.SWAPPED:
-                if out.num_preempted:
-                    break  # no swap-in after a preemption in the same step (module docstring)
-                # Its KV comes back from host memory into fresh blocks, with room for its next tokens.
-                num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-                swap_in = self.swap_space.swap_in(request.request_id, request.num_computed_tokens + num_new)
-                if swap_in is None:
+            try:
+                if len(self.running) >= self.config.max_num_seqs:
                     refund = self._preempt_less_urgent(request, out)
                     if refund is None:
                         break
                     budget += refund
                     continue
-                out.blocks_to_swap_in.extend(swap_in)
-                self.num_swapped_in_total += 1
-                self.num_blocks_swapped_in_total += len(swap_in)
-            else:
-                # A request being admitted holds no blocks (new, or preempted by recompute): it
-                # starts after the blocks it can share (a sibling's prompt, or cached prefix).
-                start = self._shared_start(request)
-                if start is None:
-                    break  # a sibling is still computing the prompt this request will share
-                shared, num_cached, forked = start
-                num_new = min(request.num_tokens - num_cached, budget)
-                if not self.kv_cache.allocate_slots(request.request_id, num_cached + num_new, shared, num_cached):
-                    refund = self._preempt_less_urgent(request, out)
-                    if refund is None:
-                        break
-                    budget += refund
-                    continue
-                if not forked:
-                    self.kv_cache.count_prefix_query(request.num_tokens, num_cached)
-                request.num_computed_tokens = request.num_cached_tokens = num_cached
-            self.waiting.remove(request)
-            request.status = RequestStatus.RUNNING
-            if request.first_scheduled_time is None:
-                request.first_scheduled_time = time.monotonic()
-            self._start_running(request)
-            out.scheduled.append(self._scheduled(request, num_new))
-            budget -= num_new
+                if request.status == RequestStatus.SWAPPED:
+                    if out.num_preempted:
+                        break  # no swap-in after a preemption in the same step (module docstring)
+                    # Its KV comes back from host memory into fresh blocks, with room for its next tokens.
+                    num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+                    swap_in = self.swap_space.swap_in(request.request_id, request.num_computed_tokens + num_new)
+                    if swap_in is None:
+                        refund = self._preempt_less_urgent(request, out)
+                        if refund is None:
+                            break
+                        budget += refund
+                        continue
+                    out.blocks_to_swap_in.extend(swap_in)
+                    self.num_swapped_in_total += 1
+                    self.num_blocks_swapped_in_total += len(swap_in)
+                else:
+                    # A request being admitted holds no blocks (new, or preempted by recompute): it
+                    # starts after the blocks it can share (a sibling's prompt, or cached prefix).
+                    start = self._shared_start(request)
+                    if start is None:
+                        break  # a sibling is still computing the prompt this request will share
+                    shared, num_cached, forked = start
+                    num_new = min(request.num_tokens - num_cached, budget)
+                    if not self.kv_cache.allocate_slots(request.request_id, num_cached + num_new, shared, num_cached):
+                        refund = self._preempt_less_urgent(request, out)
+                        if refund is None:
+                            break
+                        budget += refund
+                        continue
+                    if not forked:
+                        self.kv_cache.count_prefix_query(request.num_tokens, num_cached)
+                    request.num_computed_tokens = request.num_cached_tokens = num_cached
+                self.waiting.remove(request)
+                request.status = RequestStatus.RUNNING
+                if request.first_scheduled_time is None:
+                    request.first_scheduled_time = time.monotonic()
+                self._start_running(request)
+                out.scheduled.append(self._scheduled(request, num_new))
+                budget -= num_new
+            except Exception as error:  # noqa: BLE001 - one request's admission failed: it fails alone
+                self._fail(request, error, out)
         if not out.scheduled and self.waiting and out.num_preempted == 0:
             # Nothing could run: every running request is an idle beam (it waits for a sibling)
             # and the waiting ones lack blocks. Free the youngest idle beam's blocks (it keeps its
@@ -311,7 +336,13 @@ class Scheduler:
                 self.running.remove(idle[-1])
                 # By recompute: this step's plan (where a swap-out would be listed) is redone.
                 self._preempt(idle[-1], out, planned=True)
-                return self.schedule()
+                again = self.schedule()
+                again.failed = {**out.failed, **again.failed}
+                return again
+        return self._complete_plan(out)
+
+    def _complete_plan(self, out: SchedulerOutput) -> SchedulerOutput:
+        """Adds the step's block moves and counts what the scheduled requests store."""
         out.blocks_to_copy = self.kv_cache.take_pending_copies()
         if self.kv_cache.offload is not None:
             out.blocks_to_offload, out.blocks_to_load = self.kv_cache.offload.take_step_copies()
@@ -319,6 +350,70 @@ class Scheduler:
             self.kv_tokens_stored_total += item.end
             self.kv_token_slots_total += len(self.kv_cache.block_table(item.request_id)) * self.kv_cache.block_size
         return out
+
+    def schedule_alone(self, request: Request) -> SchedulerOutput:
+        """A plan with `request` only: the engine isolates a request suspected of failing a
+        batched step (engine/llm_engine.py); everyone else waits a step. Running requests keep
+        their blocks unless `request` needs them: then the youngest are preempted as usual.
+        A swapped `request` is recomputed instead of swapped in (a swap-in must not follow a
+        preemption in the same step), and a sibling of an n > 1 request takes its prompt from
+        the prefix cache instead of forking it (the sibling may be waiting). An empty plan if
+        `request` has nothing to compute."""
+        out = SchedulerOutput()
+        if self._requests.get(request.request_id) is not request or request.is_finished:
+            return self._complete_plan(out)
+        budget = self.config.max_num_batched_tokens
+        try:
+            if request.status == RequestStatus.SWAPPED:
+                self.swap_space.free(request.request_id)
+                request.status = RequestStatus.PREEMPTED
+                request.num_computed_tokens = 0
+            if request.status == RequestStatus.RUNNING:
+                num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+                first_write, shared, num_cached = request.num_computed_tokens, (), None
+            elif request.beam_candidates is None:
+                shared = self.kv_cache.find_cached_prefix(request)
+                num_cached = first_write = len(shared) * self.kv_cache.block_size
+                num_new = min(request.num_tokens - num_cached, budget)
+            else:
+                num_new = 0  # an idle beam: nothing to compute until its group chooses
+            if num_new == 0:
+                return self._complete_plan(out)
+            while num_cached is not None and len(self.running) >= self.config.max_num_seqs:
+                if not self._preempt_youngest_but(request, out):
+                    return self._complete_plan(out)
+            while not self.kv_cache.allocate_slots(request.request_id, first_write + num_new, shared, first_write):
+                if not self._preempt_youngest_but(request, out):
+                    return self._complete_plan(out)
+            if num_cached is not None:  # admitted
+                self.kv_cache.count_prefix_query(request.num_tokens, num_cached)
+                request.num_computed_tokens = request.num_cached_tokens = num_cached
+                self.waiting.remove(request)
+                request.status = RequestStatus.RUNNING
+                if request.first_scheduled_time is None:
+                    request.first_scheduled_time = time.monotonic()
+                self._start_running(request)
+            out.scheduled.append(self._scheduled(request, num_new))
+        except Exception as error:  # noqa: BLE001 - the isolated request's planning failed: it fails alone
+            self._fail(request, error, out)
+        return self._complete_plan(out)
+
+    def _preempt_youngest_but(self, request: Request, out: SchedulerOutput) -> bool:
+        """Preempts the youngest (least urgent) running request other than `request`; False if none."""
+        victims = [r for r in self.running if r is not request]
+        if not victims:
+            return False
+        self.running.remove(victims[-1])
+        self._preempt(victims[-1], out)
+        return True
+
+    def _fail(self, request: Request, error: Exception, out: SchedulerOutput) -> None:
+        """`request` raised while being planned: out of the scheduler, blocks freed, reported."""
+        request.status = RequestStatus.FINISHED_ERROR
+        self._remove(request)
+        out.scheduled = [item for item in out.scheduled if item.request is not request]
+        self.kv_cache.drop_copies_into_free_blocks()
+        out.failed[request.request_id] = describe_error(error)
 
     def _make_room(self, request: Request, num_new: int, out: SchedulerOutput) -> bool:
         """Allocates blocks for `request`, preempting the youngest as needed.
@@ -462,29 +557,96 @@ class Scheduler:
             request = item.request
             if request.is_finished:  # aborted while the step ran
                 continue
-            request.num_computed_tokens = item.end
-            self.kv_cache.cache_full_blocks(request)
-            new_prompt_logprobs = runner_output.prompt_logprobs.get(request.request_id, [])
-            request.prompt_logprobs.extend(new_prompt_logprobs)
-            candidates = runner_output.beam_candidates.get(request.request_id)
-            if candidates is not None:  # the beam group (engine) appends the chosen token
-                request.beam_candidates = candidates
-                updates.append(RequestUpdate(request, [], [], new_prompt_logprobs, False))
-                continue
-            token = runner_output.sampled_token_ids.get(request.request_id)
-            if token is None:
-                if new_prompt_logprobs:
-                    updates.append(RequestUpdate(request, [], [], new_prompt_logprobs, False))
-                continue
-            request.append_output_token(token)
-            new_logprobs = []
-            if request.request_id in runner_output.logprobs:
-                new_logprobs = [runner_output.logprobs[request.request_id]]
-                request.output_logprobs.extend(new_logprobs)
-            if request.first_token_time is None:
-                request.first_token_time = now
-            finished = request.check_stop(self.max_model_len)
-            if finished:
-                self._remove(request)
-            updates.append(RequestUpdate(request, [token], new_logprobs, new_prompt_logprobs, finished))
+            error = runner_output.failed.get(request.request_id)
+            if error is None:
+                try:
+                    update = self._update_one(item, runner_output, now)
+                except Exception as exc:  # noqa: BLE001 - its update (text, stop check) failed: it fails alone
+                    error = describe_error(exc)
+                else:
+                    if update is not None:
+                        updates.append(update)
+                    continue
+            # Failed: reported for the engine to end it (it is still in the scheduler until then).
+            updates.append(RequestUpdate(request, [], [], [], False, error=error))
         return updates
+
+    def undo_step(self, scheduler_output: SchedulerOutput) -> list[Request]:
+        """The worker raised while running `scheduler_output`: it may have stopped anywhere, so
+        none of the step's block moves and KV writes can be trusted to have happened. Puts the
+        bookkeeping back into a state that holds whatever the worker did:
+
+        - blocks loaded from the offload tiers were registered in the prefix cache under their
+          hash before the copy ran: they forget it (a later request must not hit them);
+        - host slots that offloads were to fill forget their hash (never written to disk);
+        - host blocks that swap-ins read are released; requests swapped out in this step keep
+          no half-written host copy: they are preempted by recompute instead (host blocks freed);
+        - a request holding a destination of the step's swap-ins, copy-on-write copies or tier
+          loads may lack KV it counts as computed: it is reset to recompute (blocks freed, the
+          ones registered in earlier steps stay cached; num_computed_tokens 0; at the front of
+          the queue in plan order; a sibling of an n > 1 request no longer forks its prompt);
+        - every other scheduled request keeps num_computed_tokens and the blocks holding those
+          tokens (the ones allocated for the step are freed): the step's writes were all at
+          positions from there on, into its own unregistered blocks, and the next step that
+          runs it writes them again. Nothing of the step was registered in the prefix cache
+          (that happens in `update_from_output`).
+
+        Nothing here counts as a preemption. Returns the scheduled requests in plan order: the
+        suspects of the failure.
+        """
+        out = scheduler_output
+        kv = self.kv_cache
+        for _, block_id in out.blocks_to_load:
+            kv.pool.uncache(block_id)
+        if kv.offload is not None:
+            kv.offload.discard([slot for _, slot in out.blocks_to_offload])
+        if out.blocks_to_swap_in:
+            self.swap_space.release([host for host, _ in out.blocks_to_swap_in])
+        written = {host for _, host in out.blocks_to_swap_out}
+        if written:
+            for request in self.waiting:
+                host = set(self.swap_space.host_table(request.request_id))
+                if request.status == RequestStatus.SWAPPED and written & host:
+                    self.swap_space.free(request.request_id)
+                    request.status = RequestStatus.PREEMPTED
+                    request.num_computed_tokens = 0
+        moved_into = {target for _, target in out.blocks_to_swap_in + out.blocks_to_copy + out.blocks_to_load}
+        reset = [r for r in self.running if moved_into & set(kv.block_table(r.request_id))]
+        for request in reversed(reset):
+            self._detach(request)
+            request.num_computed_tokens = 0
+            request.status = RequestStatus.PREEMPTED
+            request.beam_candidates = None
+            request.fork_of = None
+            self._enqueue(request, front=True)
+        suspects = [item.request for item in out.scheduled if self._requests.get(item.request_id) is item.request]
+        for request in suspects:
+            if request.status == RequestStatus.RUNNING:
+                kv.truncate(request.request_id, request.num_computed_tokens)
+        return suspects
+
+    def _update_one(self, item: ScheduledRequest, runner_output: ModelRunnerOutput,
+                    now: float) -> RequestUpdate | None:
+        request = item.request
+        request.num_computed_tokens = item.end
+        self.kv_cache.cache_full_blocks(request)
+        new_prompt_logprobs = runner_output.prompt_logprobs.get(request.request_id, [])
+        request.prompt_logprobs.extend(new_prompt_logprobs)
+        candidates = runner_output.beam_candidates.get(request.request_id)
+        if candidates is not None:  # the beam group (engine) appends the chosen token
+            request.beam_candidates = candidates
+            return RequestUpdate(request, [], [], new_prompt_logprobs, False)
+        token = runner_output.sampled_token_ids.get(request.request_id)
+        if token is None:
+            return RequestUpdate(request, [], [], new_prompt_logprobs, False) if new_prompt_logprobs else None
+        request.append_output_token(token)
+        new_logprobs = []
+        if request.request_id in runner_output.logprobs:
+            new_logprobs = [runner_output.logprobs[request.request_id]]
+            request.output_logprobs.extend(new_logprobs)
+        if request.first_token_time is None:
+            request.first_token_time = now
+        finished = request.check_stop(self.max_model_len)  # also appends the token's text
+        if finished:
+            self._remove(request)
+        return RequestUpdate(request, [token], new_logprobs, new_prompt_logprobs, finished)

@@ -11,6 +11,11 @@ from dataclasses import dataclass, field
 from pagoda.request import Request, TokenLogprobs
 
 
+def describe_error(error: BaseException) -> str:
+    """An exception as the one line a failed request reports: "TypeName: message"."""
+    return f"{type(error).__name__}: {error}"
+
+
 @dataclass
 class ScheduledRequest:
     """One request's share of a step.
@@ -70,6 +75,9 @@ class SchedulerOutput:
     # ModelRunner.apply_block_copies's: offloads, swap-outs, swap-ins, copies, loads.
     blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)
     blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
+    # Requests that raised while being scheduled: request id -> the error, as text. They are
+    # already out of the scheduler (status FINISHED_ERROR, blocks freed) and not in `scheduled`.
+    failed: dict[str, str] = field(default_factory=dict)
 
     @property
     def total_num_tokens(self) -> int:
@@ -96,3 +104,6 @@ class ModelRunnerOutput:
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
     # Beam search requests sample nothing: their (token id, logprob) candidates, best first.
     beam_candidates: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    # Rows that failed on their own (their input, their sampling): request id -> the error, as
+    # text. The rest of the batch ran; nothing else of a failed row's output is to be used.
+    failed: dict[str, str] = field(default_factory=dict)

@@ -12,9 +12,13 @@ caller's asyncio loop with call_soon_threadsafe.
 
 Invariants:
 - a request's stream ends exactly once: with a finished output, with the
-  engine's error, or when the caller stops reading (then it is aborted and
-  its KV blocks are freed within one step);
-- `is_healthy` is False once the loop (thread or process) has died.
+  engine's error (RequestFailedError: the engine failed this request alone;
+  EngineDeadError: the loop died or was shut down), or when the caller stops
+  reading (then it is aborted and its KV blocks are freed within one step);
+- a request id names at most one live request: generate() refuses an id
+  still in use, leaving the first caller's stream alone;
+- `is_healthy` is False once the loop (thread or process) has died or
+  `shutdown()` was called; generate() then raises EngineDeadError.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from pagoda.engine.engine_loop import (
     LoopUpdate,
     ModelInfo,
     Rejected,
+    RequestFailed,
     Shutdown,
     StepUpdate,
     run_engine_loop,
@@ -53,7 +58,16 @@ LOOP_PLACEMENTS = ("thread", "process")
 
 
 class EngineDeadError(RuntimeError):
-    """The engine loop stopped; no request can be served."""
+    """The engine loop stopped (it died, or was shut down); no request can be served."""
+
+
+class RequestFailedError(RuntimeError):
+    """The engine failed this one request (an exception while serving it); the engine goes on."""
+
+    def __init__(self, request_id: str, message: str):
+        super().__init__(f"request {request_id!r} failed: {message}")
+        self.request_id = request_id
+        self.message = message
 
 
 class _Stream:
@@ -200,7 +214,8 @@ class AsyncLLM:
         self._lock = threading.Lock()  # guards _streams and _accepting
         self._streams: dict[str, _Stream] = {}
         self._accepting: dict[str, Future] = {}
-        self._error: str | None = None
+        self._error: str | None = None  # why no request can be served any more (loop died, shut down)
+        self._shut_down = False
         # Latest figures from the loop (replaced whole, so reads need no lock).
         self.stats = stats
         self.busy_seconds = 0.0
@@ -232,19 +247,29 @@ class AsyncLLM:
         """Yields cumulative outputs until the request finishes.
 
         Raises the engine's validation error (a ValueError) before the first
-        output if the request is refused. Stopping iteration early aborts it.
+        output if the request is refused, or if `request_id` is still in use by
+        an unfinished request. Raises RequestFailedError if the engine fails
+        this request, EngineDeadError if the engine dies or shuts down before it
+        finishes. Stopping iteration early aborts it.
         """
-        if not self.is_healthy:
-            raise EngineDeadError(self._error or "the engine loop is not running")
         stream = _Stream(asyncio.get_running_loop())
         accepted: Future = Future()
-        with self._lock:
+        with self._lock:  # checked under the lock: a shutdown or a dying loop fails what is registered
+            if self._error is not None or not self._loop.is_alive():
+                raise EngineDeadError(self._error or "the engine loop is not running")
+            if request_id in self._streams or request_id in self._accepting:
+                raise ValueError(f"request_id={request_id!r} is already in use by a request that has not "
+                                 "finished; use a unique id.")
             self._streams[request_id] = stream
             self._accepting[request_id] = accepted
         self._loop.send(AddRequest(request_id, prompt, params, cache_salt, priority))
-        finished = False
+        finished = False  # True once the engine holds nothing of this request: no abort to send
         try:
-            await asyncio.wrap_future(accepted)  # re-raises validation errors
+            try:
+                await asyncio.wrap_future(accepted)  # re-raises validation errors
+            except (ValueError, RequestFailedError, EngineDeadError):
+                finished = True  # refused, failed or dead (and its stream already dropped)
+                raise
             while True:
                 item = await stream.get()
                 if isinstance(item, BaseException):
@@ -265,7 +290,27 @@ class AsyncLLM:
         self._loop.send(AbortRequest(request_id))
 
     def shutdown(self, timeout: float = 5.0) -> None:
-        self._loop.stop(timeout)
+        """Stops the engine loop (it aborts every request first). Every open generate() ends
+        with EngineDeadError, and later calls raise it. Safe to call more than once."""
+        message = "the engine shut down"
+        with self._lock:
+            first = not self._shut_down
+            self._shut_down = True
+            if self._error is None:
+                self._error = message
+            streams, self._streams = self._streams, {}
+            accepting, self._accepting = self._accepting, {}
+        self._fail_all(streams, accepting, message)
+        if first:
+            self._loop.stop(timeout)
+
+    @staticmethod
+    def _fail_all(streams: dict[str, _Stream], accepting: dict[str, Future], message: str) -> None:
+        for future in accepting.values():
+            if not future.done():
+                future.set_exception(EngineDeadError(message))
+        for stream in streams.values():
+            stream.put(EngineDeadError(message))
 
     # -- dispatching thread -------------------------------------------------
 
@@ -292,17 +337,24 @@ class AsyncLLM:
                 self._streams.pop(update.request_id, None)
             if future is not None:
                 future.set_exception(ValueError(update.message))
-        elif isinstance(update, LoopDied):
-            logger.error("%s", update.message)
-            self._error = update.message
-            dead = EngineDeadError(update.message)
+        elif isinstance(update, RequestFailed):
             with self._lock:
+                future = self._accepting.pop(update.request_id, None)
+                stream = self._streams.pop(update.request_id, None)
+            error = RequestFailedError(update.request_id, update.message)
+            if future is not None and not future.done():  # failed while being added
+                future.set_exception(error)
+            elif stream is not None:
+                stream.put(error)
+        elif isinstance(update, LoopDied):
+            with self._lock:
+                if self._shut_down:  # the loop ending after shutdown(): streams already told
+                    return
+                self._error = update.message
                 streams, self._streams = self._streams, {}
                 accepting, self._accepting = self._accepting, {}
-            for future in accepting.values():
-                future.set_exception(dead)
-            for stream in streams.values():
-                stream.put(dead)
+            logger.error("%s", update.message)
+            self._fail_all(streams, accepting, update.message)
 
 
 async def prepend(first: RequestOutput, rest: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:

@@ -28,6 +28,7 @@ tokens, and `scores[i]` is the cumulative logprob of live slot `live[i]`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -77,6 +78,23 @@ class _Candidate:
     token_id: int = field(compare=False)
     logprob: float = field(compare=False)
     rank: int = field(compare=False)
+
+
+def length_normalized(total: float, length: int, penalty: float) -> float:
+    """A hypothesis's score: total / length ** penalty (HF's), for any finite penalty.
+
+    `length ** penalty` underflows to 0 for a very negative penalty (2 ** -2000) and
+    overflows for a very large one (2 ** 2000 raises OverflowError); the limits are taken
+    instead: +-inf and +-0. A length below 1 (no room to generate) counts as 1.
+    """
+    length = max(length, 1)
+    try:
+        divisor = length ** float(penalty)  # a float power: an int one could be too large to divide by
+    except OverflowError:
+        return math.copysign(0.0, total)
+    if divisor == 0.0:
+        return math.copysign(math.inf, total) if total else 0.0
+    return total / divisor
 
 
 class BeamSearch:
@@ -155,7 +173,7 @@ class BeamSearch:
             return True
         lp = self.params.length_penalty
         length = self.max_new_tokens if self.params.early_stopping == "never" and lp > 0 else num_generated
-        best_possible = running[0].total / (length ** lp)
+        best_possible = length_normalized(running[0].total, length, lp)
         return best_possible > self.finished[-1].score
 
     def _hypothesis(self, beam: BeamView, c: _Candidate, num_generated: int) -> BeamHypothesis:
@@ -166,7 +184,7 @@ class BeamSearch:
             token_ids=[*beam.output_token_ids, c.token_id],
             logprobs=[*beam.output_logprobs, entry],
             cumulative_logprob=c.total,
-            score=c.total / (num_generated ** self.params.length_penalty),
+            score=length_normalized(c.total, num_generated, self.params.length_penalty),
             finish_reason="stop" if is_stop else "length",
             stop_reason=c.token_id if is_stop and c.token_id in self.extra_stop_ids else None,
         )

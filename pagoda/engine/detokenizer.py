@@ -12,7 +12,9 @@ context.
 Stop strings: the text is cut right before the first stop string found
 (kept if `include_stop_str_in_output`). While a request runs, the last
 `max_stop_len - 1` characters are held back from streamed text, since they
-could be the start of a stop string.
+could be the start of a stop string. Whether a match ends the request, and
+when stop strings are looked for at all (not before `min_tokens`), is
+decided by `Request.check_stop`, the one home of stop conditions.
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.params.skip_special_tokens)
 
-    def add_tokens(self, token_ids: list[int]) -> bool:
-        """Appends new tokens; returns True if a stop string matched."""
+    def add_tokens(self, token_ids: list[int], match_stops: bool = True) -> bool:
+        """Appends new tokens; returns True if a stop string matched. With `match_stops` False
+        the text grows but no stop string is looked for in it (before `min_tokens`)."""
         if self.tokenizer is None:
             return False
         for token_id in token_ids:
@@ -50,23 +53,26 @@ class IncrementalDetokenizer:
                 continue  # incomplete character: wait for the next token
             delta = new_text[len(prefix_text) :]
             self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
-            if self._append(delta):
+            if self._append(delta, match_stops):
                 return True
         return False
 
     def flush(self) -> None:
-        """At the end: emit whatever the remaining tokens decode to, even if incomplete."""
+        """At the end: emit whatever the remaining tokens decode to, even if incomplete.
+        The request has already ended: no stop string is looked for in this last piece."""
         if self.tokenizer is None or self.stop_reason is not None:
             return
         if self._read_offset < len(self._ids):
             prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
             new_text = self._decode(self._ids[self._prefix_offset :])
-            self._append(new_text[len(prefix_text) :])
+            self._append(new_text[len(prefix_text) :], match_stops=False)
             self._prefix_offset = self._read_offset = len(self._ids)
 
-    def _append(self, delta: str) -> bool:
+    def _append(self, delta: str, match_stops: bool) -> bool:
         start = max(0, len(self.text) - max((len(s) for s in self._stops), default=0) + 1)
         self.text += delta
+        if not match_stops:
+            return False
         matches = [(self.text.find(stop, start), stop) for stop in self._stops]
         matches = [(index, stop) for index, stop in matches if index != -1]
         if not matches:

@@ -5,10 +5,17 @@ commands (add, abort), steps while there is work, and emits one `LoopUpdate`
 per step. It runs either on a thread of the serving process or in a child
 process (`engine/core_process.py`); every message here is picklable so both
 placements share this code.
+
+One request never ends the loop: a request the engine failed (an output with
+`error`, or an unexpected exception while adding it) is reported alone as
+`RequestFailed`. The loop ends on Shutdown (aborting every request first, so
+their blocks are freed) or when the engine raises, e.g. `EngineStepError`
+when steps keep failing whatever they run (a broken device).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +25,8 @@ from pagoda.core.scheduler import SchedulerStats
 from pagoda.engine.llm_engine import LLMEngine, PromptInput
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 # -- commands: front end -> loop -----------------------------------------------
 
@@ -68,11 +77,20 @@ class StepUpdate:
 
 
 @dataclass
+class RequestFailed:
+    """The engine failed this request (alone: the loop goes on). Sent after the StepUpdate of
+    its step, or instead of Accepted if adding it raised something other than a ValueError."""
+
+    request_id: str
+    message: str
+
+
+@dataclass
 class LoopDied:
     message: str
 
 
-LoopUpdate = Accepted | Rejected | StepUpdate | LoopDied
+LoopUpdate = Accepted | Rejected | StepUpdate | RequestFailed | LoopDied
 
 
 @dataclass(frozen=True)
@@ -121,17 +139,24 @@ def run_engine_loop(
         changed = False
         while command is not None:
             if isinstance(command, Shutdown):
+                engine.abort_all_requests()  # nothing is left holding blocks
                 engine.close()  # e.g. the offload disk tier saves the device's cached blocks
                 return
             changed = True
             if isinstance(command, AbortRequest):
-                engine.abort_request(command.request_id)
+                try:
+                    engine.abort_request(command.request_id)
+                except Exception:  # best effort: the front end has already let the request go
+                    logger.exception("aborting request %r failed", command.request_id)
             else:
                 try:
                     engine.add_request(command.prompt, command.params, command.request_id, command.cache_salt,
                                        command.priority)
                 except ValueError as error:
                     emit(Rejected(command.request_id, str(error)))
+                except Exception as error:  # the engine's fault, not the request's: not a 400
+                    logger.exception("adding request %r failed", command.request_id)
+                    emit(RequestFailed(command.request_id, f"the engine failed to add it: {error!r}"))
                 else:
                     emit(Accepted(command.request_id))
             command = next_command(False)
@@ -139,6 +164,11 @@ def run_engine_loop(
             start = time.perf_counter()
             outputs = engine.step()
             busy += time.perf_counter() - start
+            failures = [output for output in outputs if output.error is not None]
+            if failures:
+                outputs = [output for output in outputs if output.error is None]
             emit(StepUpdate(outputs, engine.stats(), busy, engine.num_steps))
+            for output in failures:
+                emit(RequestFailed(output.request_id, output.error))
         elif changed:  # e.g. an abort emptied the batch: let the front end see the new counts
             emit(StepUpdate([], engine.stats(), busy, engine.num_steps))

@@ -48,6 +48,9 @@ class LLM:
         """Runs all prompts to completion; outputs come back in prompt order.
 
         `priority`: one per prompt, for the "priority" scheduling policy (lower first).
+        A request the engine failed (an exception while serving it; the others go on) comes
+        back finished with `output.error` set and finish_reason "error" on its completions.
+        Raises EngineStepError if the engine's steps keep failing whatever they run.
         """
         if isinstance(prompts, str) or (
             isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts)

@@ -1,12 +1,45 @@
 """The synchronous engine: add requests, step, collect outputs.
 
-One `step()` = schedule -> run the model once -> update requests ->
-detokenize and check stop strings -> build outputs. The engine owns request
-lifecycle: a request with n > 1 (or best_of > 1) becomes that many sequences
+One `step()` = schedule -> run the model once -> update requests (append
+each sampled token and its text, decide stops: `Request.check_stop`) ->
+build outputs. The engine owns request lifecycle: a request with n > 1 (or
+best_of > 1) becomes that many sequences
 (children) that are scheduled independently and reported together; with
 best_of > n only the n with the highest cumulative logprob are reported,
 once all are finished. A beam search request is `beam_width` slots steered
 by a `BeamSearch` (engine/beam_search.py), reported once finished.
+
+Failures: an exception caused by one request fails that request only.
+- Per-request phases are guarded one request at a time, so the culprit is
+  known: planning it (scheduler, `SchedulerOutput.failed`), checking its
+  input row, sampling its row and its prompt logprobs (worker,
+  `ModelRunnerOutput.failed`), appending its token, text and stop check
+  (`RequestUpdate.error`), advancing its beams and building its output
+  (here). The request is ended (status FINISHED_ERROR, blocks freed, gone
+  from every table) and reported as a finished `RequestOutput` with `error`
+  set and finish_reason "error"; the step goes on for the others.
+- An exception from the batched part of `runner.execute` (block moves,
+  forward pass, the batched draw) names no request. The scheduler undoes the
+  step (`Scheduler.undo_step`): blocks loaded into the prefix cache and host
+  slots being offloaded forget their hash (their copy may not have run),
+  swap-ins' host blocks are released, requests swapped out in the step and
+  requests holding a destination of its block moves are reset to recompute;
+  the other scheduled requests simply redo their chunk. No block leaks and
+  no unwritten block stays findable. If the step ran one request (or the
+  sequences of one request), that request fails. Otherwise every scheduled
+  sequence becomes a suspect, and the next steps run the suspects one at a
+  time, alone (`Scheduler.schedule_alone`), each until it has run past the
+  point where the batch failed: one that fails alone is the culprit and
+  fails; the others go on as if nothing happened (a transient failure fails
+  no request). Isolation costs one single-request step per suspect (a few
+  more for a long recompute), only after a failure; bisection would need
+  fewer steps for large batches but blame no more precisely.
+- A broken device fails every step: after `max_consecutive_failed_steps`
+  failed steps with no successful one between, `step()` raises
+  `EngineStepError` (the serving loop then ends, and /health says so). The
+  requests failed on the way have their error; the rest are the caller's to
+  abort. KeyboardInterrupt and other BaseExceptions are not request failures:
+  the step is undone and they propagate.
 """
 
 from __future__ import annotations
@@ -31,7 +64,7 @@ from pagoda.config import (
 from pagoda.core.kv_cache_manager import KVCacheManager
 from pagoda.core.kv_offload import KVOffloadManager, model_fingerprint
 from pagoda.core.scheduler import RequestUpdate, Scheduler, SchedulerStats
-from pagoda.core.scheduler_output import SchedulerOutput
+from pagoda.core.scheduler_output import SchedulerOutput, describe_error
 from pagoda.core.swap_space import SwapSpace
 from pagoda.engine.beam_search import BeamSearch, BeamStep
 from pagoda.engine.detokenizer import IncrementalDetokenizer
@@ -56,6 +89,10 @@ PromptInput = str | list[int]
 
 class PromptError(ValueError):
     """A prompt the engine cannot take (empty, too long, unknown token ids)."""
+
+
+class EngineStepError(RuntimeError):
+    """Engine steps keep failing whatever they run: the device or the model is broken."""
 
 
 @dataclass
@@ -89,6 +126,9 @@ class _ParentRequest:
 
 
 class LLMEngine:
+    # Failed steps in a row (nothing succeeding between) after which step() gives up (module docstring).
+    max_consecutive_failed_steps = 5
+
     def __init__(self, config: EngineConfig, show_progress: bool = True):
         self.config = config
         if config.num_threads is not None:
@@ -151,6 +191,10 @@ class LLMEngine:
         )
         self._parents: dict[str, _ParentRequest] = {}
         self._seq_to_parent: dict[str, str] = {}
+        # Sequences suspected of failing a batched step: sequence id -> the position it must
+        # recompute past, alone, to be cleared (module docstring). In order of suspicion.
+        self._suspects: dict[str, int] = {}
+        self._consecutive_failed_steps = 0
         self._ids = itertools.count()
         self.num_steps = 0
 
@@ -285,24 +329,36 @@ class LLMEngine:
         parent = _ParentRequest(request_id, text, token_ids, params)
         beams = params.use_beam_search
         count = params.beam_width if beams else params.num_samples
-        for index in range(count):
-            child_params = params
-            if count > 1 and params.seed is not None:
-                child_params = replace(params, seed=params.seed + index)
-            seq_id = request_id if count == 1 else f"{request_id}#{index}"
-            fork_of = parent.sequences[0].request if index and not beams else None
-            request = Request(seq_id, token_ids, child_params, self.eos_token_ids, cache_salt=cache_salt,
-                              priority=priority, fork_of=fork_of)
-            parent.sequences.append(_Sequence(request, IncrementalDetokenizer(self.tokenizer, token_ids, child_params)))
-            self._seq_to_parent[seq_id] = request_id
-        if beams:
-            head = parent.sequences[0].request
-            parent.beam = BeamSearch(params, len(token_ids), self.max_model_len, head.stop_token_set,
-                                     frozenset(params.stop_token_ids or ()))
-        self._parents[request_id] = parent
-        # Beam slots other than the first join when the first selection forks them.
-        for seq in parent.sequences[:1] if beams else parent.sequences:
-            self.scheduler.add_request(seq.request)
+        seq_ids = [request_id] if count == 1 else [f"{request_id}#{index}" for index in range(count)]
+        taken = next((seq_id for seq_id in seq_ids if seq_id in self._seq_to_parent), None)
+        if taken is not None:  # e.g. "a#1" while request "a" has n > 1
+            raise ValueError(f"request_id={request_id!r} is invalid: its sequence id {taken!r} belongs to "
+                             f"request {self._seq_to_parent[taken]!r}.")
+        try:
+            for index, seq_id in enumerate(seq_ids):
+                child_params = params
+                if count > 1 and params.seed is not None:
+                    child_params = replace(params, seed=params.seed + index)
+                fork_of = parent.sequences[0].request if index and not beams else None
+                request = Request(seq_id, token_ids, child_params, self.eos_token_ids, cache_salt=cache_salt,
+                                  priority=priority, fork_of=fork_of)
+                detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, child_params)
+                if not beams:  # Request.check_stop feeds it and matches stop strings (beams keep their rules)
+                    request.text = detokenizer
+                parent.sequences.append(_Sequence(request, detokenizer))
+                self._seq_to_parent[seq_id] = request_id
+            if beams:
+                head = parent.sequences[0].request
+                parent.beam = BeamSearch(params, len(token_ids), self.max_model_len, head.stop_token_set,
+                                         frozenset(params.stop_token_ids or ()))
+            self._parents[request_id] = parent
+            # Beam slots other than the first join when the first selection forks them.
+            for seq in parent.sequences[:1] if beams else parent.sequences:
+                self.scheduler.add_request(seq.request)
+        except BaseException:  # all or nothing: no half-added request stays behind
+            self.scheduler.abort_requests([seq.request.request_id for seq in parent.sequences])
+            self._forget(parent)
+            raise
         return request_id
 
     def _validate_prompt(self, token_ids: list[int]) -> None:
@@ -317,12 +373,26 @@ class LLMEngine:
             raise PromptError(f"prompt token id {bad} is invalid: must be in [0, {self.vocab_size}).")
 
     def abort_request(self, request_id: str) -> None:
-        parent = self._parents.pop(request_id, None)
+        parent = self._parents.get(request_id)
         if parent is None:
             return
         self.scheduler.abort_requests([seq.request.request_id for seq in parent.sequences])
+        self._forget(parent)
+
+    def abort_all_requests(self) -> None:
+        """Aborts every unfinished request (e.g. at shutdown): all their blocks are freed."""
+        for request_id in list(self._parents):
+            self.abort_request(request_id)
+
+    def _forget(self, parent: _ParentRequest) -> None:
+        """Drops a finished, aborted or failed request from the engine's tables."""
+        if self._parents.get(parent.request_id) is parent:
+            del self._parents[parent.request_id]
         for seq in parent.sequences:
-            self._seq_to_parent.pop(seq.request.request_id, None)
+            seq_id = seq.request.request_id
+            if self._seq_to_parent.get(seq_id) == parent.request_id:
+                del self._seq_to_parent[seq_id]
+            self._suspects.pop(seq_id, None)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._parents)
@@ -333,53 +403,169 @@ class LLMEngine:
     # -- the loop ----------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Runs one engine step; returns an output for every request that changed."""
-        scheduler_output = self.scheduler.schedule()
+        """Runs one engine step; returns an output for every request that changed.
+
+        A request that failed in the step comes back finished with `error` set (module
+        docstring); raises EngineStepError when steps keep failing whatever they run.
+        """
+        failed: dict[str, str] = {}  # parent request id -> what went wrong
+        alone = self._next_suspect()
+        scheduler_output = self.scheduler.schedule() if alone is None else self.scheduler.schedule_alone(alone)
+        if alone is not None and not scheduler_output.scheduled:
+            self._suspects.pop(alone.request_id, None)  # nothing of it can run now: stop isolating it
+        for seq_id, message in scheduler_output.failed.items():
+            self._blame(seq_id, f"the engine failed to schedule it: {message}", failed)
         if scheduler_output.is_empty:  # nothing to run and no block to move
             if self.offload is not None:
                 self.offload.after_step()
-            return []
-        runner_output = self.runner.execute(scheduler_output)
+            return self._fail_parents(failed)
+        try:
+            runner_output = self.runner.execute(scheduler_output)
+        except BaseException as error:  # noqa: BLE001 - undone, then blamed or isolated; non-Exceptions re-raised
+            self._recover_from_failed_step(scheduler_output, error, failed)  # re-raises when it must
+            return self._fail_parents(failed)
         if self.offload is not None:
             self.offload.after_step()
+        self._consecutive_failed_steps = 0
         updates = self.scheduler.update_from_output(scheduler_output, runner_output)
         self.num_steps += 1
+        self._clear_suspects(scheduler_output)
         changed: dict[str, _ParentRequest] = {}
         for update in updates:
-            parent_id = self._seq_to_parent.get(update.request.request_id)
-            if parent_id is None:
+            seq_id = update.request.request_id
+            parent_id = self._seq_to_parent.get(seq_id)
+            if parent_id is None or parent_id in failed:
+                continue
+            if update.error is not None:
+                self._blame(seq_id, f"the engine failed while running it: {update.error}", failed)
                 continue
             parent = self._parents[parent_id]
             if parent.beam is None:
-                self._process_update(update, parent)
+                try:
+                    self._process_update(update, parent)
+                except Exception as error:  # noqa: BLE001 - its output processing failed: it fails alone
+                    self._blame(seq_id, f"the engine failed to process its output: {describe_error(error)}", failed)
+                    continue
             changed[parent_id] = parent
         outputs = []
         for parent_id, parent in changed.items():
-            if parent.beam is not None:
-                self._advance_beams(parent)
-            if parent.reports_when_finished and not parent.finished:
+            if parent_id in failed:
                 continue
-            outputs.append(self._make_output(parent))
+            try:
+                if parent.beam is not None:
+                    self._advance_beams(parent)
+                if parent.reports_when_finished and not parent.finished:
+                    continue
+                output = self._make_output(parent)
+            except Exception as error:  # noqa: BLE001 - its beams or output failed: it fails alone
+                failed[parent_id] = f"the engine failed to process its output: {describe_error(error)}"
+                continue
+            outputs.append(output)
             if parent.finished:
-                self._parents.pop(parent_id)
-                for seq in parent.sequences:
-                    self._seq_to_parent.pop(seq.request.request_id, None)
+                self._forget(parent)
+        return outputs + self._fail_parents(failed)
+
+    # -- failures (module docstring) ----------------------------------------
+
+    def _blame(self, seq_id: str, message: str, failed: dict[str, str]) -> None:
+        parent_id = self._seq_to_parent.get(seq_id)
+        if parent_id is not None:
+            failed.setdefault(parent_id, message)
+
+    def _recover_from_failed_step(self, scheduler_output: SchedulerOutput, error: BaseException,
+                                  failed: dict[str, str]) -> None:
+        """`runner.execute` raised: undo the step, then blame its one request or isolate its suspects."""
+        suspects = self.scheduler.undo_step(scheduler_output)
+        if self.offload is not None:
+            self.offload.after_step()
+        if not isinstance(error, Exception):  # KeyboardInterrupt, SystemExit: not a request's fault
+            raise error
+        self._consecutive_failed_steps += 1
+        logger.error("engine step failed (%d in a row) running %d sequences: %s", self._consecutive_failed_steps,
+                     len(suspects), describe_error(error), exc_info=error)
+        if self._consecutive_failed_steps >= self.max_consecutive_failed_steps:
+            raise EngineStepError(f"{self._consecutive_failed_steps} engine steps in a row failed, the last with "
+                                  f"{describe_error(error)}") from error
+        parents = {self._seq_to_parent[r.request_id] for r in suspects if r.request_id in self._seq_to_parent}
+        message = f"the engine failed while running it: {describe_error(error)}"
+        if len(parents) == 1:  # run alone (or only with its own siblings): it is the culprit
+            self._blame(suspects[0].request_id, message, failed)
+            return
+        for item in scheduler_output.scheduled:
+            if item.request in suspects:
+                seq_id = item.request_id
+                self._suspects[seq_id] = max(self._suspects.get(seq_id, 0), item.end)
+
+    def _next_suspect(self) -> Request | None:
+        """The first live suspect, to run alone this step."""
+        while self._suspects:
+            seq_id = next(iter(self._suspects))
+            parent = self._parents.get(self._seq_to_parent.get(seq_id, ""))
+            request = next((s.request for s in parent.sequences if s.request.request_id == seq_id), None) \
+                if parent is not None else None
+            if request is not None and not request.is_finished:
+                return request
+            del self._suspects[seq_id]
+        return None
+
+    def _clear_suspects(self, scheduler_output: SchedulerOutput) -> None:
+        """Suspects that ran past the point where their batch failed are cleared."""
+        for item in scheduler_output.scheduled:
+            target = self._suspects.get(item.request_id)
+            if target is not None and (item.request.is_finished or item.request.num_computed_tokens >= target):
+                del self._suspects[item.request_id]
+
+    def _fail_parents(self, failed: dict[str, str]) -> list[RequestOutput]:
+        outputs = []
+        for parent_id, message in failed.items():
+            parent = self._parents.get(parent_id)
+            if parent is not None:
+                outputs.append(self._fail_parent(parent, message))
         return outputs
 
+    def _fail_parent(self, parent: _ParentRequest, message: str) -> RequestOutput:
+        """Ends every sequence of the request (blocks freed) and reports the failure."""
+        logger.error("request %r failed: %s", parent.request_id, message)
+        self.scheduler.abort_requests([seq.request.request_id for seq in parent.sequences],
+                                      RequestStatus.FINISHED_ERROR)
+        self._forget(parent)
+        now = time.monotonic()
+        head = parent.sequences[0].request
+        completions = []
+        for index in range(parent.params.n):
+            # What was generated before the failure (nothing for beams: no hypothesis is chosen).
+            seq = parent.sequences[index] if parent.beam is None and index < len(parent.sequences) else None
+            completions.append(CompletionOutput(
+                index=index,
+                text=seq.detokenizer.text if seq is not None else "",
+                token_ids=list(seq.request.output_token_ids) if seq is not None else [],
+                cumulative_logprob=None,
+                logprobs=None,
+                finish_reason="error",
+            ))
+        return RequestOutput(
+            request_id=parent.request_id,
+            prompt=parent.prompt,
+            prompt_token_ids=parent.prompt_token_ids,
+            outputs=completions,
+            finished=True,
+            num_cached_tokens=head.num_cached_tokens,
+            metrics=RequestMetrics(
+                arrival_time=head.arrival_time,
+                first_scheduled_time=head.first_scheduled_time,
+                first_token_time=head.first_token_time,
+                finished_time=now,
+                num_preemptions=sum(s.request.num_preemptions for s in parent.sequences),
+            ),
+            error=message,
+        )
+
     def _process_update(self, update: RequestUpdate, parent: _ParentRequest) -> None:
-        seq = next(s for s in parent.sequences if s.request is update.request)
+        """The scheduler has appended the new token, its text and decided whether it ended the
+        request (`Request.check_stop`); a finished sequence's last text is flushed here."""
         request = update.request
-        if update.new_token_ids:
-            # Special tokens that end the request (EOS, stop ids) are not text.
-            text_ids = update.new_token_ids
-            if request.status == RequestStatus.FINISHED_STOPPED and not request.sampling_params.include_stop_str_in_output:
-                text_ids = text_ids[:-1]
-            if seq.detokenizer.add_tokens(text_ids) and not request.is_finished:
-                request.stop_reason = seq.detokenizer.stop_reason
-                self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
-            elif seq.detokenizer.stop_reason is not None:
-                request.stop_reason = seq.detokenizer.stop_reason
         if request.is_finished:
+            seq = next(s for s in parent.sequences if s.request is request)
             seq.detokenizer.flush()
             if parent.finished and parent.finished_time is None:
                 parent.finished_time = time.monotonic()

@@ -3,6 +3,14 @@
 The runner owns the KV tensors (and the host swap space, if any) and the
 device; it reads requests but never changes their bookkeeping (the
 scheduler does that from our output).
+
+Failures: each row's input is checked before the batch is built (its token
+ids in the vocabulary, its block table long enough for the positions it
+writes); a row that fails the check, or whose sampling or prompt logprobs
+raise, is left out and reported in `ModelRunnerOutput.failed`, and the rest
+of the batch runs. Anything else that raises (block moves, the forward
+pass, the batched draw) propagates: the engine undoes the step and finds
+the culprit (engine/llm_engine.py).
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from pagoda.core.scheduler_output import (
     ModelRunnerOutput,
     ScheduledRequest,
     SchedulerOutput,
+    describe_error,
 )
 from pagoda.model.attention.metadata import AttentionMetadata, DecodeGroup, PrefillChunk
 from pagoda.worker.kv_cache import move_blocks
@@ -40,6 +49,7 @@ class ModelRunner:
         self.sampler = sampler
         self.device = device
         config = model.config
+        self.vocab_size: int | None = getattr(config, "vocab_size", None)
         # Query heads per KV head: prefill masks are tiled this many times (torch_paged.py).
         self.query_group = config.num_attention_heads // (
             getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -85,11 +95,19 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         self.apply_block_copies(scheduler_output)
-        if not scheduler_output.scheduled:
-            return ModelRunnerOutput()
+        out = ModelRunnerOutput()
+        scheduled = []
+        for item in scheduler_output.scheduled:
+            problem = self._check_row(item)
+            if problem is None:
+                scheduled.append(item)
+            else:
+                out.failed[item.request_id] = problem
+        if not scheduled:
+            return out
         # Decodes first, longest first (grouped by length for batched attention), then prefill chunks.
-        decodes = sorted((s for s in scheduler_output.scheduled if self._is_decode(s)), key=lambda s: -s.end)
-        prefills = [s for s in scheduler_output.scheduled if not self._is_decode(s)]
+        decodes = sorted((s for s in scheduled if self._is_decode(s)), key=lambda s: -s.end)
+        prefills = [s for s in scheduled if not self._is_decode(s)]
         items = decodes + prefills
         input_ids, positions, meta = self._prepare(decodes, prefills)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
@@ -107,12 +125,15 @@ class ModelRunner:
                 sample_items.append(item)
             offset += item.num_new_tokens
 
-        out = ModelRunnerOutput()
         if sample_rows:
             logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
             result = self.sampler(logits, [item.request for item in sample_items])
             candidates = result.beam_candidates or [None] * len(sample_items)
-            for item, token, logprobs, beams in zip(sample_items, result.token_ids, result.logprobs, candidates):
+            for row, (item, token, logprobs, beams) in enumerate(
+                    zip(sample_items, result.token_ids, result.logprobs, candidates)):
+                if row in result.failed:
+                    out.failed[item.request_id] = result.failed[row]
+                    continue
                 if beams is not None:
                     out.beam_candidates[item.request_id] = beams
                     continue
@@ -124,10 +145,38 @@ class ModelRunner:
             logprobs = torch.log_softmax(logits, dim=-1)
             for row, (item, position) in enumerate(prompt_owner):
                 request = item.request
-                next_token = request.prompt_token_ids[position + 1]
-                entry = token_logprobs(logprobs[row], next_token, request.sampling_params.prompt_logprobs)
+                if request.request_id in out.failed:
+                    continue
+                try:
+                    next_token = request.prompt_token_ids[position + 1]
+                    entry = token_logprobs(logprobs[row], next_token, request.sampling_params.prompt_logprobs)
+                except Exception as error:  # noqa: BLE001 - this row's prompt logprobs failed: it fails alone
+                    out.failed[request.request_id] = describe_error(error)
+                    continue
                 out.prompt_logprobs.setdefault(request.request_id, []).append(entry)
+        for request_id in out.failed:  # nothing of a failed row is reported but the failure
+            for results in (out.sampled_token_ids, out.logprobs, out.prompt_logprobs, out.beam_candidates):
+                results.pop(request_id, None)
         return out
+
+    def _check_row(self, item: ScheduledRequest) -> str | None:
+        """Why this row cannot run (its input would break the batch), or None."""
+        try:
+            request = item.request
+            if item.num_new_tokens < 1 or item.start < 0 or item.end > request.num_tokens:
+                return (f"it asks for positions {item.start}..{item.end - 1} of a sequence "
+                        f"of {request.num_tokens} tokens")
+            if len(item.block_table) * self.block_size < item.end:
+                return (f"its block table ({len(item.block_table)} blocks of {self.block_size}) "
+                        f"does not reach position {item.end - 1}")
+            tokens = request.all_token_ids[item.start:item.end]
+            low, high = min(tokens), max(tokens)
+            if low < 0 or (self.vocab_size is not None and high >= self.vocab_size):
+                bad = low if low < 0 else high
+                return f"token id {bad} is outside the vocabulary [0, {self.vocab_size})"
+        except Exception as error:  # noqa: BLE001 - a row that cannot even be checked fails alone
+            return describe_error(error)
+        return None
 
     @staticmethod
     def _is_decode(item: ScheduledRequest) -> bool:

@@ -13,14 +13,20 @@ engine's beam group to choose from.
 
 Randomness: a request with a seed draws from its own generator, one draw
 per token, so its tokens do not depend on what else is in the batch.
+
+Failures: the per-row work (logit processors, beam candidates, logprobs)
+is guarded row by row: a row that raises is reported in `failed` and the
+batch goes on. An exception in the batched part (the draw) fails the
+whole call; the engine then finds the culprit (engine/llm_engine.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from pagoda.core.scheduler_output import describe_error
 from pagoda.request import Request, TokenLogprobs
 from pagoda.sampling_params import SamplingType
 
@@ -32,6 +38,8 @@ class SamplerOutput:
     # Beam search rows: (token id, logprob) best first; None for sampled rows (and their
     # token_ids entry is meaningless).
     beam_candidates: list[list[tuple[int, float]] | None] | None = None
+    # Rows whose own processing raised: row -> the error, as text (their other entries are meaningless).
+    failed: dict[int, str] = field(default_factory=dict)
 
 
 class Sampler:
@@ -46,9 +54,10 @@ class Sampler:
         want_logprobs = [r.sampling_params.logprobs is not None or r.sampling_params.num_samples > r.sampling_params.n
                          for r in requests]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
-        beam_candidates = beam_search_candidates(logits, requests)
+        failed: dict[int, str] = {}
+        beam_candidates = beam_search_candidates(logits, requests, failed)
 
-        logits = apply_logit_processors(logits, requests)
+        logits = apply_logit_processors(logits, requests, failed)
         greedy = logits.argmax(dim=-1)
         random_rows = [i for i, r in enumerate(requests) if r.sampling_params.sampling_type == SamplingType.RANDOM
                        and not r.sampling_params.use_beam_search]
@@ -61,9 +70,13 @@ class Sampler:
         logprobs: list[TokenLogprobs | None] = [None] * len(requests)
         if raw_logprobs is not None:
             for i, request in enumerate(requests):
-                if want_logprobs[i] and not request.sampling_params.use_beam_search:
-                    logprobs[i] = token_logprobs(raw_logprobs[i], token_ids[i], request.sampling_params.logprobs or 0)
-        return SamplerOutput(token_ids, logprobs, beam_candidates)
+                if want_logprobs[i] and not request.sampling_params.use_beam_search and i not in failed:
+                    try:
+                        logprobs[i] = token_logprobs(raw_logprobs[i], token_ids[i],
+                                                     request.sampling_params.logprobs or 0)
+                    except Exception as error:  # noqa: BLE001 - this row's logprobs failed: it fails alone
+                        failed[i] = describe_error(error)
+        return SamplerOutput(token_ids, logprobs, beam_candidates, failed)
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         params = [r.sampling_params for r in requests]
@@ -83,45 +96,68 @@ class Sampler:
         return (probs / noise.to(device)).argmax(dim=-1)
 
 
-def beam_search_candidates(logits: torch.Tensor, requests: list[Request]) -> list | None:
-    """Per row: the beam's top `num_beam_candidates` (token, logprob) for beam search requests, else None."""
+def beam_search_candidates(logits: torch.Tensor, requests: list[Request],
+                           failed: dict[int, str] | None = None) -> list | None:
+    """Per row: the beam's top `num_beam_candidates` (token, logprob) for beam search requests, else None.
+    A row that raises is recorded in `failed` (if given; else the error propagates)."""
     rows = [i for i, r in enumerate(requests) if r.sampling_params.use_beam_search]
     if not rows:
         return None
     candidates: list[list[tuple[int, float]] | None] = [None] * len(requests)
     for i in rows:
         request = requests[i]
-        params = request.sampling_params
-        scores = torch.log_softmax(logits[i] / params.beam_temperature, dim=-1)
-        if request.num_output_tokens < params.min_tokens and request.stop_token_set:
-            scores[torch.tensor(sorted(request.stop_token_set), device=scores.device)] = float("-inf")
-        values, ids = scores.topk(min(request.num_beam_candidates, scores.shape[-1]))
-        candidates[i] = list(zip(ids.tolist(), values.tolist()))
+        try:
+            params = request.sampling_params
+            scores = torch.log_softmax(logits[i] / params.beam_temperature, dim=-1)
+            if request.num_output_tokens < params.min_tokens and request.stop_token_set:
+                scores[torch.tensor(sorted(request.stop_token_set), device=scores.device)] = float("-inf")
+            values, ids = scores.topk(min(request.num_beam_candidates, scores.shape[-1]))
+            candidates[i] = list(zip(ids.tolist(), values.tolist()))
+        except Exception as error:
+            if failed is None:
+                raise
+            failed[i] = describe_error(error)
     return candidates
 
 
-def apply_logit_processors(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-    """Logit bias, min_tokens and penalties; returns a new tensor when it changes anything."""
+def apply_logit_processors(logits: torch.Tensor, requests: list[Request],
+                           failed: dict[int, str] | None = None) -> torch.Tensor:
+    """Logit bias, min_tokens and penalties; returns a new tensor when it changes anything.
+    A row that raises is recorded in `failed` (if given; else the error propagates) and its
+    logits are left unprocessed."""
     if not any(_needs_processing(r) for r in requests):
         return logits
     logits = logits.clone()
     for i, request in enumerate(requests):
-        p = request.sampling_params
-        if p.logit_bias:
-            ids = torch.tensor(list(p.logit_bias.keys()), device=logits.device)
-            logits[i, ids] += torch.tensor(list(p.logit_bias.values()), device=logits.device, dtype=logits.dtype)
-        if request.num_output_tokens < p.min_tokens:
-            banned = set(p.stop_token_ids or ())
-            if not p.ignore_eos:
-                banned |= request.eos_token_ids
-            if banned:
-                logits[i, torch.tensor(sorted(banned), device=logits.device)] = float("-inf")
-        if p.needs_penalties:
-            logits[i] = apply_penalties(
-                logits[i], request.prompt_token_ids, request.output_token_ids,
-                p.repetition_penalty, p.presence_penalty, p.frequency_penalty,
-            )
+        if not _needs_processing(request):
+            continue
+        try:
+            logits[i] = _processed_row(logits[i], request)  # written back whole, or not at all
+        except Exception as error:
+            if failed is None:
+                raise
+            failed[i] = describe_error(error)
     return logits
+
+
+def _processed_row(row: torch.Tensor, request: Request) -> torch.Tensor:
+    row = row.clone()
+    p = request.sampling_params
+    if p.logit_bias:
+        ids = torch.tensor(list(p.logit_bias.keys()), device=row.device)
+        row[ids] += torch.tensor(list(p.logit_bias.values()), device=row.device, dtype=row.dtype)
+    if request.num_output_tokens < p.min_tokens:
+        banned = set(p.stop_token_ids or ())
+        if not p.ignore_eos:
+            banned |= request.eos_token_ids
+        if banned:
+            row[torch.tensor(sorted(banned), device=row.device)] = float("-inf")
+    if p.needs_penalties:
+        row = apply_penalties(
+            row, request.prompt_token_ids, request.output_token_ids,
+            p.repetition_penalty, p.presence_penalty, p.frequency_penalty,
+        )
+    return row
 
 
 def _needs_processing(request: Request) -> bool:

@@ -35,15 +35,26 @@ def test_completion_with_token_ids(engine):
 
 
 def test_health_turns_503_when_the_engine_loop_dies(engine, monkeypatch):
-    client = _app(engine)
+    # A failed request is a server error, not an exception in the test client.
+    client = TestClient(build_app(engine, ServerConfig(served_model_name="tiny")), raise_server_exceptions=False)
     assert client.get("/health").status_code == 200
 
     def broken(_):
         raise RuntimeError("injected device failure")
 
     monkeypatch.setattr(engine.engine.runner, "execute", broken)
-    response = client.post("/v1/completions", json={"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 4})
-    assert response.status_code == 503
+    # A permanently broken device: each request fails alone (the engine cannot tell a broken
+    # request from a broken device) until max_consecutive_failed_steps steps in a row have
+    # failed; then the engine loop ends and the request in flight gets a 503.
+    limit = engine.engine.max_consecutive_failed_steps
+    statuses = []
+    for _ in range(limit + 1):
+        response = client.post("/v1/completions", json={"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 4})
+        statuses.append(response.status_code)
+        if response.status_code == 503:
+            break
+    assert statuses[-1] == 503 and len(statuses) == limit
+    assert all(code >= 500 for code in statuses)
     assert "engine loop died" in response.json()["error"]["message"]
     deadline = time.monotonic() + 10
     while engine.is_healthy and time.monotonic() < deadline:
