@@ -151,3 +151,50 @@ def test_an_ollama_stream_whose_engine_fails_ends_with_an_error_line_and_done(sl
         rest = [json.loads(line) for line in lines if line]
     assert "injected device failure" in rest[-2]["error"]
     assert rest[-1]["done"] is True and rest[-1]["done_reason"] == "error"
+
+
+def test_a_stream_open_at_engine_shutdown_ends_with_an_error_event_and_done(slow_engine):
+    client = client_for(slow_engine)
+    with client.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as response:
+        lines = response.iter_lines()
+        next(line for line in lines if line.startswith("data: "))
+        slow_engine.shutdown()
+        events = _events(lines)
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert "shut down" in error["message"] and error["type"] == "server_error"
+    assert client.get("/health").status_code == 503
+
+
+def test_one_failing_request_gets_a_500_and_the_others_go_on(tiny_chat_llama, monkeypatch):
+    """A request that raises inside the step (here: its detokenizer) fails alone, in the API's shape."""
+    from pagoda.engine.detokenizer import IncrementalDetokenizer
+
+    engine = make_engine(tiny_chat_llama)
+    add_tokens = IncrementalDetokenizer.add_tokens
+
+    def poisoned(self, token_ids, *args, **kwargs):
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.params.seed == 666 and self.calls >= 3:  # after two tokens went out
+            raise RuntimeError("poisoned request")
+        return add_tokens(self, token_ids, *args, **kwargs)
+
+    monkeypatch.setattr(IncrementalDetokenizer, "add_tokens", poisoned)
+    try:
+        client = client_for(engine)
+        bad = client.post("/v1/completions", json={**LONG, "max_tokens": 5, "seed": 666})
+        assert bad.status_code == 500
+        error = bad.json()["error"]
+        assert "poisoned request" in error["message"] and error["type"] == "server_error"
+        with client.stream("POST", "/v1/completions", json={**LONG, "max_tokens": 5, "seed": 666,
+                                                             "stream": True}) as response:
+            assert response.status_code == 200
+            events = _events(response.iter_lines())
+        assert json.loads(events[0])["choices"][0]["text"]  # the stream had begun
+        assert events[-1] == "[DONE]" and "poisoned request" in json.loads(events[-2])["error"]["message"]
+        ok = client.post("/v1/completions", json={**LONG, "max_tokens": 5, "seed": 1})
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 5
+        assert client.get("/health").status_code == 200
+        assert wait_until(lambda: _drained(engine))
+    finally:
+        engine.shutdown()

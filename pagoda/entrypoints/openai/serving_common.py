@@ -11,7 +11,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from pagoda.engine.async_engine import AsyncLLM, EngineDeadError
+from pagoda.engine.async_engine import AsyncLLM, EngineDeadError, RequestFailedError
 from pagoda.entrypoints.openai.errors import APIError
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams, SamplingParamsError
@@ -117,11 +117,13 @@ async def run_request(engine: AsyncLLM, config: ServerConfig, prompt_ids: list[i
             yield output
     except EngineDeadError as error:
         raise APIError(503, str(error), kind="server_error") from None
+    except RequestFailedError as error:  # the engine failed this request alone and goes on
+        raise APIError(500, f"the request failed in the engine: {error.message}", kind="server_error") from None
     except ValueError as error:
         raise APIError(400, str(error)) from None
     except APIError:
         raise
-    except Exception as error:  # this request failed inside the engine; the engine goes on
+    except Exception as error:  # unexpected: still this request's error, in the API's shape
         logger.warning("request %s failed: %r", request_id, error)
         raise APIError(500, f"the request failed in the engine: {error}", kind="server_error") from None
 
