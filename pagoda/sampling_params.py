@@ -36,7 +36,6 @@ MAX_BEST_OF = 128
 MAX_TEMPERATURE = 100.0  # beyond this the distribution is uniform to float precision
 MAX_REPETITION_PENALTY = 100.0
 MIN_REPETITION_PENALTY = 0.01
-MAX_LENGTH_PENALTY = 100.0  # |length_penalty|: scores are divided by length ** length_penalty
 MAX_STOP_STRINGS = 64
 MAX_STOP_STRING_LENGTH = 1024
 MAX_STOP_TOKEN_IDS = 1024
@@ -161,7 +160,7 @@ class SamplingParams:
                                           f"must be an integer in [n ({self.n}), {MAX_BEST_OF}]")
         if not isinstance(self.use_beam_search, bool):
             raise SamplingParamsError("use_beam_search", self.use_beam_search, "must be true or false")
-        _check_range("length_penalty", self.length_penalty, -MAX_LENGTH_PENALTY, MAX_LENGTH_PENALTY)
+        _check_range("length_penalty", self.length_penalty, -math.inf, math.inf)
         if self.early_stopping not in (True, False, "never"):
             raise SamplingParamsError("early_stopping", self.early_stopping, 'must be true, false or "never"')
         if not self.use_beam_search:
@@ -245,7 +244,8 @@ def _is_finite(value: object) -> bool:
 
 def _check_range(name: str, value: object, low: float, high: float) -> None:
     if not _is_finite(value) or not low <= value <= high:
-        raise SamplingParamsError(name, value, f"must be a finite number in [{low:g}, {high:g}]")
+        limit = "a finite number" + (f" in [{low:g}, {high:g}]" if math.isfinite(low) or math.isfinite(high) else "")
+        raise SamplingParamsError(name, value, f"must be {limit}")
 
 
 def _normalize_stop(stop: object) -> list[str]:
