@@ -2,14 +2,15 @@
 
 Each server owns its own CollectorRegistry (no process-global state).
 Gauges are read from the engine's latest figures at scrape time; histograms and counters
-are fed when a request finishes.
+are fed when a request finishes. The standard process_* metrics (resident memory, CPU
+time) come from prometheus_client's ProcessCollector.
 """
 
 from __future__ import annotations
 
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -72,6 +73,9 @@ class EngineMetrics:
     def __init__(self, engine: EngineFigures):
         self.registry = CollectorRegistry()
         self.registry.register(_EngineCollector(engine))
+        # process_resident_memory_bytes, process_cpu_seconds_total, ... of the serving process, as
+        # vLLM's /metrics has them (with --engine-loop process the engine's own process is not included).
+        ProcessCollector(registry=self.registry)
         self.prompt_tokens = Counter("pagoda:prompt_tokens", "Prompt tokens of finished requests.",
                                      registry=self.registry)
         self.generation_tokens = Counter("pagoda:generation_tokens", "Generated tokens of finished requests.",

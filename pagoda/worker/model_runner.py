@@ -26,6 +26,7 @@ from pagoda.core.scheduler_output import (
 )
 from pagoda.model.attention.metadata import AttentionMetadata, DecodeGroup, PrefillChunk
 from pagoda.worker.kv_cache import move_blocks
+from pagoda.worker.onednn_caches import bound_onednn_caches
 from pagoda.worker.sampler import Sampler, token_logprobs
 
 
@@ -40,6 +41,8 @@ class ModelRunner:
         offload_host: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
         host_kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ):
+        if device.type == "cpu":
+            bound_onednn_caches()  # before the first matmul: flat memory under varying batch shapes
         self.model = model
         # Host-memory tier of the prefix cache (core/kv_offload.py): the swap space's layout.
         self.offload_host = offload_host
