@@ -27,6 +27,8 @@ class EngineFigures(Protocol):
     stats: SchedulerStats  # the scheduler's counts after the latest step
     busy_seconds: float  # time spent inside engine steps, running total
     num_steps: int
+    num_failed_total: int  # requests the engine failed (each alone; the engine went on)
+    num_aborted_total: int  # requests aborted because their client left
 
 
 class _EngineCollector(Collector):
@@ -67,6 +69,10 @@ class _EngineCollector(Collector):
         yield CounterMetricFamily("pagoda:engine_busy_seconds", "Seconds spent inside engine steps.",
                                   self._engine.busy_seconds)
         yield CounterMetricFamily("pagoda:engine_steps", "Engine steps run.", self._engine.num_steps)
+        yield CounterMetricFamily("pagoda:request_failure", "Requests the engine failed (each alone, the "
+                                  "engine went on).", self._engine.num_failed_total)
+        yield CounterMetricFamily("pagoda:request_aborted", "Requests aborted because their client left.",
+                                  self._engine.num_aborted_total)
 
 
 class EngineMetrics:
@@ -80,6 +86,9 @@ class EngineMetrics:
                                      registry=self.registry)
         self.generation_tokens = Counter("pagoda:generation_tokens", "Generated tokens of finished requests.",
                                          registry=self.registry)
+        self.request_success = Counter("pagoda:request_success", "Finished requests, by the finish reason of "
+                                       "their first sequence (stop, length).", ["finished_reason"],
+                                       registry=self.registry)
         self.ttft = Histogram("pagoda:time_to_first_token_seconds", "Time to first token.",
                               buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.tpot = Histogram("pagoda:time_per_output_token_seconds", "Mean time per output token after the first.",
@@ -90,6 +99,8 @@ class EngineMetrics:
                                     buckets=_LATENCY_BUCKETS, registry=self.registry)
 
     def observe_finished(self, output: RequestOutput) -> None:
+        if output.outputs and output.outputs[0].finish_reason is not None:
+            self.request_success.labels(output.outputs[0].finish_reason).inc()
         self.prompt_tokens.inc(len(output.prompt_token_ids))
         generated = sum(len(c.token_ids) for c in output.outputs)
         self.generation_tokens.inc(generated)

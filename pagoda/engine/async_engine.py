@@ -220,6 +220,10 @@ class AsyncLLM:
         self.stats = stats
         self.busy_seconds = 0.0
         self.num_steps = 0
+        # Running totals for /metrics: requests the engine failed, and requests aborted because
+        # their caller stopped reading (a client that left) while they were still running.
+        self.num_failed_total = 0
+        self.num_aborted_total = 0
 
     # -- caller side (any asyncio loop) -------------------------------------
 
@@ -285,8 +289,10 @@ class AsyncLLM:
 
     def abort(self, request_id: str) -> None:
         with self._lock:
-            self._streams.pop(request_id, None)
+            live = self._streams.pop(request_id, None) is not None
             self._accepting.pop(request_id, None)
+            if live:
+                self.num_aborted_total += 1
         self._loop.send(AbortRequest(request_id))
 
     def shutdown(self, timeout: float = 5.0) -> None:
@@ -341,6 +347,8 @@ class AsyncLLM:
             with self._lock:
                 future = self._accepting.pop(update.request_id, None)
                 stream = self._streams.pop(update.request_id, None)
+                if future is not None or stream is not None:
+                    self.num_failed_total += 1
             error = RequestFailedError(update.request_id, update.message)
             if future is not None and not future.done():  # failed while being added
                 future.set_exception(error)

@@ -62,6 +62,7 @@ def test_a_non_streaming_request_is_aborted_when_its_client_leaves(slow_engine, 
         # 500 steps of 20 ms would take 10 s; the abort comes within a step or two of the disconnect.
         assert wait_until(lambda: _drained(slow_engine), timeout=8.0)
         assert slow_engine.num_steps < 300
+        assert _metric(httpx.get(url + "/metrics").text, "pagoda:request_aborted_total") >= 1
 
 
 def test_a_stream_still_waiting_for_its_first_output_is_aborted(tiny_chat_llama, monkeypatch):
@@ -196,5 +197,13 @@ def test_one_failing_request_gets_a_500_and_the_others_go_on(tiny_chat_llama, mo
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 5
         assert client.get("/health").status_code == 200
         assert wait_until(lambda: _drained(engine))
+        metrics = client.get("/metrics").text
+        assert _metric(metrics, "pagoda:request_failure_total") == 2
+        assert _metric(metrics, 'pagoda:request_success_total{finished_reason="length"}') == 1
     finally:
         engine.shutdown()
+
+
+def _metric(text: str, name: str) -> float:
+    line = next(line for line in text.splitlines() if line.startswith(name + " "))
+    return float(line.split()[-1])
