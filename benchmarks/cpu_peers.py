@@ -681,6 +681,41 @@ def run_llama_peer(args, wl) -> list[dict]:
     return rows
 
 
+def _base_dtype(dtype: str) -> str:
+    return dtype.split("(")[-1].rstrip(")") if "(" in dtype else dtype
+
+
+def common_prefix(a: list, b: list) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def summarize(rows: list[dict]) -> dict:
+    """pagoda's best tok/s over each peer's best, per workload, and greedy agreement with pagoda."""
+    ratios: dict = {}
+    for workload in ("offline", "single", "prefill"):
+        best: dict = {}
+        for r in rows:
+            if r["workload"] == workload and r["tok_s"]:
+                best[r["system"]] = max(best.get(r["system"], 0.0), r["tok_s"])
+        if "pagoda" in best:
+            ratios[workload] = {f"pagoda/{k}": round(best["pagoda"] / v, 3) for k, v in best.items() if k != "pagoda"}
+    agreement: dict = {}
+    for workload, key in (("offline", "first_tokens"), ("single", "tokens")):
+        ours = {_base_dtype(r["dtype"]): r.get(key) for r in rows
+                if r["workload"] == workload and r["system"] == "pagoda" and r.get(key)}
+        for r in rows:
+            mine = ours.get(_base_dtype(r["dtype"]))
+            if r["workload"] == workload and r["system"] != "pagoda" and r.get(key) and mine:
+                agreement[f"{workload} {r['system']} {_base_dtype(r['dtype'])}"] = (
+                    f"{common_prefix(mine, r[key])}/{min(len(mine), len(r[key]))} greedy tokens identical to pagoda")
+    return {"pagoda_over_peer": ratios, "greedy_agreement": agreement}
+
+
 WORKLOAD_TITLES = {
     "offline": "offline mixed (output tok/s)",
     "single": "single stream (decode tok/s)",
@@ -726,6 +761,10 @@ def print_table(report: dict) -> None:
         for r in rows:
             print(f"{r['workload']:<8} {r['system']:<13} {r['dtype']:<18} {_fmt(r['tok_s'], '.1f'):>8} "
                   f"{_fmt(r['wall_s'], '.2f'):>8} {_other(r):>6}  {r['note']}")
+    for workload, ratios in report.get("summary", {}).get("pagoda_over_peer", {}).items():
+        print(f"{workload}: " + ", ".join(f"{k} = {v:.2f}x" for k, v in ratios.items()))
+    for k, v in report.get("summary", {}).get("greedy_agreement", {}).items():
+        print(f"{k}: {v}")
     busy = [r.get("other_procs_cpu_cores") or 0.0 for r in rows]
     print("'other CPU': cores other processes kept busy during that peer's whole subprocess (should be ~0).")
     if busy and max(busy) > CONTENDED_CORES:
@@ -821,6 +860,7 @@ def main(argv=None) -> int:
         report = {"benchmark": "cpu_peers", "complete": complete, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                   "machine": {**machine, "loadavg": os.getloadavg()}, "config": config,
                   "rows": sorted(rows, key=lambda r: order[r["workload"]])}
+        report["summary"] = summarize(report["rows"])
         args.output.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.output.with_name(args.output.name + ".tmp")
         tmp.write_text(json.dumps(report, indent=2) + "\n")

