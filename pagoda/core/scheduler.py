@@ -318,11 +318,7 @@ class Scheduler:
                     if not forked:
                         self.kv_cache.count_prefix_query(request.num_tokens, num_cached)
                     request.num_computed_tokens = request.num_cached_tokens = num_cached
-                self.waiting.remove(request)
-                request.status = RequestStatus.RUNNING
-                if request.first_scheduled_time is None:
-                    request.first_scheduled_time = time.monotonic()
-                self._start_running(request)
+                self._admit(request)
                 out.scheduled.append(self._scheduled(request, num_new))
                 budget -= num_new
             except Exception as error:  # noqa: BLE001 - one request's admission failed: it fails alone
@@ -340,6 +336,14 @@ class Scheduler:
                 again.failed = {**out.failed, **again.failed}
                 return again
         return self._complete_plan(out)
+
+    def _admit(self, request: Request) -> None:
+        """A waiting request joins the running batch (its blocks are already allocated)."""
+        self.waiting.remove(request)
+        request.status = RequestStatus.RUNNING
+        if request.first_scheduled_time is None:
+            request.first_scheduled_time = time.monotonic()
+        self._start_running(request)
 
     def _complete_plan(self, out: SchedulerOutput) -> SchedulerOutput:
         """Adds the step's block moves and counts what the scheduled requests store."""
@@ -388,11 +392,7 @@ class Scheduler:
             if num_cached is not None:  # admitted
                 self.kv_cache.count_prefix_query(request.num_tokens, num_cached)
                 request.num_computed_tokens = request.num_cached_tokens = num_cached
-                self.waiting.remove(request)
-                request.status = RequestStatus.RUNNING
-                if request.first_scheduled_time is None:
-                    request.first_scheduled_time = time.monotonic()
-                self._start_running(request)
+                self._admit(request)
             out.scheduled.append(self._scheduled(request, num_new))
         except Exception as error:  # noqa: BLE001 - the isolated request's planning failed: it fails alone
             self._fail(request, error, out)

@@ -529,8 +529,6 @@ class LLMEngine:
         self.scheduler.abort_requests([seq.request.request_id for seq in parent.sequences],
                                       RequestStatus.FINISHED_ERROR)
         self._forget(parent)
-        now = time.monotonic()
-        head = parent.sequences[0].request
         completions = []
         for index in range(parent.params.n):
             # What was generated before the failure (nothing for beams: no hypothesis is chosen).
@@ -543,22 +541,8 @@ class LLMEngine:
                 logprobs=None,
                 finish_reason="error",
             ))
-        return RequestOutput(
-            request_id=parent.request_id,
-            prompt=parent.prompt,
-            prompt_token_ids=parent.prompt_token_ids,
-            outputs=completions,
-            finished=True,
-            num_cached_tokens=head.num_cached_tokens,
-            metrics=RequestMetrics(
-                arrival_time=head.arrival_time,
-                first_scheduled_time=head.first_scheduled_time,
-                first_token_time=head.first_token_time,
-                finished_time=now,
-                num_preemptions=sum(s.request.num_preemptions for s in parent.sequences),
-            ),
-            error=message,
-        )
+        return self._request_output(parent, completions, finished=True, finished_time=time.monotonic(),
+                                    error=message)
 
     def _process_update(self, update: RequestUpdate, parent: _ParentRequest) -> None:
         """The scheduler has appended the new token, its text and decided whether it ended the
@@ -601,22 +585,29 @@ class LLMEngine:
         if parent.params.prompt_logprobs is not None:
             first = parent.sequences[0].request
             prompt_logprobs = [None] + [logprob_dict(entry) for entry in first.prompt_logprobs]
+        return self._request_output(parent, completions, parent.finished, parent.finished_time, prompt_logprobs)
+
+    @staticmethod
+    def _request_output(parent: _ParentRequest, completions: list[CompletionOutput], finished: bool,
+                        finished_time: float | None, prompt_logprobs=None,
+                        error: str | None = None) -> RequestOutput:
         head = parent.sequences[0].request
         return RequestOutput(
             request_id=parent.request_id,
             prompt=parent.prompt,
             prompt_token_ids=parent.prompt_token_ids,
             outputs=completions,
-            finished=parent.finished,
+            finished=finished,
             prompt_logprobs=prompt_logprobs,
             num_cached_tokens=head.num_cached_tokens,
             metrics=RequestMetrics(
                 arrival_time=head.arrival_time,
                 first_scheduled_time=head.first_scheduled_time,
                 first_token_time=head.first_token_time,
-                finished_time=parent.finished_time,
+                finished_time=finished_time,
                 num_preemptions=sum(s.request.num_preemptions for s in parent.sequences),
             ),
+            error=error,
         )
 
     def _beam_completions(self, parent: _ParentRequest) -> list[CompletionOutput]:
