@@ -52,3 +52,36 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor
     decode_groups: list[DecodeGroup] = field(default_factory=list)
     prefills: list[PrefillChunk] = field(default_factory=list)
+
+
+@dataclass
+class StepLayout:
+    """What every attention backend is told about a step: plain tensors and ints, built by
+    the model runner from its persistent batch. Backends build their own metadata from it
+    (`AttentionBackend.build_metadata`).
+
+    Rows are requests; row r's query tokens are tokens
+    query_start_loc[r] .. query_start_loc[r+1]-1 of the step, at positions
+    seq_lens[r] - query_lens[r] .. seq_lens[r] - 1 of its sequence. Rows
+    [0, num_decodes) are decodes (one query token, earlier context); the rest
+    are prefill chunks. No other order is promised: backends that want rows
+    sorted (by length, say) sort them themselves.
+    """
+
+    num_decodes: int
+    query_lens: list[int]
+    seq_lens: list[int]  # tokens in the cache for the row once this step's are written
+    query_start_loc: torch.Tensor  # [rows + 1] int32
+    seq_lens_tensor: torch.Tensor  # [rows] int32
+    # [rows, max_blocks] int32 block ids; entries past a row's last block are 0 (padding).
+    block_tables: torch.Tensor
+    slot_mapping: torch.Tensor  # [num_tokens] int64: block * block_size + offset of each token
+    block_size: int
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.query_lens)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.slot_mapping.shape[0])
