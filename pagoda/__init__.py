@@ -15,16 +15,17 @@ _EXPORTS = {
     "LLM": "pagoda.engine.llm",
     "LLMEngine": "pagoda.engine.llm_engine",
     "SamplingParams": "pagoda.sampling_params",
+    "RequestOutputKind": "pagoda.sampling_params",
     "RequestOutput": "pagoda.outputs",
     "CompletionOutput": "pagoda.outputs",
 }
-__all__ = ["LLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "LLMEngine", "SamplingParams", "RequestOutputKind", "RequestOutput", "CompletionOutput"]
 
 if TYPE_CHECKING:
     from pagoda.engine.llm import LLM
     from pagoda.engine.llm_engine import LLMEngine
     from pagoda.outputs import CompletionOutput, RequestOutput
-    from pagoda.sampling_params import SamplingParams
+    from pagoda.sampling_params import RequestOutputKind, SamplingParams
 
 
 def __getattr__(name: str):

@@ -53,5 +53,28 @@ class RequestOutput:
     error: str | None = None
 
 
+def merge_delta(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """Two consecutive DELTA outputs of one request as one (a reader that fell behind gets
+    one output instead of a backlog). Completions are matched by index."""
+    merged = {c.index: c for c in earlier.outputs}
+    for c in later.outputs:
+        before = merged.get(c.index)
+        if before is None:
+            merged[c.index] = c
+            continue
+        logprobs = None
+        if before.logprobs is not None or c.logprobs is not None:
+            logprobs = (before.logprobs or []) + (c.logprobs or [])
+        merged[c.index] = CompletionOutput(
+            index=c.index, text=before.text + c.text, token_ids=before.token_ids + c.token_ids,
+            cumulative_logprob=c.cumulative_logprob, logprobs=logprobs,
+            finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+    return RequestOutput(
+        request_id=later.request_id, prompt=later.prompt, prompt_token_ids=later.prompt_token_ids,
+        outputs=[merged[i] for i in sorted(merged)], finished=later.finished,
+        prompt_logprobs=earlier.prompt_logprobs if earlier.prompt_logprobs is not None else later.prompt_logprobs,
+        metrics=later.metrics, num_cached_tokens=later.num_cached_tokens, error=later.error)
+
+
 def logprob_dict(entry: TokenLogprobs) -> dict[int, float]:
     return {**entry.top, entry.token_id: entry.logprob}

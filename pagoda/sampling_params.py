@@ -26,6 +26,21 @@ class SamplingType(Enum):
     RANDOM = 1
 
 
+class RequestOutputKind(Enum):
+    """What each `RequestOutput` of a request carries (vLLM's names).
+
+    CUMULATIVE: everything so far (text, token ids, logprobs), every step.
+    DELTA: only what is new since the request's previous output (the first output also
+      carries the prompt logprobs); streaming servers use this, so nothing rebuilds a
+      request's whole token list or logprobs every step.
+    FINAL_ONLY: one output, when the request finishes, with everything (offline `LLM`).
+    """
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
+
+
 # Temperatures below this are treated as greedy (division by ~0 is unstable).
 _GREEDY_EPS = 1e-5
 
@@ -94,6 +109,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # Filled by validation; stop is always a list afterwards.
     _stop_list: list[str] = field(default_factory=list, init=False, repr=False)
 
@@ -126,6 +142,9 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < 0 or value > 20):
                 raise SamplingParamsError(name, value, "must be an integer in [0, 20] or None")
+        if not isinstance(self.output_kind, RequestOutputKind):
+            raise SamplingParamsError("output_kind", self.output_kind,
+                                      f"must be one of {[k.name for k in RequestOutputKind]}")
         self._stop_list = _normalize_stop(self.stop)
         if self.stop_token_ids is not None:
             if not isinstance(self.stop_token_ids, (list, tuple)) or not all(

@@ -49,8 +49,8 @@ from pagoda.engine.engine_loop import (
     run_engine_loop,
 )
 from pagoda.engine.llm_engine import LLMEngine, PromptInput
-from pagoda.outputs import RequestOutput
-from pagoda.sampling_params import SamplingParams
+from pagoda.outputs import RequestOutput, merge_delta
+from pagoda.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +85,17 @@ class _Stream:
 
     async def get(self) -> RequestOutput | BaseException:
         return await self._queue.get()
+
+    def get_nowait(self) -> RequestOutput | BaseException | None:
+        """The next item if one is already queued, else None."""
+        try:
+            return self._queue.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+
+    def unget(self, item: RequestOutput | BaseException) -> None:
+        """Puts an item back at the front (it is read next)."""
+        self._queue._queue.appendleft(item)  # asyncio.Queue keeps a deque; same-loop only
 
 
 class _ThreadLoop:
@@ -248,7 +259,7 @@ class AsyncLLM:
         self, prompt: PromptInput, params: SamplingParams, request_id: str, cache_salt: str | None = None,
         priority: int = 0,
     ) -> AsyncIterator[RequestOutput]:
-        """Yields cumulative outputs until the request finishes.
+        """Yields outputs (as `params.output_kind` says) until the request finishes.
 
         Raises the engine's validation error (a ValueError) before the first
         output if the request is refused, or if `request_id` is still in use by
@@ -279,6 +290,7 @@ class AsyncLLM:
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
+                item = self._catch_up(stream, item, params.output_kind)
                 yield item
                 if item.finished:
                     finished = True
@@ -286,6 +298,20 @@ class AsyncLLM:
         finally:
             if not finished:
                 self.abort(request_id)
+
+    @staticmethod
+    def _catch_up(stream: _Stream, item: RequestOutput, kind: RequestOutputKind) -> RequestOutput:
+        """A reader behind the engine gets what is queued as one output: the newest of
+        CUMULATIVE ones, DELTAs merged. An error stays queued, to be raised next."""
+        while not item.finished:
+            following = stream.get_nowait()
+            if following is None:
+                break
+            if isinstance(following, BaseException):
+                stream.unget(following)
+                break
+            item = merge_delta(item, following) if kind == RequestOutputKind.DELTA else following
+        return item
 
     def abort(self, request_id: str) -> None:
         with self._lock:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 from tqdm.auto import tqdm
 
 from pagoda.config import DEFAULT_MODEL, engine_config_from_kwargs
 from pagoda.engine.llm_engine import LLMEngine, PromptInput
 from pagoda.outputs import RequestOutput
-from pagoda.sampling_params import SamplingParams
+from pagoda.sampling_params import RequestOutputKind, SamplingParams
 
 Message = dict[str, str]
 
@@ -71,6 +72,9 @@ class LLM:
         if priority is not None and len(priority) != len(prompts):
             raise ValueError(f"priority has {len(priority)} entries but there are {len(prompts)} prompts")
         priorities = list(priority) if priority is not None else [0] * len(prompts)
+        # Only finished outputs are returned: the engine builds nothing before the end.
+        final_only = {id(p): replace(p, output_kind=RequestOutputKind.FINAL_ONLY) for p in params_list}
+        params_list = [final_only[id(p)] for p in params_list]
         request_ids = []
         try:
             for prompt, params, urgency in zip(prompts, params_list, priorities):

@@ -72,7 +72,7 @@ from pagoda.model.loader.loader import build_model, load_hf_config, load_tokeniz
 from pagoda.model.loader.resolve import resolve_model
 from pagoda.outputs import CompletionOutput, RequestMetrics, RequestOutput, logprob_dict
 from pagoda.request import Request, RequestStatus
-from pagoda.sampling_params import SamplingParams
+from pagoda.sampling_params import RequestOutputKind, SamplingParams
 from pagoda.worker.kv_cache import (
     allocate_host_kv_caches,
     allocate_kv_caches,
@@ -101,6 +101,10 @@ class _Sequence:
 
     request: Request
     detokenizer: IncrementalDetokenizer
+    # DELTA outputs: how much of the visible text and of the tokens (and their logprobs)
+    # earlier outputs carried.
+    sent_text: int = 0
+    sent_tokens: int = 0
 
 
 @dataclass
@@ -112,6 +116,7 @@ class _ParentRequest:
     sequences: list[_Sequence] = field(default_factory=list)
     finished_time: float | None = None
     beam: BeamSearch | None = None  # beam search: the sequences are its slots
+    sent_prompt_logprobs: bool = False  # DELTA outputs: the first output carried them
 
     @property
     def finished(self) -> bool:
@@ -121,8 +126,14 @@ class _ParentRequest:
 
     @property
     def reports_when_finished(self) -> bool:
-        """best_of > n and beam search pick their outputs at the end, so nothing streams before."""
-        return self.beam is not None or self.params.num_samples > self.params.n
+        """best_of > n and beam search pick their outputs at the end, so nothing streams before;
+        FINAL_ONLY asks for one output at the end."""
+        return (self.beam is not None or self.params.num_samples > self.params.n
+                or self.params.output_kind == RequestOutputKind.FINAL_ONLY)
+
+    @property
+    def delta(self) -> bool:
+        return self.params.output_kind == RequestOutputKind.DELTA
 
 
 class LLMEngine:
@@ -582,9 +593,11 @@ class LLMEngine:
         else:
             completions = self._sample_completions(parent)
         prompt_logprobs = None
-        if parent.params.prompt_logprobs is not None:
+        if parent.params.prompt_logprobs is not None and not (parent.delta and parent.sent_prompt_logprobs):
             first = parent.sequences[0].request
             prompt_logprobs = [None] + [logprob_dict(entry) for entry in first.prompt_logprobs]
+            # DELTA: only once they are complete (a chunked prompt computes them over steps).
+            parent.sent_prompt_logprobs = len(prompt_logprobs) >= len(parent.prompt_token_ids)
         return self._request_output(parent, completions, parent.finished, parent.finished_time, prompt_logprobs)
 
     @staticmethod
@@ -641,17 +654,23 @@ class LLMEngine:
         completions = []
         for index, seq in enumerate(sequences):
             request = seq.request
+            text = seq.detokenizer.visible_text(request.is_finished)
+            first_token = 0
+            if parent.delta:  # only what earlier outputs did not carry (ranked never streams)
+                first_token = seq.sent_tokens
+                text, seq.sent_text = text[seq.sent_text:], len(text)
+                seq.sent_tokens = request.num_output_tokens
             logprobs = None
             cumulative = None
             if params.logprobs is not None:
-                logprobs = [logprob_dict(entry) for entry in request.output_logprobs]
+                logprobs = [logprob_dict(entry) for entry in request.output_logprobs[first_token:]]
             if params.logprobs is not None or ranked:
                 cumulative = sum(entry.logprob for entry in request.output_logprobs)
             completions.append(
                 CompletionOutput(
                     index=index,
-                    text=seq.detokenizer.visible_text(request.is_finished),
-                    token_ids=list(request.output_token_ids),
+                    text=text,
+                    token_ids=request.output_token_ids[first_token:],
                     cumulative_logprob=cumulative,
                     logprobs=logprobs,
                     finish_reason=request.status.finish_reason,

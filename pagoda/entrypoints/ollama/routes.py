@@ -12,10 +12,12 @@ off-loop tokenization (serving_common.py).
 
 from __future__ import annotations
 
+
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -37,7 +39,7 @@ from pagoda.entrypoints.ollama.protocol import (
 from pagoda.entrypoints.openai.errors import APIError
 from pagoda.entrypoints.openai.serving_common import ServerConfig, ending_well, off_loop, run_request
 from pagoda.outputs import RequestOutput
-from pagoda.sampling_params import SamplingParams, SamplingParamsError
+from pagoda.sampling_params import RequestOutputKind, SamplingParams, SamplingParamsError
 
 
 def add_ollama_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig) -> None:
@@ -114,12 +116,17 @@ def add_ollama_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig) -> N
         """piece(text) -> the part of a line that carries text ("response" or "message")."""
         started = time.monotonic()
         params = sampling_params(body.options, len(prompt_ids))
+        # Streams get what is new each step; whole answers come once, at the end.
+        params = replace(params, output_kind=RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY)
         first, outputs = await start(request, prompt_ids, params)
 
-        def final_line(output: RequestOutput) -> dict:
-            extra = {"context": list(output.prompt_token_ids) + list(output.outputs[0].token_ids)} \
-                if with_context else {}
-            return {**final_fields(output, started), **extra}
+        def final_line(output: RequestOutput, output_ids: list[int] | None = None) -> dict:
+            """`output_ids`: every generated token, for streams (their outputs are DELTAs)."""
+            output_ids = output.outputs[0].token_ids if output_ids is None else output_ids
+            extra = {"context": list(output.prompt_token_ids) + list(output_ids)} if with_context else {}
+            fields = final_fields(output, started)
+            fields["eval_count"] = len(output_ids)
+            return {**fields, **extra}
 
         if not body.stream:
             async def last(final: RequestOutput) -> RequestOutput:
@@ -131,16 +138,16 @@ def add_ollama_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig) -> N
             return {"model": body.model, "created_at": now(), **piece(final.outputs[0].text), **final_line(final)}
 
         async def lines():
-            sent = 0
+            output_ids: list[int] = []
             async for output in prepend(first, outputs):
-                text = output.outputs[0].text
-                if len(text) > sent:
-                    yield json.dumps({"model": body.model, "created_at": now(), **piece(text[sent:]),
+                text = output.outputs[0].text  # new since the last output (DELTA)
+                output_ids.extend(output.outputs[0].token_ids)
+                if text:
+                    yield json.dumps({"model": body.model, "created_at": now(), **piece(text),
                                       "done": False}) + "\n"
-                    sent = len(text)
                 if output.finished:
                     yield json.dumps({"model": body.model, "created_at": now(), **piece(""),
-                                      **final_line(output)}) + "\n"
+                                      **final_line(output, output_ids)}) + "\n"
 
         def error_lines(error: APIError) -> str:
             return (json.dumps({"error": error.message}) + "\n"

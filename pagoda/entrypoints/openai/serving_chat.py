@@ -7,9 +7,11 @@ concatenated deltas equal the non-streamed text.
 
 from __future__ import annotations
 
+
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
@@ -29,6 +31,7 @@ from pagoda.entrypoints.openai.serving_common import (
 )
 from pagoda.entrypoints.openai.token_bytes import token_bytes
 from pagoda.outputs import RequestOutput
+from pagoda.sampling_params import RequestOutputKind
 
 
 class OpenAIServingChat(OpenAIServing):
@@ -50,6 +53,8 @@ class OpenAIServingChat(OpenAIServing):
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         top = (body.top_logprobs or 0) if body.logprobs else None
         params = self.sampling_params(body, max_tokens, len(prompt_ids), top)
+        # Streams get what is new each step; whole answers come once, at the end.
+        params = replace(params, output_kind=RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         first, outputs = await wait_or_disconnect(request, self.start(prompt_ids, params, request_id,
                                                                       self.request_options(body)))
@@ -106,8 +111,12 @@ class OpenAIServingChat(OpenAIServing):
         for index in range(n):
             yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None}])
-        sent_text = [0] * n
-        sent_tokens = [0] * n
+        # Outputs are DELTAs: each holds the text and tokens new since the last one. Tokens
+        # whose text has not appeared yet (a character split across tokens, a possible stop
+        # string held back) wait here with their logprobs for the chunk that shows the text.
+        pending_ids: list[list[int]] = [[] for _ in range(n)]
+        pending_logprobs: list[list[dict[int, float]]] = [[] for _ in range(n)]
+        num_tokens = 0
         held: list[dict | None] = [None] * n  # last content chunk, sent when the next one (or the end) comes
         done = [False] * n
         final = first
@@ -118,18 +127,19 @@ class OpenAIServingChat(OpenAIServing):
                 i = c.index
                 if done[i]:
                     continue
-                delta = c.text[sent_text[i]:]
-                new_tokens = len(c.token_ids) - sent_tokens[i]
+                delta = c.text
+                num_tokens += len(c.token_ids)
+                pending_ids[i].extend(c.token_ids)
+                pending_logprobs[i].extend(c.logprobs or ())
                 entry = None
                 if delta or c.finished:
                     logprobs = None
-                    if top_logprobs is not None and new_tokens:
-                        logprobs = {"content": self._logprobs(c.token_ids, c.logprobs, top_logprobs, sent_tokens[i]),
+                    if top_logprobs is not None and pending_ids[i]:
+                        logprobs = {"content": self._logprobs(pending_ids[i], pending_logprobs[i], top_logprobs),
                                     "refusal": None}
                     entry = {"index": i, "delta": {"content": delta} if delta else {}, "logprobs": logprobs,
                              "finish_reason": None}
-                    sent_text[i] = len(c.text)
-                    sent_tokens[i] = len(c.token_ids)
+                    pending_ids[i], pending_logprobs[i] = [], []
                 if c.finished:
                     done[i] = True
                     last = held[i]
@@ -146,4 +156,4 @@ class OpenAIServingChat(OpenAIServing):
                         yield chunk([held[i]])
                     held[i] = entry
         if include_usage:
-            yield chunk([], usage(final))
+            yield chunk([], usage(final, num_tokens))

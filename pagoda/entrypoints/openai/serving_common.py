@@ -154,8 +154,10 @@ def truncate(prompt_ids: list[int], keep_last: int | None) -> list[int]:
     return prompt_ids[-keep_last:] if keep_last is not None else prompt_ids
 
 
-def usage(output: RequestOutput) -> dict:
-    completion = sum(len(c.token_ids) for c in output.outputs)
+def usage(output: RequestOutput, completion_tokens: int | None = None) -> dict:
+    """Token counts of a finished request; `completion_tokens` for streams of DELTA outputs
+    (whose last output holds only the last tokens)."""
+    completion = completion_tokens if completion_tokens is not None else sum(len(c.token_ids) for c in output.outputs)
     prompt = len(output.prompt_token_ids)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": output.num_cached_tokens}}

@@ -29,6 +29,7 @@ from pagoda.entrypoints.openai.serving_common import (
     usage,
 )
 from pagoda.outputs import CompletionOutput, RequestOutput
+from pagoda.sampling_params import RequestOutputKind
 
 
 MAX_PROMPTS = 1024  # prompts in one /v1/completions request (each becomes an engine request)
@@ -64,6 +65,9 @@ class OpenAIServingCompletion(OpenAIServing):
                                 f"{sequences // len(encoded)} each); at most {MAX_SEQUENCES} per request", "n")
         if body.echo and body.logprobs is not None:
             params = [replace(p, prompt_logprobs=body.logprobs) for p in params]
+        # Streams get what is new each step; whole answers come once, at the end.
+        kind = RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY
+        params = [replace(p, output_kind=kind) for p in params]
         request_id = f"cmpl-{uuid.uuid4().hex}"
         if body.stream:
             first, outputs = await wait_or_disconnect(request, self.start(encoded[0], params[0], request_id,
@@ -149,27 +153,33 @@ class OpenAIServingCompletion(OpenAIServing):
         n = len(first.outputs)
         if echo:
             yield chunk([{"index": i, "text": echo, "logprobs": None, "finish_reason": None} for i in range(n)])
-        sent = [0] * n
-        sent_tokens = [0] * n  # tokens whose logprobs went out
+        # Outputs are DELTAs (text and tokens new since the last one); tokens whose text has
+        # not appeared yet wait with their logprobs for the chunk that shows it.
+        sent = [0] * n  # characters sent, for logprobs' text_offset
+        pending_ids: list[list[int]] = [[] for _ in range(n)]
+        pending_logprobs: list[list[dict[int, float]]] = [[] for _ in range(n)]
+        num_tokens = 0
         done = [False] * n
         final = first
         async for output in prepend(first, outputs):
             final = output
             for c in output.outputs:
-                if done[c.index]:
+                i = c.index
+                if done[i]:
                     continue
-                delta = c.text[sent[c.index]:]
+                num_tokens += len(c.token_ids)
+                pending_ids[i].extend(c.token_ids)
+                if c.logprobs is not None:
+                    pending_logprobs[i].extend(c.logprobs)
+                delta = c.text
                 if not delta and not c.finished:
                     continue
                 logprobs = None
-                if c.logprobs is not None:  # the tokens since the last chunk (text may lag them)
-                    start = sent_tokens[c.index]
-                    logprobs = self._logprobs_of(list(c.token_ids[start:]), list(c.logprobs[start:]),
-                                                 len(echo or "") + sent[c.index])
-                    sent_tokens[c.index] = len(c.token_ids)
-                sent[c.index] = len(c.text)
-                done[c.index] = c.finished
-                yield chunk([{"index": c.index, "text": delta, "logprobs": logprobs,
-                              "finish_reason": c.finish_reason}])
+                if c.logprobs is not None:
+                    logprobs = self._logprobs_of(pending_ids[i], pending_logprobs[i], len(echo or "") + sent[i])
+                pending_ids[i], pending_logprobs[i] = [], []
+                sent[i] += len(delta)
+                done[i] = c.finished
+                yield chunk([{"index": i, "text": delta, "logprobs": logprobs, "finish_reason": c.finish_reason}])
         if include_usage:
-            yield chunk([], usage=usage(final))
+            yield chunk([], usage=usage(final, num_tokens))
