@@ -448,6 +448,10 @@ class Scheduler:
         cached = self.kv_cache.find_cached_prefix(request)
         return cached, len(cached) * self.kv_cache.block_size, False
 
+    def get_request(self, request_id: str) -> Request | None:
+        """The live request with this id (waiting, running, preempted or swapped), if any."""
+        return self._requests.get(request_id)
+
     def fork_request(self, source: Request, target: Request) -> None:
         """Beam search: `target` becomes a copy of `source`'s sequence, sharing its KV blocks
         (ref counts; the partly filled last block is copied when one of them first writes

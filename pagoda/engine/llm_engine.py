@@ -66,8 +66,10 @@ from pagoda.core.kv_offload import KVOffloadManager, model_fingerprint
 from pagoda.core.scheduler import RequestUpdate, Scheduler, SchedulerStats
 from pagoda.core.scheduler_output import SchedulerOutput, describe_error
 from pagoda.core.swap_space import SwapSpace
+from pagoda.core.worker_step import WorkerStep, WorkerStepBuilder
 from pagoda.engine.beam_search import BeamSearch, BeamStep
 from pagoda.engine.detokenizer import IncrementalDetokenizer
+from pagoda.executor import Executor, InProcessExecutor
 from pagoda.model.loader.loader import build_model, load_hf_config, load_tokenizer
 from pagoda.model.loader.resolve import resolve_model
 from pagoda.outputs import CompletionOutput, RequestMetrics, RequestOutput, logprob_dict
@@ -197,9 +199,13 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager, self.max_model_len, self.swap_space)
         self.runner = ModelRunner(
             self.model, self.kv_caches, block_size, Sampler(self.vocab_size, config.seed), self.device,
+            self.max_model_len,
             offload_host=self.offload.host if self.offload is not None else None,
             host_kv_caches=self.host_kv_caches,
         )
+        # The engine's only door to the device side; it sends plain data (core/worker_step.py).
+        self.executor: Executor = InProcessExecutor(self.runner)
+        self._worker_steps = WorkerStepBuilder()
         self._parents: dict[str, _ParentRequest] = {}
         self._seq_to_parent: dict[str, str] = {}
         # Sequences suspected of failing a batched step: sequence id -> the position it must
@@ -283,7 +289,7 @@ class LLMEngine:
             for block_hash, block_id in batch:
                 offload.offload(block_hash, block_id)
             offloads, _ = offload.take_step_copies()
-            self.runner.apply_block_copies(SchedulerOutput(blocks_to_offload=offloads))
+            self.executor.move_blocks(WorkerStep(blocks_to_offload=offloads))
             offload.after_step()
 
     def _num_swap_blocks(self) -> int:
@@ -431,8 +437,10 @@ class LLMEngine:
                 self.offload.after_step()
             return self._fail_parents(failed)
         try:
-            runner_output = self.runner.execute(scheduler_output)
+            runner_output = self.executor.execute_model(self._worker_steps.build(scheduler_output))
         except BaseException as error:  # noqa: BLE001 - undone, then blamed or isolated; non-Exceptions re-raised
+            # The worker may have stopped anywhere: its copy of these requests is suspect too.
+            self._worker_steps.forget(item.request_id for item in scheduler_output.scheduled)
             self._recover_from_failed_step(scheduler_output, error, failed)  # re-raises when it must
             return self._fail_parents(failed)
         if self.offload is not None:
@@ -574,6 +582,7 @@ class LLMEngine:
         step: BeamStep = beam.step({i: slots[i] for i in beam.live})
         for source, target in step.forks:
             self.scheduler.fork_request(slots[source], slots[target])
+            self._worker_steps.forget([slots[target].request_id])  # its sequence was replaced
         now = time.monotonic()
         for slot, entry in step.appends:
             request = slots[slot]

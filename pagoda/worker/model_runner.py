@@ -1,8 +1,8 @@
-"""Turns a SchedulerOutput into flat tensors, runs the model once, samples.
+"""Runs one `WorkerStep`: block moves, then the model once over the step's rows, then sampling.
 
-The runner owns the KV tensors (and the host swap space, if any) and the
-device; it reads requests but never changes their bookkeeping (the
-scheduler does that from our output).
+The runner owns the KV tensors (and the host swap space, if any), the device and the
+persistent batch (worker/input_batch.py): it never sees the engine's `Request` objects,
+only the plain data of core/worker_step.py, and answers with a `ModelRunnerOutput`.
 
 Failures: each row's input is checked before the batch is built (its token
 ids in the vocabulary, its block table long enough for the positions it
@@ -18,13 +18,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pagoda.core.scheduler_output import (
-    ModelRunnerOutput,
-    ScheduledRequest,
-    SchedulerOutput,
-    describe_error,
-)
+from pagoda.core.scheduler_output import ModelRunnerOutput, SchedulerOutput, describe_error
+from pagoda.core.worker_step import StepRow, WorkerStep
 from pagoda.model.attention.metadata import AttentionMetadata, DecodeGroup, PrefillChunk
+from pagoda.worker.input_batch import InputBatch, RowState, StepTensors
 from pagoda.worker.kv_cache import move_blocks
 from pagoda.worker.onednn_caches import bound_onednn_caches
 from pagoda.worker.sampler import Sampler, token_logprobs
@@ -38,6 +35,7 @@ class ModelRunner:
         block_size: int,
         sampler: Sampler,
         device: torch.device,
+        max_model_len: int,
         offload_host: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
         host_kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ):
@@ -51,6 +49,8 @@ class ModelRunner:
         self.block_size = block_size
         self.sampler = sampler
         self.device = device
+        # Every live request's tokens, block table and sampling state, across steps.
+        self.input_batch = InputBatch(block_size, max_model_len)
         config = model.config
         self.vocab_size: int | None = getattr(config, "vocab_size", None)
         # Query heads per KV head: prefill masks are tiled this many times (torch_paged.py).
@@ -74,7 +74,7 @@ class ModelRunner:
                     cache.index_copy_(0, targets, cache.index_select(0, sources))
 
     @torch.inference_mode()
-    def apply_block_copies(self, scheduler_output: SchedulerOutput) -> None:
+    def apply_block_copies(self, scheduler_output: SchedulerOutput | WorkerStep) -> None:
         """Every block move of a step, before its forward pass, in an order that is part of the
         scheduler's contract: every read of a device block (offloads of evicted cached blocks,
         swap-outs) comes before any write to one, because a block freed or evicted this step
@@ -96,84 +96,89 @@ class ModelRunner:
             move_blocks(self.offload_host, self.kv_caches, out.blocks_to_load)
 
     @torch.inference_mode()
-    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        self.apply_block_copies(scheduler_output)
+    def execute(self, step: WorkerStep) -> ModelRunnerOutput:
+        self.apply_block_copies(step)
+        self.input_batch.apply(step)
         out = ModelRunnerOutput()
-        scheduled = []
-        for item in scheduler_output.scheduled:
-            problem = self._check_row(item)
-            if problem is None:
-                scheduled.append(item)
+        decodes, prefills = [], []
+        for row in step.rows:
+            problem = self._check_row(row)
+            if problem is not None:
+                out.failed[row.request_id] = problem
+            elif row.num_new_tokens == 1 and row.start > 0:
+                decodes.append(row)
             else:
-                out.failed[item.request_id] = problem
-        if not scheduled:
+                prefills.append(row)
+        if not decodes and not prefills:
             return out
-        # Decodes first, longest first (grouped by length for batched attention), then prefill chunks.
-        decodes = sorted((s for s in scheduled if self._is_decode(s)), key=lambda s: -s.end)
-        prefills = [s for s in scheduled if not self._is_decode(s)]
-        items = decodes + prefills
-        input_ids, positions, meta = self._prepare(decodes, prefills)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        # Decodes first, longest first (the torch backend groups them by length), then prefill chunks.
+        decodes.sort(key=lambda row: -row.end)
+        batch = self.input_batch.prepare(decodes + prefills, len(decodes), self.device)
+        meta = self._attention_metadata(batch)
+        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, meta)
 
-        sample_rows, sample_items = [], []
+        states = self.input_batch.states
+        sample_rows, sample_states = [], []
         prompt_rows: list[int] = []
-        prompt_owner: list[tuple[ScheduledRequest, int]] = []  # (item, position)
+        prompt_owner: list[tuple[RowState, int]] = []  # (request, position)
         offset = 0
-        for item in items:
-            for position in item.prompt_logprob_positions:
-                prompt_rows.append(offset + position - item.start)
-                prompt_owner.append((item, position))
-            if item.samples:
-                sample_rows.append(offset + item.num_new_tokens - 1)
-                sample_items.append(item)
-            offset += item.num_new_tokens
+        for row in batch.rows:
+            first, last = row.prompt_logprob_range
+            for position in range(first, last):
+                prompt_rows.append(offset + position - row.start)
+                prompt_owner.append((states[row.request_id], position))
+            if row.samples:
+                sample_rows.append(offset + row.num_new_tokens - 1)
+                sample_states.append(states[row.request_id])
+            offset += row.num_new_tokens
 
         if sample_rows:
             logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
-            result = self.sampler(logits, [item.request for item in sample_items])
-            candidates = result.beam_candidates or [None] * len(sample_items)
-            for row, (item, token, logprobs, beams) in enumerate(
-                    zip(sample_items, result.token_ids, result.logprobs, candidates)):
-                if row in result.failed:
-                    out.failed[item.request_id] = result.failed[row]
+            result = self.sampler(logits, sample_states)
+            candidates = result.beam_candidates or [None] * len(sample_states)
+            for i, (state, token, logprobs, beams) in enumerate(
+                    zip(sample_states, result.token_ids, result.logprobs, candidates)):
+                if i in result.failed:
+                    out.failed[state.request_id] = result.failed[i]
                     continue
                 if beams is not None:
-                    out.beam_candidates[item.request_id] = beams
+                    out.beam_candidates[state.request_id] = beams
                     continue
-                out.sampled_token_ids[item.request_id] = token
+                out.sampled_token_ids[state.request_id] = token
                 if logprobs is not None:
-                    out.logprobs[item.request_id] = logprobs
+                    out.logprobs[state.request_id] = logprobs
         if prompt_rows:
             logits = self.model.compute_logits(hidden[torch.tensor(prompt_rows, device=self.device)])
             logprobs = torch.log_softmax(logits, dim=-1)
-            for row, (item, position) in enumerate(prompt_owner):
-                request = item.request
-                if request.request_id in out.failed:
+            for i, (state, position) in enumerate(prompt_owner):
+                if state.request_id in out.failed:
                     continue
                 try:
-                    next_token = request.prompt_token_ids[position + 1]
-                    entry = token_logprobs(logprobs[row], next_token, request.sampling_params.prompt_logprobs)
+                    next_token = state.prompt_token_ids[position + 1]
+                    entry = token_logprobs(logprobs[i], next_token, state.sampling_params.prompt_logprobs)
                 except Exception as error:  # noqa: BLE001 - this row's prompt logprobs failed: it fails alone
-                    out.failed[request.request_id] = describe_error(error)
+                    out.failed[state.request_id] = describe_error(error)
                     continue
-                out.prompt_logprobs.setdefault(request.request_id, []).append(entry)
+                out.prompt_logprobs.setdefault(state.request_id, []).append(entry)
         for request_id in out.failed:  # nothing of a failed row is reported but the failure
             for results in (out.sampled_token_ids, out.logprobs, out.prompt_logprobs, out.beam_candidates):
                 results.pop(request_id, None)
         return out
 
-    def _check_row(self, item: ScheduledRequest) -> str | None:
+    def _check_row(self, row: StepRow) -> str | None:
         """Why this row cannot run (its input would break the batch), or None."""
         try:
-            request = item.request
-            if item.num_new_tokens < 1 or item.start < 0 or item.end > request.num_tokens:
-                return (f"it asks for positions {item.start}..{item.end - 1} of a sequence "
-                        f"of {request.num_tokens} tokens")
-            if len(item.block_table) * self.block_size < item.end:
-                return (f"its block table ({len(item.block_table)} blocks of {self.block_size}) "
-                        f"does not reach position {item.end - 1}")
-            tokens = request.all_token_ids[item.start:item.end]
-            low, high = min(tokens), max(tokens)
+            state = self.input_batch.states[row.request_id]
+            num_tokens = state.num_tokens
+            if row.num_new_tokens < 1 or row.start < 0 or row.end > num_tokens:
+                return (f"it asks for positions {row.start}..{row.end - 1} of a sequence "
+                        f"of {num_tokens} tokens")
+            num_blocks = int(self.input_batch.num_blocks[state.row])
+            if num_blocks * self.block_size < row.end:
+                return (f"its block table ({num_blocks} blocks of {self.block_size}) "
+                        f"does not reach position {row.end - 1}")
+            tokens = self.input_batch.token_ids[state.row, row.start:row.end]
+            low, high = int(tokens.min()), int(tokens.max())
             if low < 0 or (self.vocab_size is not None and high >= self.vocab_size):
                 bad = low if low < 0 else high
                 return f"token id {bad} is outside the vocabulary [0, {self.vocab_size})"
@@ -181,66 +186,37 @@ class ModelRunner:
             return describe_error(error)
         return None
 
-    @staticmethod
-    def _is_decode(item: ScheduledRequest) -> bool:
-        return item.num_new_tokens == 1 and item.start > 0
-
-    def _slots(self, block_table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Cache slots of `positions` given a block table (same leading dims)."""
-        bs = self.block_size
-        return block_table.gather(-1, positions // bs) * bs + positions % bs
-
-    def _prepare(
-        self, decodes: list[ScheduledRequest], prefills: list[ScheduledRequest]
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def _attention_metadata(self, batch: StepTensors) -> AttentionMetadata:
+        """The torch backend's metadata: decode groups of similar lengths, prefill chunks."""
         device = self.device
-        items = decodes + prefills
-        token_ids: list[int] = []
-        position_list: list[int] = []
-        for item in items:
-            token_ids.extend(item.request.all_token_ids[item.start : item.end])
-            position_list.extend(range(item.start, item.end))
-        input_ids = torch.tensor(token_ids, dtype=torch.long, device=device)
-        positions = torch.tensor(position_list, dtype=torch.long, device=device)
-
-        max_blocks = max(len(item.block_table) for item in items)
-        tables = torch.zeros(len(items), max_blocks, dtype=torch.long)
-        for row, item in enumerate(items):
-            tables[row, : len(item.block_table)] = torch.tensor(item.block_table, dtype=torch.long)
-        tables = tables.to(device)
-
-        # Slot of every token of this step.
-        row_of_token = torch.repeat_interleave(
-            torch.arange(len(items), device=device),
-            torch.tensor([item.num_new_tokens for item in items], device=device),
-        )
-        slot_mapping = self._slots(tables[row_of_token], positions.unsqueeze(1)).squeeze(1)
-        meta = AttentionMetadata(slot_mapping=slot_mapping)
-
         bs = self.block_size
+        tables = batch.block_tables.long()
+        meta = AttentionMetadata(slot_mapping=batch.slot_mapping)
+        decode_lens = batch.seq_lens[:batch.num_decodes].tolist()
         start = 0
-        for count in _group_by_length([item.end for item in decodes]):
-            group_items = decodes[start : start + count]
-            seq_lens = torch.tensor([item.end for item in group_items], device=device)
-            num_blocks = len(group_items[0].block_table)  # longest first
-            group_tables = tables[start : start + count, :num_blocks]
+        for count in _group_by_length(decode_lens):
+            group_lens = decode_lens[start:start + count]
+            num_blocks = -(-group_lens[0] // bs)  # longest first
+            group_tables = tables[start:start + count, :num_blocks]
             key_mask = None
-            if any(item.end != num_blocks * bs for item in group_items):
+            if any(length != num_blocks * bs for length in group_lens):
+                seq_lens = torch.tensor(group_lens, device=device)
                 key_positions = torch.arange(num_blocks * bs, device=device).unsqueeze(0)
                 key_mask = (key_positions < seq_lens.unsqueeze(1)).view(count, 1, 1, num_blocks * bs)
             meta.decode_groups.append(DecodeGroup(start, count, group_tables, key_mask))
             start += count
 
-        query_start = len(decodes)
-        for row, item in enumerate(prefills, start=len(decodes)):
-            seq = torch.arange(item.end, device=device)
-            mask = seq.unsqueeze(0) <= seq[item.start :].unsqueeze(1)
+        query_start = batch.num_decodes
+        for index in range(batch.num_decodes, len(batch.rows)):
+            row = batch.rows[index]
+            seq = torch.arange(row.end, device=device)
+            mask = seq.unsqueeze(0) <= seq[row.start:].unsqueeze(1)
             if self.query_group > 1:
                 mask = mask.repeat(self.query_group, 1)
-            key_blocks = tables[row, : len(item.block_table)] if item.start > 0 else None
-            meta.prefills.append(PrefillChunk(query_start, item.num_new_tokens, item.start, key_blocks, mask))
-            query_start += item.num_new_tokens
-        return input_ids, positions, meta
+            key_blocks = tables[index, :-(-row.end // bs)] if row.start > 0 else None
+            meta.prefills.append(PrefillChunk(query_start, row.num_new_tokens, row.start, key_blocks, mask))
+            query_start += row.num_new_tokens
+        return meta
 
 
 # A decode group may pad its keys to at most this much more than it holds.

@@ -23,12 +23,16 @@ whole call; the engine then finds the culprit (engine/llm_engine.py).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from pagoda.core.scheduler_output import describe_error
-from pagoda.request import Request, TokenLogprobs
+from pagoda.request import TokenLogprobs
 from pagoda.sampling_params import SamplingType
+
+if TYPE_CHECKING:  # the rows sampled are the worker's view of requests (worker/input_batch.py)
+    from pagoda.worker.input_batch import RowState as Request
 
 
 @dataclass

@@ -97,15 +97,16 @@ def test_a_failing_request_raises_from_its_own_stream_and_the_engine_goes_on(asy
 
 def test_a_request_failed_inside_the_step_frees_everything(thread_engine, expected, monkeypatch):
     engine = thread_engine.engine
-    execute = engine.runner.execute
+    execute = engine.executor.execute_model
 
-    def failing(scheduler_output):
+    def failing(step):
         # Every step that runs "bad" once it has 2 tokens fails: batched with "good", then alone.
-        if any(i.request_id == "bad" and i.request.num_output_tokens >= 2 for i in scheduler_output.scheduled):
+        if any(row.request_id == "bad" and engine.scheduler.get_request("bad").num_output_tokens >= 2
+               for row in step.rows):
             raise RuntimeError("injected device failure")
-        return execute(scheduler_output)
+        return execute(step)
 
-    monkeypatch.setattr(engine.runner, "execute", failing)
+    monkeypatch.setattr(engine.executor, "execute_model", failing)
 
     async def run():
         bad = asyncio.ensure_future(_final(thread_engine, _tokens(30, 2), LONG, "bad"))

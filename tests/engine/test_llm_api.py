@@ -148,7 +148,7 @@ def test_text_of_multibyte_output_has_no_replacement_chars(smol):
 
 
 def test_interrupted_generate_frees_every_block(tiny, monkeypatch):
-    original = tiny.engine.runner.execute
+    original = tiny.engine.executor.execute_model
     calls = {"n": 0}
 
     def interrupted(scheduler_output):
@@ -157,7 +157,7 @@ def test_interrupted_generate_frees_every_block(tiny, monkeypatch):
             raise KeyboardInterrupt
         return original(scheduler_output)
 
-    monkeypatch.setattr(tiny.engine.runner, "execute", interrupted)
+    monkeypatch.setattr(tiny.engine.executor, "execute_model", interrupted)
     with pytest.raises(KeyboardInterrupt):
         tiny.generate([_prompt(20, s) for s in range(4)], SamplingParams(max_tokens=10, ignore_eos=True))
     assert not tiny.engine.has_unfinished_requests()

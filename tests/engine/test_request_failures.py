@@ -75,15 +75,15 @@ def _in_scheduling(engine, monkeypatch):
 
 
 def _in_its_input_row(engine, monkeypatch):
-    execute = engine.runner.execute
+    execute = engine.executor.execute_model
 
-    def corrupting(scheduler_output):
-        for item in scheduler_output.scheduled:
-            if item.request_id == "A" and item.request.num_output_tokens == 2:
-                item.request.all_token_ids[-1] = TINY_VOCAB + 7  # a token id the model cannot embed
-        return execute(scheduler_output)
+    def corrupting(step):
+        for row in step.rows:
+            if row.request_id == "A" and engine.scheduler.get_request("A").num_output_tokens == 2:
+                row.new_token_ids[-1] = TINY_VOCAB + 7  # a token id the model cannot embed
+        return execute(step)
 
-    monkeypatch.setattr(engine.runner, "execute", corrupting)
+    monkeypatch.setattr(engine.executor, "execute_model", corrupting)
     return GREEDY, {}, f"token id {TINY_VOCAB + 7}"
 
 
@@ -148,15 +148,16 @@ def _in_its_output(engine, monkeypatch):
 
 
 def _in_the_batched_forward(engine, monkeypatch):
-    execute = engine.runner.execute
+    execute = engine.executor.execute_model
 
-    def failing(scheduler_output):
+    def failing(step):
         # Whenever A runs once it has 2 tokens: batched with B at first, then alone.
-        if any(item.request_id == "A" and item.request.num_output_tokens >= 2 for item in scheduler_output.scheduled):
+        if any(row.request_id == "A" and engine.scheduler.get_request("A").num_output_tokens >= 2
+               for row in step.rows):
             raise RuntimeError("injected device failure")
-        return execute(scheduler_output)
+        return execute(step)
 
-    monkeypatch.setattr(engine.runner, "execute", failing)
+    monkeypatch.setattr(engine.executor, "execute_model", failing)
     return GREEDY, {}, "injected device failure"
 
 
@@ -192,14 +193,14 @@ def test_the_offline_api_returns_a_failed_request_with_its_error(tiny_llama, ref
 
     llm = LLM(str(tiny_llama), dtype="float32", show_progress=False, kv_cache_memory=16 * 1024**2)
     # Request ids are given in order: the first prompt is "0"; it makes every step that runs it fail.
-    execute = llm.engine.runner.execute
+    execute = llm.engine.executor.execute_model
 
-    def failing(scheduler_output):
-        if any(item.request_id == "0" for item in scheduler_output.scheduled):
+    def failing(step):
+        if any(row.request_id == "0" for row in step.rows):
             raise RuntimeError("injected device failure")
-        return execute(scheduler_output)
+        return execute(step)
 
-    monkeypatch.setattr(llm.engine.runner, "execute", failing)
+    monkeypatch.setattr(llm.engine.executor, "execute_model", failing)
     outputs = llm.generate([PROMPT_A, PROMPT_B], GREEDY)
     assert outputs[0].error is not None and "injected device failure" in outputs[0].error
     assert outputs[0].outputs[0].finish_reason == "error" and outputs[0].outputs[0].token_ids == []
@@ -213,7 +214,7 @@ def test_a_device_that_keeps_failing_ends_the_engine(tiny_llama, monkeypatch):
     def broken(_):
         raise RuntimeError("injected device failure")
 
-    monkeypatch.setattr(engine.runner, "execute", broken)
+    monkeypatch.setattr(engine.executor, "execute_model", broken)
     assert engine.max_consecutive_failed_steps == 5
     for index in range(5):
         engine.add_request(_tokens(5 + index, 20 + index), GREEDY, f"r{index}")

@@ -74,19 +74,22 @@ def _scribble(caches, blocks) -> None:
                 cache[block] = torch.randn(cache[block].shape, generator=_GARBAGE) * 50
 
 
-def _half_done(runner, scheduler_output, after_moves: bool) -> None:
+def _half_done(runner, step, after_moves: bool) -> None:
     """The state a step that failed part way may leave: before the moves ran, every destination
-    may hold anything; after them, the positions the forward pass was writing."""
-    out = scheduler_output
+    may hold anything; after them (and the worker's batch updates), the positions the forward
+    pass was writing."""
+    out = step
     if after_moves:
         runner.apply_block_copies(out)
+        runner.input_batch.apply(out)
         block_size = runner.block_size
-        for item in out.scheduled:
-            for position in range(item.start, item.end):
+        for row in out.rows:
+            table = runner.input_batch.block_table[runner.input_batch.states[row.request_id].row]
+            for position in range(row.start, row.end):
                 slot = position % block_size
                 for k_cache, v_cache in runner.kv_caches:
                     for cache in (k_cache, v_cache):
-                        cache[item.block_table[position // block_size], slot] = \
+                        cache[int(table[position // block_size]), slot] = \
                             torch.randn(cache.shape[2:], generator=_GARBAGE) * 50
         return
     _scribble(runner.kv_caches, [d for _, d in out.blocks_to_swap_in + out.blocks_to_copy + out.blocks_to_load])
@@ -101,24 +104,24 @@ def _inject(llm: LLM, monkeypatch, after_moves: bool, targets=MOVES, per_kind: i
     """Fails batched steps with a kind of block move in `targets` failed fewer than `per_kind`
     times so far, never two steps in a row, leaving them half done; returns how many failed
     steps had each kind."""
-    runner = llm.engine.runner
-    execute = runner.execute
+    runner, executor = llm.engine.runner, llm.engine.executor
+    execute = executor.execute_model
     kinds: Counter[str] = Counter()
     last_failed = [False]
 
-    def flaky(scheduler_output):
-        moves = [name for name in MOVES if getattr(scheduler_output, name)]
+    def flaky(step):
+        moves = [name for name in MOVES if getattr(step, name)]
         wanted = any(kinds[name] < per_kind for name in moves if name in targets)
-        if wanted and len(scheduler_output.scheduled) > 1 and not last_failed[0]:
+        if wanted and len(step.rows) > 1 and not last_failed[0]:
             last_failed[0] = True
             kinds.update(moves)
             kinds["steps"] += 1
-            _half_done(runner, scheduler_output, after_moves)
+            _half_done(runner, step, after_moves)
             raise RuntimeError("injected transient failure")
         last_failed[0] = False
-        return execute(scheduler_output)
+        return execute(step)
 
-    monkeypatch.setattr(runner, "execute", flaky)
+    monkeypatch.setattr(executor, "execute_model", flaky)
     return kinds
 
 
@@ -168,16 +171,16 @@ def test_blocks_a_failed_step_was_loading_are_not_left_in_the_prefix_cache(tiny_
     for other in OTHERS:  # one by one: each evicts the last, PREFIX's blocks go to host memory
         llm.generate([other + [5]], GREEDY)
     engine = llm.engine
-    execute, failures = engine.runner.execute, []
+    execute, failures = engine.executor.execute_model, []
 
-    def failing_load(scheduler_output):
-        if scheduler_output.blocks_to_load and not failures:
-            failures.append(len(scheduler_output.blocks_to_load))
-            _half_done(engine.runner, scheduler_output, after_moves=False)
+    def failing_load(step):
+        if step.blocks_to_load and not failures:
+            failures.append(len(step.blocks_to_load))
+            _half_done(engine.runner, step, after_moves=False)
             raise RuntimeError("injected failure while loading")
-        return execute(scheduler_output)
+        return execute(step)
 
-    monkeypatch.setattr(engine.runner, "execute", failing_load)
+    monkeypatch.setattr(engine.executor, "execute_model", failing_load)
     engine.add_request(PREFIX + [5], GREEDY, "prefix")
     if not alone:
         engine.add_request([7, 8, 9], GREEDY, "other")

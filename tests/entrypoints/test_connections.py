@@ -19,13 +19,13 @@ LONG = {"model": MODEL, "prompt": "Hello", "max_tokens": 500, "ignore_eos": True
 def slow_engine(tiny_chat_llama, monkeypatch):
     """An engine whose steps take 20 ms: a 500-token request would run 10 s."""
     engine = make_engine(tiny_chat_llama)
-    execute = engine.engine.runner.execute
+    execute = engine.engine.executor.execute_model
 
     def slow(scheduler_output):
         time.sleep(0.02)
         return execute(scheduler_output)
 
-    monkeypatch.setattr(engine.engine.runner, "execute", slow)
+    monkeypatch.setattr(engine.engine.executor, "execute_model", slow)
     yield engine
     engine.shutdown()
 
@@ -67,13 +67,13 @@ def test_a_non_streaming_request_is_aborted_when_its_client_leaves(slow_engine, 
 
 def test_a_stream_still_waiting_for_its_first_output_is_aborted(tiny_chat_llama, monkeypatch):
     engine = make_engine(tiny_chat_llama)
-    execute = engine.engine.runner.execute
+    execute = engine.engine.executor.execute_model
 
     def very_slow(scheduler_output):
         time.sleep(0.5)
         return execute(scheduler_output)
 
-    monkeypatch.setattr(engine.engine.runner, "execute", very_slow)
+    monkeypatch.setattr(engine.engine.executor, "execute_model", very_slow)
     try:
         with live_server(engine) as url:
             _leave_early(url + "/v1/completions", {**LONG, "stream": True}, stream=True)
@@ -131,7 +131,7 @@ def test_a_stream_whose_engine_fails_ends_with_an_error_event_and_done(slow_engi
         def broken(_):
             raise RuntimeError("injected device failure")
 
-        monkeypatch.setattr(slow_engine.engine.runner, "execute", broken)
+        monkeypatch.setattr(slow_engine.engine.executor, "execute_model", broken)
         events = _events(lines)
     assert events[-1] == "[DONE]"
     error = json.loads(events[-2])["error"]
@@ -148,7 +148,7 @@ def test_an_ollama_stream_whose_engine_fails_ends_with_an_error_line_and_done(sl
         def broken(_):
             raise RuntimeError("injected device failure")
 
-        monkeypatch.setattr(slow_engine.engine.runner, "execute", broken)
+        monkeypatch.setattr(slow_engine.engine.executor, "execute_model", broken)
         rest = [json.loads(line) for line in lines if line]
     assert "injected device failure" in rest[-2]["error"]
     assert rest[-1]["done"] is True and rest[-1]["done_reason"] == "error"

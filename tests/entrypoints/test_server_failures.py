@@ -42,7 +42,7 @@ def test_health_turns_503_when_the_engine_loop_dies(engine, monkeypatch):
     def broken(_):
         raise RuntimeError("injected device failure")
 
-    monkeypatch.setattr(engine.engine.runner, "execute", broken)
+    monkeypatch.setattr(engine.engine.executor, "execute_model", broken)
     # A permanently broken device: each request fails alone (the engine cannot tell a broken
     # request from a broken device) until max_consecutive_failed_steps steps in a row have
     # failed; then the engine loop ends and the request in flight gets a 503.

@@ -26,6 +26,7 @@ from pagoda.core.scheduler import Scheduler
 from pagoda.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from pagoda.core.block_pool import HostBlockPool
 from pagoda.core.swap_space import SwapSpace
+from pagoda.core.worker_step import WorkerStep
 from pagoda.request import Request, RequestStatus
 from pagoda.sampling_params import SamplingParams
 from pagoda.worker.kv_cache import allocate_host_kv_caches, move_blocks
@@ -488,10 +489,10 @@ def test_worker_swaps_out_then_in_then_copies():
     host[1][0][1] = 155.0
     host[1][1][1] = -155.0
     runner = ModelRunner(_NoModel(), device, block_size=2, sampler=None, device=torch.device("cpu"),
-                         host_kv_caches=host)
+                         max_model_len=8, host_kv_caches=host)
     # Device block 1 is swapped out to host 0 and, in the same step, receives host block 1;
     # then block 1 (now swapped in) is copied to block 3.
-    out = SchedulerOutput(blocks_to_swap_out=[(1, 0)], blocks_to_swap_in=[(1, 1)], blocks_to_copy=[(1, 3)])
+    out = WorkerStep(blocks_to_swap_out=[(1, 0)], blocks_to_swap_in=[(1, 1)], blocks_to_copy=[(1, 3)])
     assert runner.execute(out).sampled_token_ids == {}
     for layer in range(2):
         for kv, sign in ((0, 1), (1, -1)):
@@ -522,9 +523,9 @@ def test_host_caches_have_the_device_block_shape():
 
 
 def test_a_swap_without_swap_space_is_refused():
-    runner = ModelRunner(_NoModel(), _caches(2, lambda layer, kv: 0.0), 2, None, torch.device("cpu"))
+    runner = ModelRunner(_NoModel(), _caches(2, lambda layer, kv: 0.0), 2, None, torch.device("cpu"), 8)
     with pytest.raises(RuntimeError, match="no swap space"):
-        runner.execute(SchedulerOutput(blocks_to_swap_out=[(0, 0)]))
+        runner.execute(WorkerStep(blocks_to_swap_out=[(0, 0)]))
 
 
 # --------------------------------------------------------------------------- config
