@@ -20,7 +20,8 @@ import torch
 
 from pagoda.core.worker_step import NewRequestData, StepRow, WorkerStep
 from pagoda.request import num_beam_candidates_kept
-from pagoda.sampling_params import SamplingParams
+from pagoda.sampling_params import SamplingParams, SamplingType
+from pagoda.worker.sampler import SamplingPlan
 
 
 class RowState:
@@ -83,6 +84,17 @@ class InputBatch:
         self.num_tokens = np.zeros(initial_rows, dtype=np.int64)
         self.block_table = np.zeros((initial_rows, self.max_blocks), dtype=np.int32)
         self.num_blocks = np.zeros(initial_rows, dtype=np.int64)
+        # Per-row sampling parameters and flags, set when a request gets its row (SamplingPlan).
+        self.temperature = np.zeros(initial_rows, dtype=np.float32)
+        self.top_k = np.zeros(initial_rows, dtype=np.int64)
+        self.top_p = np.ones(initial_rows, dtype=np.float32)
+        self.min_p = np.zeros(initial_rows, dtype=np.float32)
+        self.is_random = np.zeros(initial_rows, dtype=bool)
+        self.is_beam = np.zeros(initial_rows, dtype=bool)
+        self.wants_logprobs = np.zeros(initial_rows, dtype=bool)
+        self.always_processed = np.zeros(initial_rows, dtype=bool)  # logit bias or penalties
+        self.num_prompt = np.zeros(initial_rows, dtype=np.int64)
+        self.min_tokens = np.zeros(initial_rows, dtype=np.int64)  # 0 unless min_tokens bans a stop token
         self.states: dict[str, RowState] = {}
         self._free_rows = list(range(initial_rows - 1, -1, -1))
         # Seeded requests' generators outlive a resync of their row (`add`), not their end.
@@ -123,7 +135,39 @@ class InputBatch:
         self.num_tokens[row] = 0
         self._append_tokens(row, data.token_ids)
         self._set_blocks(row, data.block_ids)
+        self._set_sampling(row, state)
         return state
+
+    def _set_sampling(self, row: int, state: RowState) -> None:
+        p = state.sampling_params
+        beam = p.use_beam_search
+        self.temperature[row] = p.temperature
+        self.top_k[row] = p.top_k if p.top_k > 0 else 0
+        self.top_p[row] = p.top_p
+        self.min_p[row] = p.min_p
+        self.is_random[row] = p.sampling_type == SamplingType.RANDOM and not beam
+        self.is_beam[row] = beam
+        self.wants_logprobs[row] = (p.logprobs is not None or p.num_samples > p.n) and not beam
+        self.always_processed[row] = bool(p.logit_bias) or p.needs_penalties
+        self.num_prompt[row] = state.num_prompt_tokens
+        # min_tokens matters only while it bans something (sampler._processed_row).
+        self.min_tokens[row] = p.min_tokens if state.stop_token_set else 0
+
+    def sampling_plan(self, states: list[RowState]) -> SamplingPlan:
+        """The SamplingPlan of these rows (in this order), from the per-row arrays."""
+        index = np.fromiter((state.row for state in states), dtype=np.int64, count=len(states))
+
+        def where(flags: np.ndarray) -> list[int]:
+            return np.flatnonzero(flags).tolist()
+
+        num_output = self.num_tokens[index] - self.num_prompt[index]
+        processing = self.always_processed[index] | (num_output < self.min_tokens[index])
+        return SamplingPlan(
+            temperature=torch.from_numpy(self.temperature[index]), top_k=torch.from_numpy(self.top_k[index]),
+            top_p=torch.from_numpy(self.top_p[index]), min_p=torch.from_numpy(self.min_p[index]),
+            random_rows=where(self.is_random[index]), beam_rows=where(self.is_beam[index]),
+            logprob_rows=where(self.wants_logprobs[index]), processing_rows=where(processing),
+        )
 
     def remove(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
@@ -149,8 +193,10 @@ class InputBatch:
             bigger = np.zeros((rows, *array.shape[1:]), dtype=array.dtype)
             bigger[:len(array)] = array
             return bigger
-        self.token_ids, self.num_tokens = grown(self.token_ids), grown(self.num_tokens)
-        self.block_table, self.num_blocks = grown(self.block_table), grown(self.num_blocks)
+        for name in ("token_ids", "num_tokens", "block_table", "num_blocks", "temperature", "top_k", "top_p",
+                     "min_p", "is_random", "is_beam", "wants_logprobs", "always_processed", "num_prompt",
+                     "min_tokens"):
+            setattr(self, name, grown(getattr(self, name)))
 
     def _append_tokens(self, row: int, token_ids: list[int]) -> None:
         start = int(self.num_tokens[row])

@@ -52,59 +52,100 @@ class Sampler:
         # Shared generator for requests without a seed (no global RNG state).
         self.generator = torch.Generator().manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
-        """logits: [len(requests), vocab] float32 (any device)."""
-        # best_of > n ranks samples by cumulative logprob, so it needs the sampled token's.
-        want_logprobs = [r.sampling_params.logprobs is not None or r.sampling_params.num_samples > r.sampling_params.n
-                         for r in requests]
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
+    def __call__(self, logits: torch.Tensor, requests: list[Request],
+                 plan: SamplingPlan | None = None) -> SamplerOutput:
+        """logits: [len(requests), vocab] float32 (any device). `plan`: the rows' sampling
+        parameters as tensors and index lists (the worker's persistent batch builds it with
+        array operations); built here, row by row, when not given."""
+        plan = plan if plan is not None else SamplingPlan.from_rows(requests)
         failed: dict[int, str] = {}
-        beam_candidates = beam_search_candidates(logits, requests, failed)
+        if plan.plain_greedy:  # the common path: one argmax, nothing per row
+            return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(requests), None, failed)
+        # best_of > n ranks samples by cumulative logprob, so it needs the sampled token's.
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if plan.logprob_rows else None
+        beam_candidates = beam_search_candidates(logits, requests, failed, plan.beam_rows) if plan.beam_rows else None
 
-        logits = apply_logit_processors(logits, requests, failed)
+        logits = apply_logit_processors(logits, requests, failed, plan.processing_rows)
         greedy = logits.argmax(dim=-1)
-        random_rows = [i for i, r in enumerate(requests) if r.sampling_params.sampling_type == SamplingType.RANDOM
-                       and not r.sampling_params.use_beam_search]
-        if random_rows:
-            rows = torch.tensor(random_rows, device=logits.device)
-            sampled = self._sample(logits[rows], [requests[i] for i in random_rows])
+        if plan.random_rows:
+            rows = torch.tensor(plan.random_rows, device=logits.device)
+            sampled = self._sample(logits[rows], plan, [requests[i] for i in plan.random_rows])
             greedy[rows] = sampled
         token_ids = greedy.tolist()
 
         logprobs: list[TokenLogprobs | None] = [None] * len(requests)
-        if raw_logprobs is not None:
-            for i, request in enumerate(requests):
-                if want_logprobs[i] and not request.sampling_params.use_beam_search and i not in failed:
-                    try:
-                        logprobs[i] = token_logprobs(raw_logprobs[i], token_ids[i],
-                                                     request.sampling_params.logprobs or 0)
-                    except Exception as error:  # noqa: BLE001 - this row's logprobs failed: it fails alone
-                        failed[i] = describe_error(error)
+        for i in plan.logprob_rows:
+            if i in failed:
+                continue
+            try:
+                logprobs[i] = token_logprobs(raw_logprobs[i], token_ids[i], requests[i].sampling_params.logprobs or 0)
+            except Exception as error:  # noqa: BLE001 - this row's logprobs failed: it fails alone
+                failed[i] = describe_error(error)
         return SamplerOutput(token_ids, logprobs, beam_candidates, failed)
 
-    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        params = [r.sampling_params for r in requests]
+    def _sample(self, logits: torch.Tensor, plan: SamplingPlan, requests: list[Request]) -> torch.Tensor:
         device = logits.device
-        temperature = torch.tensor([p.temperature for p in params], device=device, dtype=logits.dtype)
-        logits = logits / temperature.unsqueeze(1)
-        top_k = torch.tensor([p.top_k if p.top_k > 0 else 0 for p in params], device=device)
-        top_p = torch.tensor([p.top_p for p in params], device=device, dtype=logits.dtype)
-        min_p = torch.tensor([p.min_p for p in params], device=device, dtype=logits.dtype)
-        logits = filter_logits(logits, top_k, top_p, min_p)
+        rows = plan.random_rows
+        logits = logits / plan.temperature[rows].to(device=device, dtype=logits.dtype).unsqueeze(1)
+        logits = filter_logits(logits, plan.top_k[rows].to(device),
+                               plan.top_p[rows].to(device=device, dtype=logits.dtype),
+                               plan.min_p[rows].to(device=device, dtype=logits.dtype))
         probs = torch.softmax(logits, dim=-1)
         # Exponential race: argmax(p / E) with E ~ Exp(1) is a draw from p. The noise is drawn
         # on the CPU, from CPU generators, so a seed gives the same tokens on every device.
+        # Rows with a seed draw from their own generator, one row at a time; the others share
+        # one draw from the engine's generator.
         noise = torch.empty(probs.shape, dtype=probs.dtype)
-        for i, request in enumerate(requests):
-            noise[i].exponential_(generator=request.generator or self.generator)
+        own = [i for i, request in enumerate(requests) if request.generator is not None]
+        if len(own) < len(requests):
+            noise.exponential_(generator=self.generator)
+        for i in own:
+            noise[i].exponential_(generator=requests[i].generator)
         return (probs / noise.to(device)).argmax(dim=-1)
 
 
+@dataclass
+class SamplingPlan:
+    """What sampling a batch of rows takes, decided once per step: parameter tensors [rows]
+    and the rows (indices into the batch) each optional stage applies to."""
+
+    temperature: torch.Tensor  # float32
+    top_k: torch.Tensor  # int64, 0 = off
+    top_p: torch.Tensor  # float32
+    min_p: torch.Tensor  # float32
+    random_rows: list[int]  # sampled (temperature > 0, not beam search)
+    beam_rows: list[int]  # beam search: report candidates
+    logprob_rows: list[int]  # want the sampled token's logprob (logprobs asked for, or best_of > n)
+    processing_rows: list[int]  # logit bias, penalties, or min_tokens still banning stop tokens
+
+    @property
+    def plain_greedy(self) -> bool:
+        return not (self.random_rows or self.beam_rows or self.logprob_rows or self.processing_rows)
+
+    @staticmethod
+    def from_rows(requests: list[Request]) -> SamplingPlan:
+        params = [r.sampling_params for r in requests]
+        beams = [p.use_beam_search for p in params]
+        return SamplingPlan(
+            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32),
+            top_k=torch.tensor([p.top_k if p.top_k > 0 else 0 for p in params], dtype=torch.int64),
+            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32),
+            min_p=torch.tensor([p.min_p for p in params], dtype=torch.float32),
+            random_rows=[i for i, p in enumerate(params) if p.sampling_type == SamplingType.RANDOM and not beams[i]],
+            beam_rows=[i for i, beam in enumerate(beams) if beam],
+            logprob_rows=[i for i, p in enumerate(params)
+                          if (p.logprobs is not None or p.num_samples > p.n) and not beams[i]],
+            processing_rows=[i for i, r in enumerate(requests) if _needs_processing(r)],
+        )
+
+
 def beam_search_candidates(logits: torch.Tensor, requests: list[Request],
-                           failed: dict[int, str] | None = None) -> list | None:
+                           failed: dict[int, str] | None = None, rows: list[int] | None = None) -> list | None:
     """Per row: the beam's top `num_beam_candidates` (token, logprob) for beam search requests, else None.
-    A row that raises is recorded in `failed` (if given; else the error propagates)."""
-    rows = [i for i, r in enumerate(requests) if r.sampling_params.use_beam_search]
+    A row that raises is recorded in `failed` (if given; else the error propagates). `rows`: the
+    beam search rows, if the caller knows them."""
+    if rows is None:
+        rows = [i for i, r in enumerate(requests) if r.sampling_params.use_beam_search]
     if not rows:
         return None
     candidates: list[list[tuple[int, float]] | None] = [None] * len(requests)
@@ -125,16 +166,17 @@ def beam_search_candidates(logits: torch.Tensor, requests: list[Request],
 
 
 def apply_logit_processors(logits: torch.Tensor, requests: list[Request],
-                           failed: dict[int, str] | None = None) -> torch.Tensor:
+                           failed: dict[int, str] | None = None, rows: list[int] | None = None) -> torch.Tensor:
     """Logit bias, min_tokens and penalties; returns a new tensor when it changes anything.
     A row that raises is recorded in `failed` (if given; else the error propagates) and its
-    logits are left unprocessed."""
-    if not any(_needs_processing(r) for r in requests):
+    logits are left unprocessed. `rows`: the rows that need it, if the caller knows them."""
+    if rows is None:
+        rows = [i for i, r in enumerate(requests) if _needs_processing(r)]
+    if not rows:
         return logits
     logits = logits.clone()
-    for i, request in enumerate(requests):
-        if not _needs_processing(request):
-            continue
+    for i in rows:
+        request = requests[i]
         try:
             logits[i] = _processed_row(logits[i], request)  # written back whole, or not at all
         except Exception as error:

@@ -109,3 +109,28 @@ def test_a_resynced_request_keeps_its_generator():
     batch.apply(resent)
     assert batch.states["s"].generator is generator
     assert bool((generator.get_state() == state_before).all())
+
+
+def test_the_batch_sampling_plan_equals_the_row_by_row_one():
+    from pagoda.core.worker_step import NewRequestData
+    from pagoda.sampling_params import SamplingParams
+    from pagoda.worker.sampler import SamplingPlan
+
+    kinds = [dict(temperature=0), dict(temperature=0.7, top_k=5, top_p=0.9, min_p=0.05, seed=1),
+             dict(temperature=0, logprobs=2), dict(temperature=1.0, n=2, best_of=3),
+             dict(temperature=0, repetition_penalty=1.2), dict(temperature=0, logit_bias={3: 1.0}),
+             dict(temperature=0, min_tokens=3), dict(temperature=0, min_tokens=1, ignore_eos=True),
+             dict(use_beam_search=True, beam_width=2, temperature=0)]
+    batch = InputBatch(BLOCK_SIZE, 64, initial_rows=2)  # grows on the way
+    states = []
+    for i, params in enumerate(kinds):
+        prompt = [5, 6, 7]
+        tokens = prompt + ([9] * (i % 3))  # some rows have output tokens already
+        states.append(batch.add(NewRequestData(f"q{i}", tokens, len(prompt), SamplingParams(**params),
+                                               frozenset({0}), [i])))
+    order = states[::-1]
+    planned, expected = batch.sampling_plan(order), SamplingPlan.from_rows(order)
+    for name in ("random_rows", "beam_rows", "logprob_rows", "processing_rows"):
+        assert getattr(planned, name) == getattr(expected, name), name
+    for name in ("temperature", "top_k", "top_p", "min_p"):
+        assert torch.equal(getattr(planned, name), getattr(expected, name)), name
