@@ -201,7 +201,7 @@ class LLMEngine:
             self.model, self.kv_caches, block_size, Sampler(self.vocab_size, config.seed), self.device,
             self.max_model_len,
             offload_host=self.offload.host if self.offload is not None else None,
-            host_kv_caches=self.host_kv_caches,
+            host_kv_caches=self.host_kv_caches, num_threads=config.num_threads,
         )
         # The engine's only door to the device side; it sends plain data (core/worker_step.py).
         self.executor: Executor = InProcessExecutor(self.runner)

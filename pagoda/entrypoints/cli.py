@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import time
 
@@ -184,6 +185,10 @@ def _serve(args: argparse.Namespace) -> int:
           f"{info.max_model_len}, dtype={info.dtype}, engine loop: {args.engine_loop})",
           file=sys.stderr, flush=True)
     ports = [args.port] + ([args.ollama_port] if args.ollama_port else [])
+    # The server process owns everything built so far (model, tokenizer, app) for its whole
+    # life: out of the collector's sight, full collections while serving stay short.
+    gc.collect()
+    gc.freeze()
     if args.ollama_port:
         print(f"pagoda Ollama API also on http://{args.host}:{args.ollama_port}", file=sys.stderr, flush=True)
     try:

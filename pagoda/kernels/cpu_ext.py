@@ -8,9 +8,9 @@ namespace (``TORCH_LIBRARY_FRAGMENT(pagoda, m)``), so once loaded they are
 
 The build is cached under ``~/.cache/pagoda/torch_extensions`` (or
 ``$PAGODA_CACHE_DIR/torch_extensions``) in a folder keyed by the torch
-version, the compiler and this CPU's instruction set: machines differ, and a
-``-march=native`` build from one CPU may not run on another. ninja rebuilds
-only what changed.
+version, the compiler, this CPU's instruction set (machines differ, and a
+``-march=native`` build from one CPU may not run on another) and the source
+folder (two checkouts never share a build). ninja rebuilds only what changed.
 
 Where the build cannot happen (no compiler, no ninja, a compile error) or
 ``PAGODA_DISABLE_CPU_KERNELS=1`` is set, ``cpu_ops()`` returns None after one
@@ -59,7 +59,7 @@ def _cpu_signature() -> str:
 def build_dir() -> Path:
     root = Path(os.environ.get("PAGODA_CACHE_DIR", Path.home() / ".cache" / "pagoda"))
     key = hashlib.sha256(
-        "\n".join([torch.__version__, shutil.which("c++") or "", _cpu_signature()]).encode()
+        "\n".join([torch.__version__, shutil.which("c++") or "", _cpu_signature(), str(SOURCE_DIR)]).encode()
     ).hexdigest()[:16]
     return root / "torch_extensions" / f"{EXTENSION_NAME}-{key}"
 

@@ -21,6 +21,7 @@ from torch import nn
 from pagoda.core.scheduler_output import ModelRunnerOutput, SchedulerOutput, describe_error
 from pagoda.core.worker_step import StepRow, WorkerStep
 from pagoda.model.attention.metadata import AttentionMetadata, DecodeGroup, PrefillChunk
+from pagoda.worker.cpu_threads import bind_model_threads
 from pagoda.worker.input_batch import InputBatch, RowState, StepTensors
 from pagoda.worker.kv_cache import move_blocks
 from pagoda.worker.onednn_caches import bound_onednn_caches
@@ -38,6 +39,7 @@ class ModelRunner:
         max_model_len: int,
         offload_host: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
         host_kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        num_threads: int | None = None,
     ):
         if device.type == "cpu":
             bound_onednn_caches()  # before the first matmul: flat memory under varying batch shapes
@@ -49,6 +51,10 @@ class ModelRunner:
         self.block_size = block_size
         self.sampler = sampler
         self.device = device
+        # CPU: the model's OpenMP helpers get pinned at the first step, from the thread that
+        # runs the model (worker/cpu_threads.py).
+        self._threads_to_bind = device.type == "cpu"
+        self.num_threads = num_threads
         # Every live request's tokens, block table and sampling state, across steps.
         self.input_batch = InputBatch(block_size, max_model_len)
         config = model.config
@@ -97,6 +103,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, step: WorkerStep) -> ModelRunnerOutput:
+        if self._threads_to_bind:
+            self._threads_to_bind = False
+            bind_model_threads(self.num_threads)
         self.apply_block_copies(step)
         self.input_batch.apply(step)
         out = ModelRunnerOutput()
