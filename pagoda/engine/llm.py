@@ -53,7 +53,7 @@ class LLM:
         back finished with `output.error` set and finish_reason "error" on its completions.
         Raises EngineStepError if the engine's steps keep failing whatever they run.
         """
-        if isinstance(prompts, str) or (
+        if isinstance(prompts, (str, dict)) or (
             isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts)
         ):
             prompts = [prompts]

@@ -86,7 +86,7 @@ from pagoda.worker.sampler import Sampler
 
 logger = logging.getLogger(__name__)
 
-PromptInput = str | list[int]
+PromptInput = str | list[int] | dict
 
 
 class PromptError(ValueError):
@@ -324,6 +324,14 @@ class LLMEngine:
     # -- requests ----------------------------------------------------------
 
     def tokenize(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
+        """Text, token ids, or vLLM's prompt dicts: {"prompt": text} or {"prompt_token_ids": ids}."""
+        if isinstance(prompt, dict):
+            keys = set(prompt)
+            if keys == {"prompt_token_ids"} or keys == {"prompt"}:
+                prompt = prompt.get("prompt", prompt.get("prompt_token_ids"))
+            else:
+                raise PromptError(f"prompt dict with keys {sorted(keys)} is invalid: give exactly one of "
+                                  "'prompt' (text) or 'prompt_token_ids'.")
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise PromptError("prompt: text prompts need a tokenizer; pass token ids instead.")

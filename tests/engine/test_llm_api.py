@@ -191,3 +191,13 @@ def test_the_model_runs_without_autograd(tiny):
     finally:
         del model.forward
     assert len(seen) == 3 and all(seen)
+
+
+def test_vllm_style_prompt_dicts(tiny):
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    ids = [5, 6, 7, 8]
+    [plain] = tiny.generate([ids], params)
+    [as_dict] = tiny.generate({"prompt_token_ids": ids}, params)
+    assert as_dict.outputs[0].token_ids == plain.outputs[0].token_ids
+    with pytest.raises(PromptError, match="prompt_token_ids"):
+        tiny.generate([{"prompt_token_ids": ids, "extra": 1}], params)
