@@ -78,7 +78,7 @@ inline float opaque1(float v) {
 
 // Rows smaller than this many elements in total run on the calling thread:
 // waking the pool costs more than it saves (batch-1 decode is 1 row).
-constexpr int64_t kMinParallelElements = 32768;
+constexpr int64_t kMinParallelElements = 65536;
 
 inline int64_t grain_for(int64_t elements_per_item) {
   return std::max<int64_t>(1, kMinParallelElements / std::max<int64_t>(1, elements_per_item));
