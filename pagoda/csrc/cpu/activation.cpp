@@ -69,7 +69,7 @@ at::Tensor silu_and_mul(const at::Tensor& x) {
   PAGODA_DISPATCH_FLOAT3(x.scalar_type(), "pagoda::silu_and_mul", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, grain_for(3 * inter), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, rows, grain_for(8 * inter), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* row = xp + r * rs;
         silu_mul_row(op + r * inter, row, row + inter, inter);

@@ -76,9 +76,11 @@ inline float opaque1(float v) {
   return v;
 }
 
-// Rows smaller than this many elements in total run on the calling thread:
-// waking the pool costs more than it saves (batch-1 decode is 1 row).
-constexpr int64_t kMinParallelElements = 65536;
+// Work below this many elements (weighted: an exp counts ~8) runs on the
+// calling thread (~20-50 us of work): waking the pool costs more than it saves
+// at small sizes, and on a core shared with other processes a parallel region
+// can wait a scheduler slice (ms) for its second thread. Batch-1 decode is 1 row.
+constexpr int64_t kMinParallelElements = 262144;
 
 inline int64_t grain_for(int64_t elements_per_item) {
   return std::max<int64_t>(1, kMinParallelElements / std::max<int64_t>(1, elements_per_item));
