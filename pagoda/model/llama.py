@@ -104,10 +104,19 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
 
-    def forward(self, positions, x, kv_cache, meta):
-        # Same order of additions as HF, so float results match bit for bit.
-        h = x + self.self_attn(positions, self.input_layernorm(x), kv_cache, meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, positions, x, residual, kv_cache, meta):
+        """Residual stream as in vLLM: returns (mlp output, residual); their sum is HF's layer output.
+
+        The add of the previous sublayer's output is fused into the next norm;
+        it rounds exactly as HF's `residual + hidden` (a float add commutes).
+        """
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x, kv_cache, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class DecoderModel(nn.Module):
@@ -121,10 +130,12 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
 
     def forward(self, input_ids, positions, kv_caches, meta):
-        h = self.embed_tokens(input_ids)
+        h, residual = self.embed_tokens(input_ids), None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            h = layer(positions, h, kv_cache, meta)
-        return self.norm(h)
+            h, residual = layer(positions, h, residual, kv_cache, meta)
+        if residual is None:  # no layers
+            return self.norm(h)
+        return self.norm(h, residual)[0]
 
 
 # HF shard name -> (our fused parameter, shard index).

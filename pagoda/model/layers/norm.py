@@ -1,9 +1,24 @@
-"""RMSNorm, computed in float32 and cast back, exactly as HF Llama/Qwen do."""
+"""RMSNorm, computed in float32 and cast back, exactly as HF Llama/Qwen do.
+
+On CPU tensors a compiled op does the same arithmetic in one pass
+(`torch.ops.pagoda.rms_norm`), and the residual add of the decoder is fused
+into the norm (`fused_add_rms_norm`, as vLLM does); elsewhere, or without the
+extension, the torch code below runs.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from pagoda.model.layers.fused import cpu_ops_for
+
+
+def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
 
 
 class RMSNorm(nn.Module):
@@ -12,8 +27,22 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.to(torch.float32)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x); or, given `residual`, (norm(x + residual), x + residual).
+
+        The fused form may reuse the storage of `x` and `residual` (use the
+        returned tensors, not the arguments, afterwards). `x + residual` is
+        rounded to the activation dtype before the norm, as HF's separate add.
+        """
+        weight = self.weight
+        ops = cpu_ops_for(x) if x.dtype == weight.dtype and x.dim() <= 3 else None
+        if residual is None:
+            if ops is not None and x.stride(-1) == 1:
+                return ops.rms_norm(x, weight, self.eps)
+            return rms_norm_torch(x, weight, self.eps)
+        if (ops is not None and x.stride(-1) == 1 and residual.stride(-1) == 1
+                and residual.dtype == x.dtype and x.shape == residual.shape):
+            ops.fused_add_rms_norm(x, residual, weight, self.eps)
+            return x, residual
+        residual = x + residual
+        return rms_norm_torch(residual, weight, self.eps), residual

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pagoda.model.layers.fused import cpu_ops_for
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 
 
@@ -109,7 +111,22 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [N, heads, head_dim], k: [N, kv_heads, head_dim]."""
+        """q: [N, heads, head_dim], k: [N, kv_heads, head_dim]; returns the rotated (q, k).
+
+        On CPU tensors the compiled op rotates q and k in place (views into a
+        fused qkv output are fine: only the last dim must be contiguous) with
+        the same roundings as the torch code; use the returned tensors.
+        """
+        ops = cpu_ops_for(q)
+        if (ops is not None and k.dtype == q.dtype and q.dim() == 3 and k.dim() == 3
+                and q.stride(-1) == 1 and k.stride(-1) == 1 and self.cos_cache.is_cpu):
+            ops.rotary_embedding(positions, q, k, self.cos_cache, self.sin_cache)
+            return q, k
+        return self.forward_torch(positions, q, k)
+
+    def forward_torch(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         cos = self.cos_cache[positions].to(q.dtype).unsqueeze(1)
         sin = self.sin_cache[positions].to(q.dtype).unsqueeze(1)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin

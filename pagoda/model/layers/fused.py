@@ -1,0 +1,41 @@
+"""Which tensors may take the compiled CPU ops (pagoda/csrc/cpu/{norm,rotary,activation}.cpp).
+
+`cpu_ops_for(x)` is ``torch.ops.pagoda`` when `x` is a CPU tensor of a dtype
+those ops support and the extension loaded, else None: the caller then runs
+its torch code, which the compiled ops reproduce rounding for rounding
+(tests/unit/test_fused_ops.py). Other devices always take the torch code.
+
+`fused_ops_disabled()` forces the torch code for these layers only (the
+side-by-side benchmark and tests); `PAGODA_DISABLE_CPU_KERNELS=1` turns off
+every compiled CPU op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from pagoda.kernels import cpu_ext
+
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_switch = {"enabled": True}
+
+
+def cpu_ops_for(x: torch.Tensor):
+    if not x.is_cpu or x.dtype not in FUSED_DTYPES or not _switch["enabled"]:
+        return None
+    return cpu_ext.cpu_ops()
+
+
+@contextlib.contextmanager
+def fused_ops_disabled() -> Iterator[None]:
+    """Within the block, norm / rotary / SwiGLU run their torch code (not thread-scoped)."""
+    before = _switch["enabled"]
+    _switch["enabled"] = False
+    try:
+        yield
+    finally:
+        _switch["enabled"] = before
