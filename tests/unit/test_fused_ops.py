@@ -188,9 +188,10 @@ def test_layers_fused_vs_fallback(ops, dtype):
         ref_n = norm(x)
         ref_n2, ref_r = norm(x.clone(), r.clone())
         ref_s = silu_and_mul(torch.ones(1, 8, dtype=dtype))
-    assert torch.equal(norm(x), ref_n)
+    # The norms sum in another order than torch (module docstring): a few ulp apart at most.
+    assert max_ulp(norm(x), ref_n) <= norm_ulp_limit(dtype)
     n2, r2 = norm(x.clone(), r.clone())
-    assert torch.equal(n2, ref_n2) and torch.equal(r2, ref_r)
+    assert max_ulp(n2, ref_n2) <= norm_ulp_limit(dtype) and torch.equal(r2, ref_r)
     assert torch.equal(silu_and_mul(torch.ones(1, 8, dtype=dtype)), ref_s)
     rope = RotaryEmbedding(RopeSpec(head_dim=64, theta=10000.0), 128)
     _, q, k, _ = _qkv_views(3, 9, 3, 64, dtype, 3)
