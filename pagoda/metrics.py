@@ -102,9 +102,10 @@ class EngineMetrics:
         if output.outputs and output.outputs[0].finish_reason is not None:
             self.request_success.labels(output.outputs[0].finish_reason).inc()
         self.prompt_tokens.inc(len(output.prompt_token_ids))
-        generated = sum(len(c.token_ids) for c in output.outputs)
-        self.generation_tokens.inc(generated)
         m = output.metrics
+        # DELTA outputs (streams) hold only their last tokens: the metrics count them all.
+        generated = m.num_output_tokens if m is not None else sum(len(c.token_ids) for c in output.outputs)
+        self.generation_tokens.inc(generated)
         if m is None or m.first_token_time is None or m.finished_time is None:
             return
         self.ttft.observe(m.first_token_time - m.arrival_time)

@@ -31,6 +31,8 @@ class RequestMetrics:
     first_token_time: float | None = None
     finished_time: float | None = None
     num_preemptions: int = 0
+    # Tokens of the reported completions so far, all of them (whatever the output kind).
+    num_output_tokens: int = 0
 
 
 @dataclass

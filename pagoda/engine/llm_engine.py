@@ -622,6 +622,10 @@ class LLMEngine:
                         finished_time: float | None, prompt_logprobs=None,
                         error: str | None = None) -> RequestOutput:
         head = parent.sequences[0].request
+        if parent.delta:  # the completions hold only the last tokens; the sequences hold all
+            num_output_tokens = sum(seq.request.num_output_tokens for seq in parent.sequences)
+        else:
+            num_output_tokens = sum(len(c.token_ids) for c in completions)
         return RequestOutput(
             request_id=parent.request_id,
             prompt=parent.prompt,
@@ -636,6 +640,7 @@ class LLMEngine:
                 first_token_time=head.first_token_time,
                 finished_time=finished_time,
                 num_preemptions=sum(s.request.num_preemptions for s in parent.sequences),
+                num_output_tokens=num_output_tokens,
             ),
             error=error,
         )

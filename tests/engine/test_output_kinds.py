@@ -61,6 +61,8 @@ def test_deltas_add_up_to_the_cumulative_output(llm):
     assert sum(len(o.outputs[0].token_ids) for o in deltas) == len(final.outputs[0].token_ids) == 12
     assert _joined(deltas, 1) == [(final.outputs[0].text, final.outputs[0].token_ids, final.outputs[0].logprobs)]
     assert deltas[-1].outputs[0].finish_reason == final.outputs[0].finish_reason == "length"
+    # The metrics count every token, whatever the last delta holds.
+    assert deltas[-1].metrics.num_output_tokens == final.metrics.num_output_tokens == 12
     # Prompt logprobs come once, in the first output, complete.
     assert deltas[0].prompt_logprobs == final.prompt_logprobs and len(final.prompt_logprobs) == len(PROMPT)
     assert all(o.prompt_logprobs is None for o in deltas[1:])
