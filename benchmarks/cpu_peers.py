@@ -612,14 +612,11 @@ def missing_rows(peer: str, dtypes, workloads, reason: str) -> list[dict]:
     return [row(w, peer, d, note=f"missing: {reason}") for d in dtypes for w in workloads]
 
 
-def pagoda_settings_note(args) -> str:
-    """What --pagoda-kwargs / --pagoda-args changed, for the row notes ("" when nothing)."""
-    parts = []
-    if args.pagoda_kwargs:
-        parts.append(f"LLM kwargs {json.dumps(args.pagoda_kwargs, sort_keys=True)}")
-    if args.pagoda_args:
-        parts.append(f"serve args `{args.pagoda_args}`")
-    return "; ".join(parts)
+def pagoda_settings_note(args, serve: bool = False) -> str:
+    """What --pagoda-args (serve rows) or --pagoda-kwargs (worker rows) changed, for the notes ("" if nothing)."""
+    if serve:
+        return f"serve args `{args.pagoda_args}`" if args.pagoda_args else ""
+    return f"LLM kwargs {json.dumps(args.pagoda_kwargs, sort_keys=True)}" if args.pagoda_kwargs else ""
 
 
 def pagoda_job(args, wl, dtype: str, workloads: list[str]) -> dict:
@@ -650,7 +647,8 @@ def run_pagoda_peer(args, wl) -> list[dict]:
         dtype = args.pagoda_dtypes[0]
         label = next((r["dtype"] for r in rows if r["dtype"].startswith(dtype + " (")), dtype)
         rows += run_serve(args, "pagoda", label, lambda port, c: pagoda_serve_cmd(args, dtype, port),
-                          args.pagoda_model, wl, env={"PYTHONPATH": str(REPO_ROOT)}, note=settings)
+                          args.pagoda_model, wl, env={"PYTHONPATH": str(REPO_ROOT)},
+                          note=pagoda_settings_note(args, serve=True))
     return rows
 
 
@@ -1079,7 +1077,7 @@ def summarize(rows: list[dict]) -> dict:
         for r in rows:
             if section(r) == sec and r["tok_s"]:
                 best[r["system"]] = max(best.get(r["system"], 0.0), r["tok_s"])
-        if "pagoda" in best:
+        if "pagoda" in best and len(best) > 1:
             ratios[sec] = {f"pagoda/{k}": round(best["pagoda"] / v, 3) for k, v in best.items() if k != "pagoda"}
     agreement: dict = {}
     for workload, key in (("offline", "first_tokens"), ("single", "tokens")):

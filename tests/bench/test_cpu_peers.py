@@ -112,8 +112,10 @@ def test_pagoda_settings_reach_the_worker_and_the_serve_command(tmp_path):
     cmd = cpu_peers.pagoda_serve_cmd(args, "auto", 8123)
     assert cmd[1:4] == ["-m", "pagoda", "serve"] and cmd[-3:] == ["--max-num-seqs", "64", "-x"]
     assert "--no-prefix-caching" not in cmd  # its defaults
-    note = cpu_peers.pagoda_settings_note(args)
-    assert '"max_num_seqs": 64' in note and "`--max-num-seqs 64 -x`" in note
+    assert cpu_peers.pagoda_settings_note(args) == 'LLM kwargs {"enable_prefix_caching": true, "max_num_seqs": 64}'
+    assert cpu_peers.pagoda_settings_note(args, serve=True) == "serve args `--max-num-seqs 64 -x`"
+    bare = cpu_peers.parse_args(["--cache-dir", str(tmp_path)])
+    assert cpu_peers.pagoda_settings_note(bare) == "" and cpu_peers.pagoda_settings_note(bare, serve=True) == ""
 
 
 def test_llama_server_slots_follow_the_concurrency(tmp_path):
@@ -242,6 +244,7 @@ def test_summary_per_serve_level_steadiness_and_targets():
     ratios = s["pagoda_over_peer"]
     assert ratios["serve c=1"] == {"pagoda/llama.cpp": 0.8} and ratios["serve c=32"] == {"pagoda/llama.cpp": 3.0}
     assert "serve" not in ratios and "steadiness" not in ratios
+    assert "offline" not in cpu_peers.summarize([cpu_peers.row("offline", "pagoda", "auto", 1.0)])["pagoda_over_peer"]
     assert list(ratios) == ["prefill", "serve c=1", "serve c=32"]
     assert s["serving"]["serve c=32 pagoda"]["ttft_p50_s"] == 0.5
     assert s["steadiness"]["median_tok_s"] == 100 and s["steadiness"]["max_abs_deviation_pct"] == 4.0
