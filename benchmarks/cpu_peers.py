@@ -32,8 +32,8 @@ avoided, drawn once from --seed):
    TTFT (time to the first chunk carrying text) p50/p90 and latency p50. A
    server whose stream carries no usage gets a non-streamed warm-up check
    that it honours ignore_eos + max_tokens instead, and its note says so. The
-   client runs in this process, on the same CPUs as the server (its CPU use is
-   in the note).
+   client (httpx, a new connection per request) runs in this process, on the
+   same CPUs as the server (its CPU use is in the note).
 5. steadiness (only with --steadiness N): pagoda's offline mix (first
    --pagoda-dtypes) N times, each in a fresh worker subprocess; each run's
    tok/s, the median and the largest deviation from it.
@@ -924,7 +924,10 @@ def serve_requests(base: str, model: str, requests, concurrency: int, timeout: f
             async with sem:
                 return await stream_one(client, prompt, n)
 
-        async with httpx.AsyncClient(timeout=timeout) as client:
+        # A new connection per request: llama-server sometimes closes a kept-alive connection after a
+        # streamed response, and reusing it then fails ("Server disconnected without sending a response").
+        limits = httpx.Limits(max_connections=concurrency + 1, max_keepalive_connections=0)
+        async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
             warm = await stream_one(client, warmup_prompt, 8)
             usage_note = "usage checked on every stream"
             if warm["usage_tokens"] is None:
