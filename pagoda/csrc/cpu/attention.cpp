@@ -1,0 +1,384 @@
+// Paged attention on the CPU, reading K/V blocks in place (no gather copy).
+//
+//   torch.ops.pagoda.paged_attention(out, q, k_cache, v_cache, block_tables,
+//                                    query_start_loc, seq_lens, scale, num_splits)
+//
+// Layout (the same as pagoda/model/attention/torch_paged.py):
+//   q            [N, H, D]      this step's queries (any row/head strides, D contiguous)
+//   k/v_cache    [num_blocks, block_size, KVH, D], contiguous; this step's K/V already written
+//   block_tables [R, max_blocks] int32, row r's blocks in order (entries past its last: padding)
+//   query_start_loc [R + 1] int32; seq_lens [R] int32
+//   out          [N, H * D]      written (same dtype as q)
+// Row r's queries are tokens query_start_loc[r] .. query_start_loc[r+1]-1, at sequence
+// positions seq_lens[r] - query_len .. seq_lens[r] - 1; query i sees keys 0 .. its own
+// position (causal). That covers decodes (one query) and prefill chunks over a cached
+// prefix with one rule, so decodes and chunks go in one call, in any row order.
+//
+// Work is split into items (row, query tile, KV head, key-block range); one item
+// loads each K/V block of its range once, converts it to fp32, and runs all its
+// queries -- every query head sharing the KV head, for every token of the tile --
+// against it (GQA without repeating K/V). Softmax is online (running max and sum
+// per query, fp32). When there are fewer items than threads can use (few decodes,
+// long contexts), a decode row's blocks are split into `splits` ranges computed by
+// separate items (flash-decoding); each writes an unnormalised partial result and a
+// second pass merges them.
+#include "ops_common.h"
+#include "attention_math.h"
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+namespace pagoda_attention {
+namespace {
+
+constexpr int kQueryTile = 16;          // prefill tokens per work item
+constexpr int kMinBlocksPerSplit = 4;   // a split below this costs more to merge than it saves
+constexpr int kItemsPerThread = 4;      // aim for this many items per thread (load balance)
+
+struct WorkItem {
+  int32_t row;
+  int32_t q_begin;   // first query of the tile, relative to the row's first query
+  int32_t q_len;     // queries in the tile
+  int32_t kb_begin;  // key blocks [kb_begin, kb_end) of the row's table
+  int32_t kb_end;
+  int32_t partial;   // -1: write `out` directly; else this item's slot in the partial buffers
+};
+
+struct SplitRow {  // a decode row computed in several ranges, merged afterwards
+  int32_t token;
+  int32_t first_partial;
+  int32_t num_partials;
+};
+
+struct Plan {
+  std::vector<WorkItem> items;
+  std::vector<SplitRow> split_rows;
+  int32_t num_partials = 0;
+};
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Cuts the step into work items. `forced_splits` > 0 splits every decode row into that
+// many ranges (tests); 0 decides from the thread count.
+Plan make_plan(const int32_t* qsl, const int32_t* seq_lens, int64_t rows, int64_t block_size,
+               int64_t kv_heads, int64_t threads, int64_t forced_splits) {
+  int64_t base_items = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t q_len = qsl[r + 1] - qsl[r];
+    base_items += ceil_div(q_len, kQueryTile) * kv_heads;
+  }
+  int64_t want_splits = 1;
+  if (forced_splits > 0) {
+    want_splits = forced_splits;
+  } else if (threads > 1 && base_items > 0 && base_items < threads * kItemsPerThread) {
+    want_splits = ceil_div(threads * kItemsPerThread, base_items);
+  }
+  Plan plan;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int32_t q_len = qsl[r + 1] - qsl[r];
+    const int32_t seq_len = seq_lens[r];
+    if (q_len <= 0 || seq_len <= 0) continue;
+    const int32_t num_blocks = static_cast<int32_t>(ceil_div(seq_len, block_size));
+    if (q_len == 1) {
+      int64_t splits = std::min<int64_t>(want_splits, forced_splits > 0 ? num_blocks
+                                                                       : num_blocks / kMinBlocksPerSplit);
+      splits = std::max<int64_t>(splits, 1);
+      if (splits == 1) {
+        plan.items.push_back({static_cast<int32_t>(r), 0, 1, 0, num_blocks, -1});
+        continue;
+      }
+      plan.split_rows.push_back({qsl[r], plan.num_partials, static_cast<int32_t>(splits)});
+      for (int64_t s = 0; s < splits; ++s) {  // even ranges; every range has >= 1 block
+        const int32_t begin = static_cast<int32_t>(num_blocks * s / splits);
+        const int32_t end = static_cast<int32_t>(num_blocks * (s + 1) / splits);
+        plan.items.push_back({static_cast<int32_t>(r), 0, 1, begin, end, plan.num_partials++});
+      }
+      continue;
+    }
+    const int32_t context = seq_len - q_len;  // keys cached before the chunk
+    for (int32_t q0 = 0; q0 < q_len; q0 += kQueryTile) {
+      const int32_t tile = std::min<int32_t>(kQueryTile, q_len - q0);
+      // The tile's last query sees keys up to position context + q0 + tile - 1.
+      const int32_t end = static_cast<int32_t>(ceil_div(context + q0 + tile, block_size));
+      plan.items.push_back({static_cast<int32_t>(r), q0, tile, 0, end, -1});
+    }
+  }
+  return plan;
+}
+
+// Per-thread scratch, reused across items (sizes only grow).
+struct Scratch {
+  std::vector<float> q, acc, max, sum, key_t, value, scores;
+  void resize(int64_t queries, int64_t head_dim, int64_t block_size) {
+    auto grow = [](std::vector<float>& v, int64_t n) { if (static_cast<int64_t>(v.size()) < n) v.resize(n); };
+    grow(q, queries * head_dim);
+    grow(acc, queries * head_dim);
+    grow(max, queries);
+    grow(sum, queries);
+    grow(key_t, head_dim * block_size);
+    grow(value, block_size * head_dim);
+    grow(scores, block_size);
+  }
+};
+
+struct Shapes {
+  int64_t heads, kv_heads, group, head_dim, block_size, max_blocks;
+  int64_t q_stride_token, q_stride_head;
+};
+
+// One work item for one KV head. BS > 0 fixes the block size at compile time (so a
+// block's scores stay in one vector register); BS == 0 reads it from `shape`.
+template <typename T, int BS>
+void run_item(const WorkItem& item, int64_t kv_head, const T* q, const T* k_cache, const T* v_cache,
+              const int32_t* block_tables, const int32_t* qsl, const int32_t* seq_lens, float scale,
+              const Shapes& shape, T* out, float* partial_acc, float* partial_max, float* partial_sum,
+              Scratch& scratch) {
+  const int64_t D = shape.head_dim, G = shape.group, KVH = shape.kv_heads;
+  const int64_t bs = BS > 0 ? BS : shape.block_size;
+  const int64_t M = static_cast<int64_t>(item.q_len) * G;  // queries: m = token_in_tile * G + g
+  scratch.resize(M, D, bs);
+  float* qf = scratch.q.data();
+  float* acc = scratch.acc.data();
+  float* run_max = scratch.max.data();
+  float* run_sum = scratch.sum.data();
+  float* key_t = scratch.key_t.data();   // [D][bs]: the block's keys, transposed
+  float* value = scratch.value.data();   // [bs][D]
+  float* scores = scratch.scores.data();
+
+  const int64_t row = item.row;
+  const int64_t seq_len = seq_lens[row];
+  const int64_t q_len_row = qsl[row + 1] - qsl[row];
+  const int64_t first_token = qsl[row] + item.q_begin;
+  // Keys visible to tile token i: [0, key_limit0 + i) (causal; capped by the item's range).
+  const int64_t key_limit0 = seq_len - q_len_row + item.q_begin + 1;
+
+  for (int64_t i = 0; i < item.q_len; ++i) {
+    for (int64_t g = 0; g < G; ++g) {
+      const T* src = q + (first_token + i) * shape.q_stride_token + (kv_head * G + g) * shape.q_stride_head;
+      float* dst = qf + (i * G + g) * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) dst[d] = to_float(src[d]) * scale;
+    }
+  }
+  std::fill(acc, acc + M * D, 0.0f);
+  std::fill(run_max, run_max + M, -std::numeric_limits<float>::infinity());
+  std::fill(run_sum, run_sum + M, 0.0f);
+
+  const int32_t* table = block_tables + row * shape.max_blocks;
+  const int64_t token_stride = KVH * D;  // between consecutive tokens of a block
+  for (int64_t kb = item.kb_begin; kb < item.kb_end; ++kb) {
+    const int64_t key0 = kb * bs;
+    const int64_t keys_here = std::min<int64_t>(bs, seq_len - key0);
+    if (keys_here <= 0) break;
+    const int64_t block = table[kb];
+    const T* kb_ptr = k_cache + (block * bs * KVH + kv_head) * D;
+    const T* vb_ptr = v_cache + (block * bs * KVH + kv_head) * D;
+    // One read of the block's K and V for this KV head, shared by all M queries.
+    // Slots past keys_here hold stale data: zero them so no NaN/Inf leaks into scores.
+    for (int64_t t = 0; t < bs; ++t) {
+      const T* ks = kb_ptr + t * token_stride;
+      const T* vs = vb_ptr + t * token_stride;
+      float* vd = value + t * D;
+      if (t < keys_here) {
+        for (int64_t d = 0; d < D; ++d) key_t[d * bs + t] = to_float(ks[d]);
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) vd[d] = to_float(vs[d]);
+      } else {
+        for (int64_t d = 0; d < D; ++d) key_t[d * bs + t] = 0.0f;
+        std::fill(vd, vd + D, 0.0f);
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      const int64_t visible = std::min<int64_t>(keys_here, key_limit0 + m / G - key0);
+      if (visible <= 0) continue;  // the whole block lies after this query (causal)
+      const float* qm = qf + m * D;
+      // scores[t] = q . k_t, vectorized over the block's keys.
+#pragma omp simd
+      for (int64_t t = 0; t < bs; ++t) scores[t] = 0.0f;
+      for (int64_t d = 0; d < D; ++d) {
+        const float qd = qm[d];
+        const float* kd = key_t + d * bs;
+#pragma omp simd
+        for (int64_t t = 0; t < bs; ++t) scores[t] += qd * kd[t];
+      }
+      float block_max = -std::numeric_limits<float>::infinity();
+      for (int64_t t = 0; t < visible; ++t) block_max = std::max(block_max, scores[t]);
+      const float new_max = std::max(run_max[m], block_max);
+      // exp(-inf - finite) = 0 on the first block: the empty accumulator is simply replaced.
+      const float correction = run_max[m] == -std::numeric_limits<float>::infinity()
+                                   ? 0.0f : exp_nonpositive(run_max[m] - new_max);
+      float block_sum = 0.0f;
+#pragma omp simd reduction(+ : block_sum)
+      for (int64_t t = 0; t < bs; ++t) {
+        const float p = t < visible ? exp_nonpositive(scores[t] - new_max) : 0.0f;
+        scores[t] = p;
+        block_sum += p;
+      }
+      run_sum[m] = run_sum[m] * correction + block_sum;
+      run_max[m] = new_max;
+      float* am = acc + m * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) am[d] *= correction;
+      for (int64_t t = 0; t < visible; ++t) {
+        const float p = scores[t];
+        const float* vt = value + t * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) am[d] += p * vt[d];
+      }
+    }
+  }
+
+  if (item.partial < 0) {  // the whole row's keys: normalise and write
+    for (int64_t m = 0; m < M; ++m) {
+      const int64_t i = m / G, g = m % G;
+      const float inv = run_sum[m] > 0.0f ? 1.0f / run_sum[m] : 0.0f;
+      T* dst = out + (first_token + i) * shape.heads * D + (kv_head * G + g) * D;
+      const float* am = acc + m * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) dst[d] = from_float<T>(am[d] * inv);
+    }
+    return;
+  }
+  // A split decode (M == G): keep the unnormalised sums for the merge.
+  const int64_t slot = static_cast<int64_t>(item.partial) * KVH + kv_head;
+  std::copy(acc, acc + G * D, partial_acc + slot * G * D);
+  std::copy(run_max, run_max + G, partial_max + slot * G);
+  std::copy(run_sum, run_sum + G, partial_sum + slot * G);
+}
+
+// Merges a split decode row's partial results for one KV head:
+//   out = sum_s e^(max_s - M) acc_s / sum_s e^(max_s - M) sum_s, M = max_s max_s.
+template <typename T>
+void merge_split(const SplitRow& split, int64_t kv_head, const Shapes& shape, const float* partial_acc,
+                 const float* partial_max, const float* partial_sum, T* out, std::vector<float>& merged) {
+  const int64_t D = shape.head_dim, G = shape.group, KVH = shape.kv_heads;
+  if (static_cast<int64_t>(merged.size()) < D) merged.resize(D);
+  for (int64_t g = 0; g < G; ++g) {
+    float global_max = -std::numeric_limits<float>::infinity();
+    for (int64_t s = 0; s < split.num_partials; ++s) {
+      const int64_t slot = (split.first_partial + s) * KVH + kv_head;
+      if (partial_sum[slot * G + g] > 0.0f) global_max = std::max(global_max, partial_max[slot * G + g]);
+    }
+    std::fill(merged.begin(), merged.begin() + D, 0.0f);
+    float total = 0.0f;
+    for (int64_t s = 0; s < split.num_partials; ++s) {
+      const int64_t slot = (split.first_partial + s) * KVH + kv_head;
+      if (!(partial_sum[slot * G + g] > 0.0f)) continue;  // a range with no visible key
+      const float w = exp_nonpositive(partial_max[slot * G + g] - global_max);
+      total += w * partial_sum[slot * G + g];
+      const float* a = partial_acc + (slot * G + g) * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) merged[d] += w * a[d];
+    }
+    const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+    T* dst = out + split.token * shape.heads * D + (kv_head * G + g) * D;
+    for (int64_t d = 0; d < D; ++d) dst[d] = from_float<T>(merged[d] * inv);
+  }
+}
+
+template <typename T, int BS>
+void run_all(const Plan& plan, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+             const int32_t* block_tables, const int32_t* qsl, const int32_t* seq_lens, double scale,
+             const Shapes& shape, at::Tensor& out) {
+  const int64_t KVH = shape.kv_heads;
+  at::Tensor partial_acc, partial_max, partial_sum;
+  float *pacc = nullptr, *pmax = nullptr, *psum = nullptr;
+  if (plan.num_partials > 0) {
+    const auto f32 = q.options().dtype(at::kFloat);
+    partial_acc = at::empty({plan.num_partials, KVH, shape.group, shape.head_dim}, f32);
+    partial_max = at::empty({plan.num_partials, KVH, shape.group}, f32);
+    partial_sum = at::empty({plan.num_partials, KVH, shape.group}, f32);
+    pacc = partial_acc.data_ptr<float>();
+    pmax = partial_max.data_ptr<float>();
+    psum = partial_sum.data_ptr<float>();
+  }
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k_cache.data_ptr<T>();
+  const T* vp = v_cache.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const float fscale = static_cast<float>(scale);
+  const int64_t num_items = static_cast<int64_t>(plan.items.size()) * KVH;
+  at::parallel_for(0, num_items, 1, [&](int64_t begin, int64_t end) {
+    Scratch scratch;
+    for (int64_t w = begin; w < end; ++w) {
+      run_item<T, BS>(plan.items[w / KVH], w % KVH, qp, kp, vp, block_tables, qsl, seq_lens, fscale, shape,
+                      op, pacc, pmax, psum, scratch);
+    }
+  });
+  if (plan.split_rows.empty()) return;
+  const int64_t num_merges = static_cast<int64_t>(plan.split_rows.size()) * KVH;
+  at::parallel_for(0, num_merges, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> merged;
+    for (int64_t w = begin; w < end; ++w) {
+      merge_split<T>(plan.split_rows[w / KVH], w % KVH, shape, pacc, pmax, psum, op, merged);
+    }
+  });
+}
+
+template <typename T>
+void dispatch_block_size(const Plan& plan, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                         const int32_t* tables, const int32_t* qsl, const int32_t* lens, double scale,
+                         const Shapes& shape, at::Tensor& out) {
+  if (shape.block_size == 16) {
+    run_all<T, 16>(plan, q, k_cache, v_cache, tables, qsl, lens, scale, shape, out);
+  } else {
+    run_all<T, 0>(plan, q, k_cache, v_cache, tables, qsl, lens, scale, shape, out);
+  }
+}
+
+void paged_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                     const at::Tensor& block_tables, const at::Tensor& query_start_loc,
+                     const at::Tensor& seq_lens, double scale, int64_t num_splits) {
+  TORCH_CHECK(q.device().is_cpu(), "paged_attention: CPU tensors only");
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.dim() == 4, "paged_attention: q [N,H,D], caches [B,bs,KVH,D]");
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "paged_attention: K and V caches differ in shape");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "paged_attention: caches must be contiguous");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type() &&
+                  out.scalar_type() == q.scalar_type(),
+              "paged_attention: q, caches and out must share a dtype");
+  TORCH_CHECK(q.stride(2) == 1, "paged_attention: q's head_dim must be contiguous");
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && query_start_loc.scalar_type() == at::kInt &&
+                  seq_lens.scalar_type() == at::kInt,
+              "paged_attention: block_tables, query_start_loc and seq_lens must be int32");
+  TORCH_CHECK(block_tables.is_contiguous() && query_start_loc.is_contiguous() && seq_lens.is_contiguous(),
+              "paged_attention: index tensors must be contiguous");
+  const int64_t N = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t bs = k_cache.size(1), KVH = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == D, "paged_attention: head_dim of q and cache differ");
+  TORCH_CHECK(KVH > 0 && H % KVH == 0, "paged_attention: query heads must be a multiple of KV heads");
+  TORCH_CHECK(out.is_contiguous() && out.numel() == N * H * D, "paged_attention: out must be contiguous [N, H*D]");
+  const int64_t rows = seq_lens.size(0);
+  TORCH_CHECK(query_start_loc.size(0) == rows + 1 && block_tables.dim() == 2 && block_tables.size(0) == rows,
+              "paged_attention: rows of query_start_loc, seq_lens and block_tables disagree");
+  const int32_t* qsl = query_start_loc.data_ptr<int32_t>();
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  const int64_t max_blocks = block_tables.size(1);
+  for (int64_t r = 0; r < rows; ++r) {  // out-of-range reads would be silent: refuse them
+    const int64_t q_len = qsl[r + 1] - qsl[r];
+    TORCH_CHECK(q_len >= 0 && qsl[r] >= 0 && qsl[r + 1] <= N, "paged_attention: bad query_start_loc at row ", r);
+    TORCH_CHECK(lens[r] >= q_len && ceil_div(lens[r], bs) <= max_blocks,
+                "paged_attention: seq_len ", lens[r], " of row ", r, " does not fit its block table");
+  }
+  const Shapes shape{H, KVH, H / KVH, D, bs, max_blocks, q.stride(0), q.stride(1)};
+  const Plan plan = make_plan(qsl, lens, rows, bs, KVH, at::get_num_threads(), num_splits);
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  switch (q.scalar_type()) {
+    case at::kFloat: return dispatch_block_size<float>(plan, q, k_cache, v_cache, tables, qsl, lens, scale, shape, out);
+    case at::kBFloat16:
+      return dispatch_block_size<c10::BFloat16>(plan, q, k_cache, v_cache, tables, qsl, lens, scale, shape, out);
+    case at::kHalf: return dispatch_block_size<c10::Half>(plan, q, k_cache, v_cache, tables, qsl, lens, scale, shape, out);
+    default: TORCH_CHECK(false, "paged_attention: dtype ", q.scalar_type(), " is not float32, bfloat16 or float16");
+  }
+}
+
+}  // namespace
+}  // namespace pagoda_attention
+
+TORCH_LIBRARY_FRAGMENT(pagoda, m) {
+  m.def(
+      "paged_attention(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+      "Tensor query_start_loc, Tensor seq_lens, float scale, int num_splits) -> ()",
+      &pagoda_attention::paged_attention);
+
+}
