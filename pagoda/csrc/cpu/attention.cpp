@@ -27,6 +27,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace pagoda_attention {
@@ -35,6 +36,10 @@ namespace {
 constexpr int kQueryTile = 16;          // prefill tokens per work item
 constexpr int kMinBlocksPerSplit = 4;   // a split below this costs more to merge than it saves
 constexpr int kItemsPerThread = 4;      // aim for this many items per thread (load balance)
+// From this many queries per item on, a block's keys are transposed once so that scores
+// are a small matrix product vectorised over keys; below, per-key dot products are cheaper.
+constexpr int64_t kTransposeMinQueries = 8;
+constexpr int64_t kScoreTile = 8;  // queries scored together against a transposed block
 
 struct WorkItem {
   int32_t row;
@@ -109,18 +114,160 @@ Plan make_plan(const int32_t* qsl, const int32_t* seq_lens, int64_t rows, int64_
 
 // Per-thread scratch, reused across items (sizes only grow).
 struct Scratch {
-  std::vector<float> q, acc, max, sum, key_t, value, scores;
+  std::vector<float> q, acc, max, sum, key, key_t, value, scores, tile;
   void resize(int64_t queries, int64_t head_dim, int64_t block_size) {
     auto grow = [](std::vector<float>& v, int64_t n) { if (static_cast<int64_t>(v.size()) < n) v.resize(n); };
-    grow(q, queries * head_dim);
+    grow(q, (queries + kScoreTile) * head_dim);  // padded: score_tile16 reads whole tiles
+    grow(tile, kScoreTile * 16);
     grow(acc, queries * head_dim);
     grow(max, queries);
     grow(sum, queries);
+    grow(key, block_size * head_dim);
     grow(key_t, head_dim * block_size);
     grow(value, block_size * head_dim);
     grow(scores, block_size);
   }
 };
+
+// `rows` of a block for one KV head (row t at src + t * stride) as fp32: read in place for
+// fp32 caches, else converted into `buffer` (row stride D). Returns the row stride used.
+template <typename T>
+int64_t rows_as_float(const T* src, int64_t stride, int64_t rows, int64_t D, float* buffer, const float** out) {
+  if constexpr (std::is_same_v<T, float>) {
+    *out = src;
+    return stride;
+  } else {
+    for (int64_t t = 0; t < rows; ++t) {
+      const T* s = src + t * stride;
+      float* d = buffer + t * D;
+#pragma omp simd
+      for (int64_t i = 0; i < D; ++i) d[i] = to_float(s[i]);
+    }
+    *out = buffer;
+    return D;
+  }
+}
+
+// acc[0:D] = acc * correction + sum_{t < n} p[t] * values[t]. D is walked in chunks of
+// kChunk floats held in a local array, so each chunk stays in a register across all n
+// keys instead of going through memory once per key.
+constexpr int64_t kChunk = 16;
+template <int DD>
+inline void accumulate_values_fixed(float* acc, float correction, const float* p, const float* values,
+                                    int64_t stride, int64_t n) {
+  float a[DD];  // DD/16 vector registers: independent FMA chains, one per chunk
+#pragma omp simd
+  for (int i = 0; i < DD; ++i) a[i] = acc[i] * correction;
+  for (int64_t t = 0; t < n; ++t) {
+    const float pt = p[t];
+    const float* vt = values + t * stride;
+#pragma omp simd
+    for (int i = 0; i < DD; ++i) a[i] += pt * vt[i];
+  }
+#pragma omp simd
+  for (int i = 0; i < DD; ++i) acc[i] = a[i];
+}
+
+inline void accumulate_values(float* acc, float correction, const float* p, const float* values, int64_t stride,
+                              int64_t n, int64_t D) {
+  if (D == 64) return accumulate_values_fixed<64>(acc, correction, p, values, stride, n);
+  if (D == 128) return accumulate_values_fixed<128>(acc, correction, p, values, stride, n);
+  int64_t d0 = 0;
+  for (; d0 + kChunk <= D; d0 += kChunk) {
+    float chunk[kChunk];
+#pragma omp simd
+    for (int64_t i = 0; i < kChunk; ++i) chunk[i] = acc[d0 + i] * correction;
+    for (int64_t t = 0; t < n; ++t) {
+      const float pt = p[t];
+      const float* vt = values + t * stride + d0;
+#pragma omp simd
+      for (int64_t i = 0; i < kChunk; ++i) chunk[i] += pt * vt[i];
+    }
+#pragma omp simd
+    for (int64_t i = 0; i < kChunk; ++i) acc[d0 + i] = chunk[i];
+  }
+  for (; d0 < D; ++d0) {  // head_dim not a multiple of kChunk: the tail, plainly
+    float a = acc[d0] * correction;
+    for (int64_t t = 0; t < n; ++t) a += p[t] * values[t * stride + d0];
+    acc[d0] = a;
+  }
+}
+
+// Sum and max of 16 floats as a tree (4 vector steps), not 15 dependent scalar ops: GCC
+// finishes `omp simd reduction` loops with an in-order chain, which dominated the block loop.
+inline float tree_sum16(float v[16]) {
+  for (int w = 8; w >= 1; w /= 2)
+    for (int i = 0; i < w; ++i) v[i] += v[i + w];
+  return v[0];
+}
+inline float tree_max16(float v[16]) {
+  for (int w = 8; w >= 1; w /= 2)
+    for (int i = 0; i < w; ++i) v[i] = v[i] > v[i + w] ? v[i] : v[i + w];
+  return v[0];
+}
+
+// q . k over D floats: 16 lanes of partial sums, then one tree.
+inline float dot(const float* q, const float* k, int64_t D) {
+  float part[16] = {};
+  int64_t d0 = 0;
+  for (; d0 + 16 <= D; d0 += 16) {
+#pragma omp simd
+    for (int i = 0; i < 16; ++i) part[i] += q[d0 + i] * k[d0 + i];
+  }
+  float sum = tree_sum16(part);
+  for (; d0 < D; ++d0) sum += q[d0] * k[d0];
+  return sum;
+}
+
+// One block of a query's online softmax: scores[0:visible) are its scores. Returns the new
+// running max (>= old_max); scores[t] becomes e^(score - new max) (0 past visible), and
+// *block_sum their sum.
+template <int BS>
+float softmax_block(float* scores, int64_t bs, int64_t visible, float old_max, float* block_sum) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  if constexpr (BS == 16) {
+    float masked[16];
+#pragma omp simd
+    for (int t = 0; t < 16; ++t) masked[t] = t < visible ? scores[t] : kNegInf;
+    const float new_max = std::max(old_max, tree_max16(masked));
+    float p[16];
+#pragma omp simd
+    for (int t = 0; t < 16; ++t) p[t] = t < visible ? exp_nonpositive(scores[t] - new_max) : 0.0f;
+#pragma omp simd
+    for (int t = 0; t < 16; ++t) scores[t] = p[t];
+    *block_sum = tree_sum16(p);
+    return new_max;
+  } else {
+    float block_max = kNegInf;
+    for (int64_t t = 0; t < visible; ++t) block_max = std::max(block_max, scores[t]);
+    const float new_max = std::max(old_max, block_max);
+    float sum = 0.0f;
+    for (int64_t t = 0; t < bs; ++t) {
+      const float p = t < visible ? exp_nonpositive(scores[t] - new_max) : 0.0f;
+      scores[t] = p;
+      sum += p;
+    }
+    *block_sum = sum;
+    return new_max;
+  }
+}
+
+// Scores of kScoreTile queries (rows of q, D apart) against a block of 16 keys held
+// transposed (key_t[d][0:16]): out[j][t]. One accumulator register per query, so the FMA
+// chains are independent (a single chain is latency-bound: 4 cycles per FMA).
+inline void score_tile16(const float* q, const float* key_t, int64_t D, float* out) {
+  float acc[kScoreTile][16] = {};
+  for (int64_t d = 0; d < D; ++d) {
+    const float* kd = key_t + d * 16;
+    for (int j = 0; j < kScoreTile; ++j) {
+      const float qd = q[j * D + d];
+#pragma omp simd
+      for (int t = 0; t < 16; ++t) acc[j][t] += qd * kd[t];
+    }
+  }
+  for (int j = 0; j < kScoreTile; ++j)
+    for (int t = 0; t < 16; ++t) out[j * 16 + t] = acc[j][t];
+}
 
 struct Shapes {
   int64_t heads, kv_heads, group, head_dim, block_size, max_blocks;
@@ -145,6 +292,7 @@ void run_item(const WorkItem& item, int64_t kv_head, const T* q, const T* k_cach
   float* key_t = scratch.key_t.data();   // [D][bs]: the block's keys, transposed
   float* value = scratch.value.data();   // [bs][D]
   float* scores = scratch.scores.data();
+  float* tile_scores = scratch.tile.data();
 
   const int64_t row = item.row;
   const int64_t seq_len = seq_lens[row];
@@ -161,10 +309,12 @@ void run_item(const WorkItem& item, int64_t kv_head, const T* q, const T* k_cach
       for (int64_t d = 0; d < D; ++d) dst[d] = to_float(src[d]) * scale;
     }
   }
+  std::fill(qf + M * D, qf + (M + kScoreTile) * D, 0.0f);  // the padding queries
   std::fill(acc, acc + M * D, 0.0f);
   std::fill(run_max, run_max + M, -std::numeric_limits<float>::infinity());
   std::fill(run_sum, run_sum + M, 0.0f);
 
+  const bool transpose = M >= kTransposeMinQueries;
   const int32_t* table = block_tables + row * shape.max_blocks;
   const int64_t token_stride = KVH * D;  // between consecutive tokens of a block
   for (int64_t kb = item.kb_begin; kb < item.kb_end; ++kb) {
@@ -174,58 +324,50 @@ void run_item(const WorkItem& item, int64_t kv_head, const T* q, const T* k_cach
     const int64_t block = table[kb];
     const T* kb_ptr = k_cache + (block * bs * KVH + kv_head) * D;
     const T* vb_ptr = v_cache + (block * bs * KVH + kv_head) * D;
-    // One read of the block's K and V for this KV head, shared by all M queries.
-    // Slots past keys_here hold stale data: zero them so no NaN/Inf leaks into scores.
-    for (int64_t t = 0; t < bs; ++t) {
-      const T* ks = kb_ptr + t * token_stride;
-      const T* vs = vb_ptr + t * token_stride;
-      float* vd = value + t * D;
-      if (t < keys_here) {
-        for (int64_t d = 0; d < D; ++d) key_t[d * bs + t] = to_float(ks[d]);
-#pragma omp simd
-        for (int64_t d = 0; d < D; ++d) vd[d] = to_float(vs[d]);
-      } else {
-        for (int64_t d = 0; d < D; ++d) key_t[d * bs + t] = 0.0f;
-        std::fill(vd, vd + D, 0.0f);
+    // One read of the block's K and V for this KV head, shared by all M queries. Only the
+    // first keys_here rows are read: slots past them are stale and never touched.
+    const float* keys;
+    const float* values;
+    const int64_t k_stride = rows_as_float<T>(kb_ptr, token_stride, keys_here, D, scratch.key.data(), &keys);
+    const int64_t v_stride = rows_as_float<T>(vb_ptr, token_stride, keys_here, D, value, &values);
+    if (transpose) {  // key_t[d][t]; zero past keys_here so every score is finite
+      for (int64_t t = 0; t < bs; ++t) {
+        const float* kt = keys + t * k_stride;
+        for (int64_t d = 0; d < D; ++d) key_t[d * bs + t] = t < keys_here ? kt[d] : 0.0f;
       }
     }
     for (int64_t m = 0; m < M; ++m) {
+      if constexpr (BS == 16) {  // a tile at a time, whatever each query's visibility
+        if (transpose && m % kScoreTile == 0) score_tile16(qf + m * D, key_t, D, tile_scores);
+      }
       const int64_t visible = std::min<int64_t>(keys_here, key_limit0 + m / G - key0);
       if (visible <= 0) continue;  // the whole block lies after this query (causal)
       const float* qm = qf + m * D;
-      // scores[t] = q . k_t, vectorized over the block's keys.
+      if (transpose) {  // scores[0:bs] = q . key_t, vectorised over the block's keys
+        if constexpr (BS == 16) {
+          std::copy(tile_scores + (m % kScoreTile) * 16, tile_scores + (m % kScoreTile + 1) * 16, scores);
+        } else {
 #pragma omp simd
-      for (int64_t t = 0; t < bs; ++t) scores[t] = 0.0f;
-      for (int64_t d = 0; d < D; ++d) {
-        const float qd = qm[d];
-        const float* kd = key_t + d * bs;
+          for (int64_t t = 0; t < bs; ++t) scores[t] = 0.0f;
+          for (int64_t d = 0; d < D; ++d) {
+            const float qd = qm[d];
+            const float* kd = key_t + d * bs;
 #pragma omp simd
-        for (int64_t t = 0; t < bs; ++t) scores[t] += qd * kd[t];
+            for (int64_t t = 0; t < bs; ++t) scores[t] += qd * kd[t];
+          }
+        }
+      } else {  // one dot product per visible key
+        for (int64_t t = 0; t < visible; ++t) scores[t] = dot(qm, keys + t * k_stride, D);
+        for (int64_t t = visible; t < bs; ++t) scores[t] = 0.0f;
       }
-      float block_max = -std::numeric_limits<float>::infinity();
-      for (int64_t t = 0; t < visible; ++t) block_max = std::max(block_max, scores[t]);
-      const float new_max = std::max(run_max[m], block_max);
+      float block_sum;
+      const float new_max = softmax_block<BS>(scores, bs, visible, run_max[m], &block_sum);
       // exp(-inf - finite) = 0 on the first block: the empty accumulator is simply replaced.
       const float correction = run_max[m] == -std::numeric_limits<float>::infinity()
                                    ? 0.0f : exp_nonpositive(run_max[m] - new_max);
-      float block_sum = 0.0f;
-#pragma omp simd reduction(+ : block_sum)
-      for (int64_t t = 0; t < bs; ++t) {
-        const float p = t < visible ? exp_nonpositive(scores[t] - new_max) : 0.0f;
-        scores[t] = p;
-        block_sum += p;
-      }
       run_sum[m] = run_sum[m] * correction + block_sum;
       run_max[m] = new_max;
-      float* am = acc + m * D;
-#pragma omp simd
-      for (int64_t d = 0; d < D; ++d) am[d] *= correction;
-      for (int64_t t = 0; t < visible; ++t) {
-        const float p = scores[t];
-        const float* vt = value + t * D;
-#pragma omp simd
-        for (int64_t d = 0; d < D; ++d) am[d] += p * vt[d];
-      }
+      accumulate_values(acc + m * D, correction, scores, values, v_stride, visible, D);
     }
   }
 
