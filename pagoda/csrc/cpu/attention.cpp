@@ -153,7 +153,7 @@ int64_t rows_as_float(const T* src, int64_t stride, int64_t rows, int64_t D, flo
 // keys instead of going through memory once per key.
 constexpr int64_t kChunk = 16;
 template <int DD>
-inline void accumulate_values_fixed(float* acc, float correction, const float* p, const float* values,
+PAGODA_INLINE void accumulate_values_fixed(float* acc, float correction, const float* p, const float* values,
                                     int64_t stride, int64_t n) {
   float a[DD];  // DD/16 vector registers: independent FMA chains, one per chunk
 #pragma omp simd
@@ -168,7 +168,7 @@ inline void accumulate_values_fixed(float* acc, float correction, const float* p
   for (int i = 0; i < DD; ++i) acc[i] = a[i];
 }
 
-inline void accumulate_values(float* acc, float correction, const float* p, const float* values, int64_t stride,
+PAGODA_INLINE void accumulate_values(float* acc, float correction, const float* p, const float* values, int64_t stride,
                               int64_t n, int64_t D) {
   if (D == 64) return accumulate_values_fixed<64>(acc, correction, p, values, stride, n);
   if (D == 128) return accumulate_values_fixed<128>(acc, correction, p, values, stride, n);
@@ -193,28 +193,15 @@ inline void accumulate_values(float* acc, float correction, const float* p, cons
   }
 }
 
-// Sum and max of 16 floats as a tree (4 vector steps), not 15 dependent scalar ops: GCC
-// finishes `omp simd reduction` loops with an in-order chain, which dominated the block loop.
-inline float tree_sum16(float v[16]) {
-  for (int w = 8; w >= 1; w /= 2)
-    for (int i = 0; i < w; ++i) v[i] += v[i + w];
-  return v[0];
-}
-inline float tree_max16(float v[16]) {
-  for (int w = 8; w >= 1; w /= 2)
-    for (int i = 0; i < w; ++i) v[i] = v[i] > v[i + w] ? v[i] : v[i + w];
-  return v[0];
-}
-
 // q . k over D floats: 16 lanes of partial sums, then one tree.
-inline float dot(const float* q, const float* k, int64_t D) {
+PAGODA_INLINE float dot(const float* q, const float* k, int64_t D) {
   float part[16] = {};
   int64_t d0 = 0;
   for (; d0 + 16 <= D; d0 += 16) {
 #pragma omp simd
     for (int i = 0; i < 16; ++i) part[i] += q[d0 + i] * k[d0 + i];
   }
-  float sum = tree_sum16(part);
+  float sum = hsum16(part);
   for (; d0 < D; ++d0) sum += q[d0] * k[d0];
   return sum;
 }
@@ -223,19 +210,24 @@ inline float dot(const float* q, const float* k, int64_t D) {
 // running max (>= old_max); scores[t] becomes e^(score - new max) (0 past visible), and
 // *block_sum their sum.
 template <int BS>
-float softmax_block(float* scores, int64_t bs, int64_t visible, float old_max, float* block_sum) {
+PAGODA_INLINE float softmax_block(float* scores, int64_t bs, int64_t visible, float old_max, float* block_sum) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   if constexpr (BS == 16) {
     float masked[16];
 #pragma omp simd
     for (int t = 0; t < 16; ++t) masked[t] = t < visible ? scores[t] : kNegInf;
-    const float new_max = std::max(old_max, tree_max16(masked));
+    const float new_max = std::max(old_max, hmax16(masked));  // finite: visible >= 1
+    // Three branch-free loops (select, exp, select) so each vectorises to a few instructions.
     float p[16];
 #pragma omp simd
-    for (int t = 0; t < 16; ++t) p[t] = t < visible ? exp_nonpositive(scores[t] - new_max) : 0.0f;
+    for (int t = 0; t < 16; ++t) p[t] = masked[t] - new_max;  // -inf past visible
+#pragma omp simd
+    for (int t = 0; t < 16; ++t) p[t] = exp_nonpositive(p[t]);  // clamps -inf to -87
+#pragma omp simd
+    for (int t = 0; t < 16; ++t) p[t] = t < visible ? p[t] : 0.0f;
 #pragma omp simd
     for (int t = 0; t < 16; ++t) scores[t] = p[t];
-    *block_sum = tree_sum16(p);
+    *block_sum = hsum16(p);
     return new_max;
   } else {
     float block_max = kNegInf;
@@ -255,7 +247,7 @@ float softmax_block(float* scores, int64_t bs, int64_t visible, float old_max, f
 // Scores of kScoreTile queries (rows of q, D apart) against a block of 16 keys held
 // transposed (key_t[d][0:16]): out[j][t]. One accumulator register per query, so the FMA
 // chains are independent (a single chain is latency-bound: 4 cycles per FMA).
-inline void score_tile16(const float* q, const float* key_t, int64_t D, float* out) {
+PAGODA_INLINE void score_tile16(const float* q, const float* key_t, int64_t D, float* out) {
   float acc[kScoreTile][16] = {};
   for (int64_t d = 0; d < D; ++d) {
     const float* kd = key_t + d * 16;
@@ -267,6 +259,16 @@ inline void score_tile16(const float* q, const float* key_t, int64_t D, float* o
   }
   for (int j = 0; j < kScoreTile; ++j)
     for (int t = 0; t < 16; ++t) out[j * 16 + t] = acc[j][t];
+}
+
+// Asks for `rows` rows of D elements (row t at src + t * stride) to be brought into cache.
+template <typename T>
+inline void prefetch_rows(const T* src, int64_t stride, int64_t rows, int64_t D) {
+  const int64_t bytes = D * static_cast<int64_t>(sizeof(T));
+  for (int64_t t = 0; t < rows; ++t) {
+    const char* row = reinterpret_cast<const char*>(src + t * stride);
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b);
+  }
 }
 
 struct Shapes {
@@ -324,6 +326,11 @@ void run_item(const WorkItem& item, int64_t kv_head, const T* q, const T* k_cach
     const int64_t block = table[kb];
     const T* kb_ptr = k_cache + (block * bs * KVH + kv_head) * D;
     const T* vb_ptr = v_cache + (block * bs * KVH + kv_head) * D;
+    if (kb + 1 < item.kb_end) {  // blocks are scattered: the hardware prefetcher cannot guess the next
+      const int64_t next = table[kb + 1];
+      prefetch_rows(k_cache + (next * bs * KVH + kv_head) * D, token_stride, bs, D);
+      prefetch_rows(v_cache + (next * bs * KVH + kv_head) * D, token_stride, bs, D);
+    }
     // One read of the block's K and V for this KV head, shared by all M queries. Only the
     // first keys_here rows are read: slots past them are stale and never touched.
     const float* keys;
