@@ -26,6 +26,7 @@
 #include "attention_math.h"
 
 #include <algorithm>
+#include <atomic>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -426,6 +427,15 @@ void merge_split(const SplitRow& split, int64_t kv_head, const Shapes& shape, co
   }
 }
 
+// Indices of `items`, by decreasing work (queries x key blocks).
+std::vector<int32_t> costliest_first(const std::vector<WorkItem>& items) {
+  std::vector<int32_t> order(items.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int32_t>(i);
+  auto cost = [&](int32_t i) { return static_cast<int64_t>(items[i].q_len) * (items[i].kb_end - items[i].kb_begin); };
+  std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return cost(a) > cost(b); });
+  return order;
+}
+
 template <typename T, int BS>
 void run_all(const Plan& plan, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
              const int32_t* block_tables, const int32_t* qsl, const int32_t* seq_lens, double scale,
@@ -447,12 +457,18 @@ void run_all(const Plan& plan, const at::Tensor& q, const at::Tensor& k_cache, c
   const T* vp = v_cache.data_ptr<T>();
   T* op = out.data_ptr<T>();
   const float fscale = static_cast<float>(scale);
+  // Items differ in cost (a causal chunk's last tile sees far more keys than its first),
+  // so threads take them from a shared counter, costliest first, instead of each getting a
+  // fixed contiguous range: balanced, and robust to a thread losing its core for a while.
   const int64_t num_items = static_cast<int64_t>(plan.items.size()) * KVH;
-  at::parallel_for(0, num_items, 1, [&](int64_t begin, int64_t end) {
+  const std::vector<int32_t> order = costliest_first(plan.items);
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_items));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     Scratch scratch;
-    for (int64_t w = begin; w < end; ++w) {
-      run_item<T, BS>(plan.items[w / KVH], w % KVH, qp, kp, vp, block_tables, qsl, seq_lens, fscale, shape,
-                      op, pacc, pmax, psum, scratch);
+    for (int64_t w = next.fetch_add(1); w < num_items; w = next.fetch_add(1)) {
+      run_item<T, BS>(plan.items[order[w / KVH]], w % KVH, qp, kp, vp, block_tables, qsl, seq_lens, fscale,
+                      shape, op, pacc, pmax, psum, scratch);
     }
   });
   if (plan.split_rows.empty()) return;
