@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import platform
 import random
 import time
@@ -136,9 +137,11 @@ def run_e2e(backends: list[str], repeats: int) -> list[dict]:
             start = time.perf_counter()
             out = llm.generate([single_prompt], params)
             results[b]["single"] = min(results[b]["single"], time.perf_counter() - start)
+            print(f"  {b}: single stream {time.perf_counter() - start:.2f} s", flush=True)
             start = time.perf_counter()
             outs = llm.generate(batch_prompts, params)
             results[b]["batch"] = min(results[b]["batch"], time.perf_counter() - start)
+            print(f"  {b}: batch of 64 {time.perf_counter() - start:.2f} s", flush=True)
             tokens[b] = [out[0].outputs[0].token_ids] + [o.outputs[0].token_ids for o in outs]
     dtype = str(llms[backends[0]].engine.dtype).removeprefix("torch.")
     rows = []
@@ -163,11 +166,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per micro case; best kept")
     parser.add_argument("--no-e2e", dest="e2e", action="store_false", help="skip the end-to-end runs")
     parser.add_argument("--e2e-repeats", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--no-micro", dest="micro", action="store_false", help="skip the micro-benchmark")
+    parser.add_argument("--threads", default=None,
+                        help="comma-separated torch thread counts for the micro cases, e.g. 1,2 "
+                             "(default: torch's choice); end to end runs with torch's choice")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    default_threads = torch.get_num_threads()
+    thread_counts = [int(n) for n in args.threads.split(",")] if args.threads else [default_threads]
     op = load_cpu_attention_op()
     backends = {"torch": TorchAttentionBackend(HEADS // KV_HEADS)}
     if op is None:
@@ -175,12 +181,16 @@ def main() -> None:
     else:
         backends["cpu"] = CpuAttentionBackend(op)
     dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
-    print(f"micro: one layer's attention, {HEADS} heads / {KV_HEADS} KV heads, head_dim {HEAD_DIM}, "
-          f"block {BLOCK_SIZE}, {torch.get_num_threads()} threads; best of {args.rounds}")
-    micro = run_micro(backends, dtypes, args.rounds)
+    micro = []
+    for threads in thread_counts if args.micro else []:
+        torch.set_num_threads(threads)
+        print(f"micro: one layer's attention, {HEADS} heads / {KV_HEADS} KV heads, head_dim {HEAD_DIM}, "
+              f"block {BLOCK_SIZE}, {threads} threads; fastest call of {args.rounds} rounds")
+        micro += [dict(threads=threads, **row) for row in run_micro(backends, dtypes, args.rounds)]
+    torch.set_num_threads(default_threads)
     e2e = run_e2e(list(backends), args.e2e_repeats) if args.e2e else []
     result = dict(
-        machine=dict(cpu=_cpu_name(), threads=torch.get_num_threads(), torch=torch.__version__,
+        machine=dict(cpu=_cpu_name(), cpus=os.cpu_count(), load_average=os.getloadavg(), torch=torch.__version__,
                      python=platform.python_version()),
         shape=dict(heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, block_size=BLOCK_SIZE),
         micro=micro, e2e=e2e,
