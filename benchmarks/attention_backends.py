@@ -122,14 +122,16 @@ def run_micro(backends: dict, dtypes: list[torch.dtype], rounds: int) -> list[di
     return rows_out
 
 
-def run_e2e(backends: list[str], repeats: int) -> list[dict]:
+def run_e2e(backends: list[str], repeats: int, prompt_len: int, output_len: int, threads: int | None) -> list[dict]:
     from pagoda import LLM, SamplingParams
 
     rnd = random.Random(0)
     single_prompt = [rnd.randrange(20, 49000) for _ in range(32)]
-    batch_prompts = [[rnd.randrange(20, 49000) for _ in range(128)] for _ in range(64)]
+    batch_prompts = [[rnd.randrange(20, 49000) for _ in range(prompt_len)] for _ in range(64)]
     params = SamplingParams(temperature=0.0, max_tokens=128, ignore_eos=True)
-    llms = {b: LLM(attention_backend=b, show_progress=False, enable_prefix_caching=False) for b in backends}
+    batch_params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    llms = {b: LLM(attention_backend=b, show_progress=False, enable_prefix_caching=False, num_threads=threads)
+            for b in backends}
     results = {b: {"single": float("inf"), "batch": float("inf")} for b in backends}
     tokens = {}
     for _ in range(repeats):
@@ -139,7 +141,7 @@ def run_e2e(backends: list[str], repeats: int) -> list[dict]:
             results[b]["single"] = min(results[b]["single"], time.perf_counter() - start)
             print(f"  {b}: single stream {time.perf_counter() - start:.2f} s", flush=True)
             start = time.perf_counter()
-            outs = llm.generate(batch_prompts, params)
+            outs = llm.generate(batch_prompts, batch_params)
             results[b]["batch"] = min(results[b]["batch"], time.perf_counter() - start)
             print(f"  {b}: batch of 64 {time.perf_counter() - start:.2f} s", flush=True)
             tokens[b] = [out[0].outputs[0].token_ids] + [o.outputs[0].token_ids for o in outs]
@@ -148,13 +150,15 @@ def run_e2e(backends: list[str], repeats: int) -> list[dict]:
     for b in backends:
         rows.append(dict(case="e2e single stream, 32-token prompt, 128 new", backend=b, dtype=dtype,
                          seconds=round(results[b]["single"], 3), tok_s=round(128 / results[b]["single"], 1)))
-        rows.append(dict(case="e2e batch of 64, 128-token prompts, 128 new each", backend=b, dtype=dtype,
-                         seconds=round(results[b]["batch"], 3), tok_s=round(64 * 128 / results[b]["batch"], 1)))
+        rows.append(dict(case=f"e2e batch of 64, {prompt_len}-token prompts, {output_len} new each", backend=b,
+                         dtype=dtype, seconds=round(results[b]["batch"], 3),
+                         tok_s=round(64 * output_len / results[b]["batch"], 1)))
     if len(tokens) == 2:
         same = sum(a == c for a, c in zip(tokens["torch"], tokens["cpu"]))
         for row in rows:
             row["same_tokens_as_torch"] = f"{same}/{len(tokens['torch'])} sequences"
     for row in rows:
+        row["threads"] = threads
         print(f"  {row['case']:<50} {row['backend']:>6} {row['dtype']:>9}  {row['seconds']:>7.3f} s  "
               f"{row['tok_s']:>7.1f} tok/s", flush=True)
     return rows
@@ -166,6 +170,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per micro case; best kept")
     parser.add_argument("--no-e2e", dest="e2e", action="store_false", help="skip the end-to-end runs")
     parser.add_argument("--e2e-repeats", type=int, default=2)
+    parser.add_argument("--batch-prompt-len", type=int, default=128)
+    parser.add_argument("--batch-output-len", type=int, default=128)
+    parser.add_argument("--e2e-threads", type=int, default=None, help="LLM(num_threads=...) end to end")
     parser.add_argument("--no-micro", dest="micro", action="store_false", help="skip the micro-benchmark")
     parser.add_argument("--threads", default=None,
                         help="comma-separated torch thread counts for the micro cases, e.g. 1,2 "
@@ -188,7 +195,8 @@ def main() -> None:
               f"block {BLOCK_SIZE}, {threads} threads; fastest call of {args.rounds} rounds")
         micro += [dict(threads=threads, **row) for row in run_micro(backends, dtypes, args.rounds)]
     torch.set_num_threads(default_threads)
-    e2e = run_e2e(list(backends), args.e2e_repeats) if args.e2e else []
+    e2e = (run_e2e(list(backends), args.e2e_repeats, args.batch_prompt_len, args.batch_output_len, args.e2e_threads)
+           if args.e2e else [])
     result = dict(
         machine=dict(cpu=_cpu_name(), cpus=os.cpu_count(), load_average=os.getloadavg(), torch=torch.__version__,
                      python=platform.python_version()),
