@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+# Kept in step with pagoda/model/attention/backend.py (which imports this module).
+ATTENTION_BACKENDS = ("auto", "torch", "cpu")
 # On CPU the KV cache lives in RAM next to everything else; 2 GiB holds
 # ~90k tokens of SmolLM2 in bf16 and leaves room on small machines.
 DEFAULT_CPU_KV_CACHE_BYTES = 2 * 1024**3
@@ -168,6 +170,8 @@ class EngineConfig:
     max_model_len: int | None = None
     seed: int = 0
     num_threads: int | None = None
+    # auto: the compiled CPU kernel on a CPU device where it loads, else torch (model/attention/backend.py).
+    attention_backend: str = "auto"
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
 
@@ -178,6 +182,9 @@ class EngineConfig:
             raise ConfigError("max_model_len", self.max_model_len, "must be >= 1")
         if self.num_threads is not None and self.num_threads < 1:
             raise ConfigError("num_threads", self.num_threads, f"must be in [1, {os.cpu_count()}]")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError("attention_backend", self.attention_backend,
+                              f"must be one of {', '.join(ATTENTION_BACKENDS)}")
 
 
 def engine_config_from_kwargs(model: str, **kwargs) -> EngineConfig:

@@ -20,7 +20,8 @@ class LLM:
 
     Keyword arguments map onto `EngineConfig`, `SchedulerConfig` and
     `CacheConfig` fields (e.g. `dtype`, `max_model_len`, `max_num_seqs`,
-    `max_num_batched_tokens`, `block_size`, `kv_cache_memory`, `num_blocks`).
+    `max_num_batched_tokens`, `block_size`, `kv_cache_memory`, `num_blocks`,
+    `attention_backend`: "auto", "torch" or "cpu").
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, show_progress: bool = True, **kwargs):

@@ -202,6 +202,7 @@ class LLMEngine:
             self.max_model_len,
             offload_host=self.offload.host if self.offload is not None else None,
             host_kv_caches=self.host_kv_caches, num_threads=config.num_threads,
+            attention_backend=config.attention_backend,
         )
         # The engine's only door to the device side; it sends plain data (core/worker_step.py).
         self.executor: Executor = InProcessExecutor(self.runner)

@@ -38,6 +38,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="host memory for swapped-out KV blocks with --preemption-mode swap (default: 4)")
     group.add_argument("--max-num-seqs", type=int, default=256, help="requests running at once")
     group.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per engine step")
+    group.add_argument("--attention-backend", choices=["auto", "torch", "cpu"], default="auto",
+                       help="attention kernels: cpu (compiled C++ that reads the paged KV cache in place; "
+                            "built on first use), torch (portable, gathers blocks then calls SDPA), or auto "
+                            "(cpu on a CPU device where it builds, else torch) (default: auto)")
     group.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
 
 
@@ -51,6 +55,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         num_threads=args.threads,
+        attention_backend=args.attention_backend,
         enable_prefix_caching=args.enable_prefix_caching,
         policy=args.policy,
         kv_offload_cpu_gb=args.kv_offload_cpu_gb,

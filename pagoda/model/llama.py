@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from pagoda.model.attention.metadata import AttentionMetadata
-from pagoda.model.attention.torch_paged import paged_attention
 from pagoda.model.layers.activation import silu_and_mul
 from pagoda.model.layers.norm import RMSNorm
 from pagoda.model.layers.rotary import RotaryEmbedding, rope_spec_from_hf_config
@@ -78,7 +77,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
-        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        out = meta.backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o_proj(out)
 
 

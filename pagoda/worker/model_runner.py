@@ -15,12 +15,14 @@ the culprit (engine/llm_engine.py).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
 from pagoda.core.scheduler_output import ModelRunnerOutput, SchedulerOutput, describe_error
 from pagoda.core.worker_step import StepRow, WorkerStep
-from pagoda.model.attention.metadata import AttentionMetadata, DecodeGroup, PrefillChunk
+from pagoda.model.attention.backend import select_attention_backend
+from pagoda.model.attention.metadata import AttentionMetadata, StepLayout
 from pagoda.worker.cpu_threads import bind_model_threads
 from pagoda.worker.input_batch import InputBatch, RowState, StepTensors
 from pagoda.worker.kv_cache import move_blocks
@@ -40,6 +42,7 @@ class ModelRunner:
         offload_host: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
         host_kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
         num_threads: int | None = None,
+        attention_backend: str = "auto",
     ):
         if device.type == "cpu":
             bound_onednn_caches()  # before the first matmul: flat memory under varying batch shapes
@@ -59,10 +62,10 @@ class ModelRunner:
         self.input_batch = InputBatch(block_size, max_model_len)
         config = model.config
         self.vocab_size: int | None = getattr(config, "vocab_size", None)
-        # Query heads per KV head: prefill masks are tiled this many times (torch_paged.py).
-        self.query_group = config.num_attention_heads // (
-            getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        )
+        num_heads = config.num_attention_heads
+        num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+        # Builds each step's attention metadata (model/attention/backend.py).
+        self.attention = select_attention_backend(attention_backend, device, num_heads, num_kv_heads)
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy on write: each (source, destination) block, K and V of every layer, in order."""
@@ -196,52 +199,19 @@ class ModelRunner:
         return None
 
     def _attention_metadata(self, batch: StepTensors) -> AttentionMetadata:
-        """The torch backend's metadata: decode groups of similar lengths, prefill chunks."""
-        device = self.device
-        bs = self.block_size
-        tables = batch.block_tables.long()
-        meta = AttentionMetadata(slot_mapping=batch.slot_mapping)
-        decode_lens = batch.seq_lens[:batch.num_decodes].tolist()
-        start = 0
-        for count in _group_by_length(decode_lens):
-            group_lens = decode_lens[start:start + count]
-            num_blocks = -(-group_lens[0] // bs)  # longest first
-            group_tables = tables[start:start + count, :num_blocks]
-            key_mask = None
-            if any(length != num_blocks * bs for length in group_lens):
-                seq_lens = torch.tensor(group_lens, device=device)
-                key_positions = torch.arange(num_blocks * bs, device=device).unsqueeze(0)
-                key_mask = (key_positions < seq_lens.unsqueeze(1)).view(count, 1, 1, num_blocks * bs)
-            meta.decode_groups.append(DecodeGroup(start, count, group_tables, key_mask))
-            start += count
-
-        query_start = batch.num_decodes
-        for index in range(batch.num_decodes, len(batch.rows)):
-            row = batch.rows[index]
-            seq = torch.arange(row.end, device=device)
-            mask = seq.unsqueeze(0) <= seq[row.start:].unsqueeze(1)
-            if self.query_group > 1:
-                mask = mask.repeat(self.query_group, 1)
-            key_blocks = tables[index, :-(-row.end // bs)] if row.start > 0 else None
-            meta.prefills.append(PrefillChunk(query_start, row.num_new_tokens, row.start, key_blocks, mask))
-            query_start += row.num_new_tokens
-        return meta
-
-
-# A decode group may pad its keys to at most this much more than it holds.
-_MAX_PADDING_RATIO = 1.25
-
-
-def _group_by_length(seq_lens: list[int]) -> list[int]:
-    """Splits lengths sorted longest-first into runs whose padded size
-    (count x longest) stays within _MAX_PADDING_RATIO of their real size."""
-    counts: list[int] = []
-    i = 0
-    while i < len(seq_lens):
-        longest, total, j = seq_lens[i], 0, i
-        while j < len(seq_lens) and longest * (j - i + 1) <= _MAX_PADDING_RATIO * (total + seq_lens[j]):
-            total += seq_lens[j]
-            j += 1
-        counts.append(j - i)
-        i = j
-    return counts
+        """The step's attention metadata, built by the attention backend from a StepLayout."""
+        query_lens = batch.query_lens.tolist()
+        seq_lens = batch.seq_lens.tolist()
+        query_start_loc = np.zeros(len(query_lens) + 1, dtype=np.int32)
+        query_start_loc[1:] = np.cumsum(batch.query_lens)
+        layout = StepLayout(
+            num_decodes=batch.num_decodes,
+            query_lens=query_lens,
+            seq_lens=seq_lens,
+            query_start_loc=torch.from_numpy(query_start_loc).to(self.device),
+            seq_lens_tensor=torch.tensor(seq_lens, dtype=torch.int32, device=self.device),
+            block_tables=batch.block_tables,
+            slot_mapping=batch.slot_mapping,
+            block_size=self.block_size,
+        )
+        return self.attention.build_metadata(layout)

@@ -1,57 +1,34 @@
-"""Per-step attention metadata, built by the model runner and passed down.
+"""What the model runner tells attention about a step, and the base of each backend's metadata.
 
-Token layout of a step: all decode tokens first (one per decoding request),
-then each prefill chunk's tokens, request after request. A "decode" here is
-any request with exactly one new token and earlier context; everything else
-is a "prefill chunk" (a whole prompt, a piece of one, or a recompute).
+The runner builds a `StepLayout` (plain per-row tensors and ints); the step's
+attention backend turns it into its own `AttentionMetadata` subclass once per
+step (`pagoda/model/attention/backend.py`), which every layer then reuses.
+A "decode" is any request with exactly one new token and earlier context;
+everything else is a "prefill chunk" (a whole prompt, a piece of one, or a
+recompute).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-
-@dataclass
-class PrefillChunk:
-    query_start: int  # index of the chunk's first token in the step's token list
-    query_len: int
-    context_len: int  # tokens of this request already in the cache before the chunk
-    # The request's block table; None when context_len == 0 (keys and
-    # values come straight from this step's tokens).
-    key_blocks: torch.Tensor | None
-    # [group * query_len, context_len + query_len] bool, True where attention
-    # is allowed: the causal mask tiled once per query head sharing a KV head.
-    causal_mask: torch.Tensor
-
-    @property
-    def seq_len(self) -> int:
-        return self.context_len + self.query_len
+if TYPE_CHECKING:
+    from pagoda.model.attention.backend import AttentionBackend
 
 
-@dataclass
-class DecodeGroup:
-    """Decodes of similar sequence length, attended to in one batched call.
+class AttentionMetadata:
+    """Base of every backend's per-step metadata (the model passes it down untouched).
 
-    Keys are gathered whole blocks at a time and padded to the longest
-    sequence of the group; grouping by length keeps that padding small.
+    A step's metadata is built by one backend (`AttentionBackend.build_metadata`) and
+    names that backend, so a layer runs `meta.backend.forward(q, k, v, k_cache, v_cache,
+    meta, scale)` without knowing which backend it is. Subclasses are dataclasses that
+    declare `backend` as their first field.
     """
 
-    start: int  # index of the group's first token in the step's token list
-    count: int
-    # [count, num_blocks] block tables; shorter ones padded with block 0.
-    block_tables: torch.Tensor
-    # [count, 1, 1, num_blocks * block_size] bool, True for real keys; None if none is padding.
-    key_mask: torch.Tensor | None
-
-
-@dataclass
-class AttentionMetadata:
-    # [num_tokens] cache slot (block * block_size + offset) each token's K/V is written to.
-    slot_mapping: torch.Tensor
-    decode_groups: list[DecodeGroup] = field(default_factory=list)
-    prefills: list[PrefillChunk] = field(default_factory=list)
+    backend: AttentionBackend
 
 
 @dataclass

@@ -1,0 +1,549 @@
+// Paged attention on the CPU, reading K/V blocks in place (no gather copy).
+//
+//   torch.ops.pagoda.paged_attention(out, q, k_cache, v_cache, block_tables,
+//                                    query_start_loc, seq_lens, scale, num_splits)
+//
+// Layout (the same as pagoda/model/attention/torch_paged.py):
+//   q            [N, H, D]      this step's queries (any row/head strides, D contiguous)
+//   k/v_cache    [num_blocks, block_size, KVH, D], contiguous; this step's K/V already written
+//   block_tables [R, max_blocks] int32, row r's blocks in order (entries past its last: padding)
+//   query_start_loc [R + 1] int32; seq_lens [R] int32
+//   out          [N, H * D]      written (same dtype as q)
+// Row r's queries are tokens query_start_loc[r] .. query_start_loc[r+1]-1, at sequence
+// positions seq_lens[r] - query_len .. seq_lens[r] - 1; query i sees keys 0 .. its own
+// position (causal). That covers decodes (one query) and prefill chunks over a cached
+// prefix with one rule, so decodes and chunks go in one call, in any row order.
+//
+// Work is split into items (row, query tile, KV head, key-block range); one item
+// loads each K/V block of its range once, converts it to fp32, and runs all its
+// queries -- every query head sharing the KV head, for every token of the tile --
+// against it (GQA without repeating K/V). Softmax is online (running max and sum
+// per query, fp32). When there are fewer items than threads can use (few decodes,
+// long contexts), a decode row's blocks are split into `splits` ranges computed by
+// separate items (flash-decoding); each writes an unnormalised partial result and a
+// second pass merges them.
+#include "ops_common.h"
+#include "attention_math.h"
+
+#include <algorithm>
+#include <atomic>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace pagoda_attention {
+namespace {
+
+constexpr int kQueryTile = 16;          // prefill tokens per work item
+constexpr int kMinBlocksPerSplit = 4;   // a split below this costs more to merge than it saves
+constexpr int kItemsPerThread = 4;      // aim for this many items per thread (load balance)
+// From this many queries per item on, a block's keys are transposed once so that scores
+// are a small matrix product vectorised over keys; below, per-key dot products are cheaper.
+constexpr int64_t kTransposeMinQueries = 8;
+constexpr int64_t kScoreTile = 8;  // queries scored together against a transposed block
+
+struct WorkItem {
+  int32_t row;
+  int32_t q_begin;   // first query of the tile, relative to the row's first query
+  int32_t q_len;     // queries in the tile
+  int32_t kb_begin;  // key blocks [kb_begin, kb_end) of the row's table
+  int32_t kb_end;
+  int32_t partial;   // -1: write `out` directly; else this item's slot in the partial buffers
+};
+
+struct SplitRow {  // a decode row computed in several ranges, merged afterwards
+  int32_t token;
+  int32_t first_partial;
+  int32_t num_partials;
+};
+
+struct Plan {
+  std::vector<WorkItem> items;
+  std::vector<SplitRow> split_rows;
+  int32_t num_partials = 0;
+};
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Cuts the step into work items. `forced_splits` > 0 splits every decode row into that
+// many ranges (tests); 0 decides from the thread count.
+Plan make_plan(const int32_t* qsl, const int32_t* seq_lens, int64_t rows, int64_t block_size,
+               int64_t kv_heads, int64_t threads, int64_t forced_splits) {
+  int64_t base_items = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t q_len = qsl[r + 1] - qsl[r];
+    base_items += ceil_div(q_len, kQueryTile) * kv_heads;
+  }
+  int64_t want_splits = 1;
+  if (forced_splits > 0) {
+    want_splits = forced_splits;
+  } else if (threads > 1 && base_items > 0 && base_items < threads * kItemsPerThread) {
+    want_splits = ceil_div(threads * kItemsPerThread, base_items);
+  }
+  Plan plan;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int32_t q_len = qsl[r + 1] - qsl[r];
+    const int32_t seq_len = seq_lens[r];
+    if (q_len <= 0 || seq_len <= 0) continue;
+    const int32_t num_blocks = static_cast<int32_t>(ceil_div(seq_len, block_size));
+    if (q_len == 1) {
+      int64_t splits = std::min<int64_t>(want_splits, forced_splits > 0 ? num_blocks
+                                                                       : num_blocks / kMinBlocksPerSplit);
+      splits = std::max<int64_t>(splits, 1);
+      if (splits == 1) {
+        plan.items.push_back({static_cast<int32_t>(r), 0, 1, 0, num_blocks, -1});
+        continue;
+      }
+      plan.split_rows.push_back({qsl[r], plan.num_partials, static_cast<int32_t>(splits)});
+      for (int64_t s = 0; s < splits; ++s) {  // even ranges; every range has >= 1 block
+        const int32_t begin = static_cast<int32_t>(num_blocks * s / splits);
+        const int32_t end = static_cast<int32_t>(num_blocks * (s + 1) / splits);
+        plan.items.push_back({static_cast<int32_t>(r), 0, 1, begin, end, plan.num_partials++});
+      }
+      continue;
+    }
+    const int32_t context = seq_len - q_len;  // keys cached before the chunk
+    for (int32_t q0 = 0; q0 < q_len; q0 += kQueryTile) {
+      const int32_t tile = std::min<int32_t>(kQueryTile, q_len - q0);
+      // The tile's last query sees keys up to position context + q0 + tile - 1.
+      const int32_t end = static_cast<int32_t>(ceil_div(context + q0 + tile, block_size));
+      plan.items.push_back({static_cast<int32_t>(r), q0, tile, 0, end, -1});
+    }
+  }
+  return plan;
+}
+
+// Per-thread scratch, reused across items (sizes only grow).
+struct Scratch {
+  std::vector<float> q, acc, max, sum, key, key_t, value, scores, tile;
+  void resize(int64_t queries, int64_t head_dim, int64_t block_size) {
+    auto grow = [](std::vector<float>& v, int64_t n) { if (static_cast<int64_t>(v.size()) < n) v.resize(n); };
+    grow(q, (queries + kScoreTile) * head_dim);  // padded: score_tile16 reads whole tiles
+    grow(tile, kScoreTile * 16);
+    grow(acc, queries * head_dim);
+    grow(max, queries);
+    grow(sum, queries);
+    grow(key, block_size * head_dim);
+    grow(key_t, head_dim * block_size);
+    grow(value, block_size * head_dim);
+    grow(scores, block_size);
+  }
+};
+
+// `rows` of a block for one KV head (row t at src + t * stride) as fp32: read in place for
+// fp32 caches, else converted into `buffer` (row stride D). Returns the row stride used.
+template <typename T>
+int64_t rows_as_float(const T* src, int64_t stride, int64_t rows, int64_t D, float* buffer, const float** out) {
+  if constexpr (std::is_same_v<T, float>) {
+    *out = src;
+    return stride;
+  } else {
+    for (int64_t t = 0; t < rows; ++t) {
+      const T* s = src + t * stride;
+      float* d = buffer + t * D;
+#pragma omp simd
+      for (int64_t i = 0; i < D; ++i) d[i] = to_float(s[i]);
+    }
+    *out = buffer;
+    return D;
+  }
+}
+
+// acc[0:D] = acc * correction + sum_{t < n} p[t] * values[t]. D is walked in chunks of
+// kChunk floats held in a local array, so each chunk stays in a register across all n
+// keys instead of going through memory once per key.
+constexpr int64_t kChunk = 16;
+template <int DD>
+PAGODA_INLINE void accumulate_values_fixed(float* acc, float correction, const float* p, const float* values,
+                                    int64_t stride, int64_t n) {
+  float a[DD];  // DD/16 vector registers: independent FMA chains, one per chunk
+#pragma omp simd
+  for (int i = 0; i < DD; ++i) a[i] = acc[i] * correction;
+  for (int64_t t = 0; t < n; ++t) {
+    const float pt = p[t];
+    const float* vt = values + t * stride;
+#pragma omp simd
+    for (int i = 0; i < DD; ++i) a[i] += pt * vt[i];
+  }
+#pragma omp simd
+  for (int i = 0; i < DD; ++i) acc[i] = a[i];
+}
+
+PAGODA_INLINE void accumulate_values(float* acc, float correction, const float* p, const float* values, int64_t stride,
+                              int64_t n, int64_t D) {
+  if (D == 64) return accumulate_values_fixed<64>(acc, correction, p, values, stride, n);
+  if (D == 128) return accumulate_values_fixed<128>(acc, correction, p, values, stride, n);
+  int64_t d0 = 0;
+  for (; d0 + kChunk <= D; d0 += kChunk) {
+    float chunk[kChunk];
+#pragma omp simd
+    for (int64_t i = 0; i < kChunk; ++i) chunk[i] = acc[d0 + i] * correction;
+    for (int64_t t = 0; t < n; ++t) {
+      const float pt = p[t];
+      const float* vt = values + t * stride + d0;
+#pragma omp simd
+      for (int64_t i = 0; i < kChunk; ++i) chunk[i] += pt * vt[i];
+    }
+#pragma omp simd
+    for (int64_t i = 0; i < kChunk; ++i) acc[d0 + i] = chunk[i];
+  }
+  for (; d0 < D; ++d0) {  // head_dim not a multiple of kChunk: the tail, plainly
+    float a = acc[d0] * correction;
+    for (int64_t t = 0; t < n; ++t) a += p[t] * values[t * stride + d0];
+    acc[d0] = a;
+  }
+}
+
+// q . k over D floats: 16 lanes of partial sums, then one tree.
+PAGODA_INLINE float dot(const float* q, const float* k, int64_t D) {
+  float part[16] = {};
+  int64_t d0 = 0;
+  for (; d0 + 16 <= D; d0 += 16) {
+#pragma omp simd
+    for (int i = 0; i < 16; ++i) part[i] += q[d0 + i] * k[d0 + i];
+  }
+  float sum = hsum16(part);
+  for (; d0 < D; ++d0) sum += q[d0] * k[d0];
+  return sum;
+}
+
+// One block of a query's online softmax: scores[0:visible) are its scores. Returns the new
+// running max (>= old_max); scores[t] becomes e^(score - new max) (0 past visible), and
+// *block_sum their sum.
+template <int BS>
+PAGODA_INLINE float softmax_block(float* scores, int64_t bs, int64_t visible, float old_max, float* block_sum) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  if constexpr (BS == 16) {
+    float masked[16];
+#pragma omp simd
+    for (int t = 0; t < 16; ++t) masked[t] = t < visible ? scores[t] : kNegInf;
+    const float new_max = std::max(old_max, hmax16(masked));  // finite: visible >= 1
+    // Three branch-free loops (select, exp, select) so each vectorises to a few instructions.
+    float p[16];
+#pragma omp simd
+    for (int t = 0; t < 16; ++t) p[t] = masked[t] - new_max;  // -inf past visible
+#pragma omp simd
+    for (int t = 0; t < 16; ++t) p[t] = exp_nonpositive(p[t]);  // clamps -inf to -87
+#pragma omp simd
+    for (int t = 0; t < 16; ++t) p[t] = t < visible ? p[t] : 0.0f;
+#pragma omp simd
+    for (int t = 0; t < 16; ++t) scores[t] = p[t];
+    *block_sum = hsum16(p);
+    return new_max;
+  } else {
+    float block_max = kNegInf;
+    for (int64_t t = 0; t < visible; ++t) block_max = std::max(block_max, scores[t]);
+    const float new_max = std::max(old_max, block_max);
+    float sum = 0.0f;
+    for (int64_t t = 0; t < bs; ++t) {
+      const float p = t < visible ? exp_nonpositive(scores[t] - new_max) : 0.0f;
+      scores[t] = p;
+      sum += p;
+    }
+    *block_sum = sum;
+    return new_max;
+  }
+}
+
+// Scores of kScoreTile queries (rows of q, D apart) against a block of 16 keys held
+// transposed (key_t[d][0:16]): out[j][t]. One accumulator register per query, so the FMA
+// chains are independent (a single chain is latency-bound: 4 cycles per FMA).
+PAGODA_INLINE void score_tile16(const float* q, const float* key_t, int64_t D, float* out) {
+  float acc[kScoreTile][16] = {};
+  for (int64_t d = 0; d < D; ++d) {
+    const float* kd = key_t + d * 16;
+    for (int j = 0; j < kScoreTile; ++j) {
+      const float qd = q[j * D + d];
+#pragma omp simd
+      for (int t = 0; t < 16; ++t) acc[j][t] += qd * kd[t];
+    }
+  }
+  for (int j = 0; j < kScoreTile; ++j)
+    for (int t = 0; t < 16; ++t) out[j * 16 + t] = acc[j][t];
+}
+
+// Asks for `rows` rows of D elements (row t at src + t * stride) to be brought into cache.
+template <typename T>
+inline void prefetch_rows(const T* src, int64_t stride, int64_t rows, int64_t D) {
+  const int64_t bytes = D * static_cast<int64_t>(sizeof(T));
+  for (int64_t t = 0; t < rows; ++t) {
+    const char* row = reinterpret_cast<const char*>(src + t * stride);
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b);
+  }
+}
+
+struct Shapes {
+  int64_t heads, kv_heads, group, head_dim, block_size, max_blocks;
+  int64_t q_stride_token, q_stride_head;
+};
+
+// One work item for one KV head. BS > 0 fixes the block size at compile time (so a
+// block's scores stay in one vector register); BS == 0 reads it from `shape`.
+template <typename T, int BS>
+void run_item(const WorkItem& item, int64_t kv_head, const T* q, const T* k_cache, const T* v_cache,
+              const int32_t* block_tables, const int32_t* qsl, const int32_t* seq_lens, float scale,
+              const Shapes& shape, T* out, float* partial_acc, float* partial_max, float* partial_sum,
+              Scratch& scratch) {
+  const int64_t D = shape.head_dim, G = shape.group, KVH = shape.kv_heads;
+  const int64_t bs = BS > 0 ? BS : shape.block_size;
+  const int64_t M = static_cast<int64_t>(item.q_len) * G;  // queries: m = token_in_tile * G + g
+  scratch.resize(M, D, bs);
+  float* qf = scratch.q.data();
+  float* acc = scratch.acc.data();
+  float* run_max = scratch.max.data();
+  float* run_sum = scratch.sum.data();
+  float* key_t = scratch.key_t.data();   // [D][bs]: the block's keys, transposed
+  float* value = scratch.value.data();   // [bs][D]
+  float* scores = scratch.scores.data();
+  float* tile_scores = scratch.tile.data();
+
+  const int64_t row = item.row;
+  const int64_t seq_len = seq_lens[row];
+  const int64_t q_len_row = qsl[row + 1] - qsl[row];
+  const int64_t first_token = qsl[row] + item.q_begin;
+  // Keys visible to tile token i: [0, key_limit0 + i) (causal; capped by the item's range).
+  const int64_t key_limit0 = seq_len - q_len_row + item.q_begin + 1;
+
+  for (int64_t i = 0; i < item.q_len; ++i) {
+    for (int64_t g = 0; g < G; ++g) {
+      const T* src = q + (first_token + i) * shape.q_stride_token + (kv_head * G + g) * shape.q_stride_head;
+      float* dst = qf + (i * G + g) * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) dst[d] = to_float(src[d]) * scale;
+    }
+  }
+  std::fill(qf + M * D, qf + (M + kScoreTile) * D, 0.0f);  // the padding queries
+  std::fill(acc, acc + M * D, 0.0f);
+  std::fill(run_max, run_max + M, -std::numeric_limits<float>::infinity());
+  std::fill(run_sum, run_sum + M, 0.0f);
+
+  const bool transpose = M >= kTransposeMinQueries;
+  const int32_t* table = block_tables + row * shape.max_blocks;
+  const int64_t token_stride = KVH * D;  // between consecutive tokens of a block
+  for (int64_t kb = item.kb_begin; kb < item.kb_end; ++kb) {
+    const int64_t key0 = kb * bs;
+    const int64_t keys_here = std::min<int64_t>(bs, seq_len - key0);
+    if (keys_here <= 0) break;
+    const int64_t block = table[kb];
+    const T* kb_ptr = k_cache + (block * bs * KVH + kv_head) * D;
+    const T* vb_ptr = v_cache + (block * bs * KVH + kv_head) * D;
+    if (kb + 1 < item.kb_end) {  // blocks are scattered: the hardware prefetcher cannot guess the next
+      const int64_t next = table[kb + 1];
+      prefetch_rows(k_cache + (next * bs * KVH + kv_head) * D, token_stride, bs, D);
+      prefetch_rows(v_cache + (next * bs * KVH + kv_head) * D, token_stride, bs, D);
+    }
+    // One read of the block's K and V for this KV head, shared by all M queries. Only the
+    // first keys_here rows are read: slots past them are stale and never touched.
+    const float* keys;
+    const float* values;
+    const int64_t k_stride = rows_as_float<T>(kb_ptr, token_stride, keys_here, D, scratch.key.data(), &keys);
+    const int64_t v_stride = rows_as_float<T>(vb_ptr, token_stride, keys_here, D, value, &values);
+    if (transpose) {  // key_t[d][t]; zero past keys_here so every score is finite
+      for (int64_t t = 0; t < bs; ++t) {
+        const float* kt = keys + t * k_stride;
+        for (int64_t d = 0; d < D; ++d) key_t[d * bs + t] = t < keys_here ? kt[d] : 0.0f;
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      if constexpr (BS == 16) {  // a tile at a time, whatever each query's visibility
+        if (transpose && m % kScoreTile == 0) score_tile16(qf + m * D, key_t, D, tile_scores);
+      }
+      const int64_t visible = std::min<int64_t>(keys_here, key_limit0 + m / G - key0);
+      if (visible <= 0) continue;  // the whole block lies after this query (causal)
+      const float* qm = qf + m * D;
+      if (transpose) {  // scores[0:bs] = q . key_t, vectorised over the block's keys
+        if constexpr (BS == 16) {
+          std::copy(tile_scores + (m % kScoreTile) * 16, tile_scores + (m % kScoreTile + 1) * 16, scores);
+        } else {
+#pragma omp simd
+          for (int64_t t = 0; t < bs; ++t) scores[t] = 0.0f;
+          for (int64_t d = 0; d < D; ++d) {
+            const float qd = qm[d];
+            const float* kd = key_t + d * bs;
+#pragma omp simd
+            for (int64_t t = 0; t < bs; ++t) scores[t] += qd * kd[t];
+          }
+        }
+      } else {  // one dot product per visible key
+        for (int64_t t = 0; t < visible; ++t) scores[t] = dot(qm, keys + t * k_stride, D);
+        for (int64_t t = visible; t < bs; ++t) scores[t] = 0.0f;
+      }
+      float block_sum;
+      const float new_max = softmax_block<BS>(scores, bs, visible, run_max[m], &block_sum);
+      // exp(-inf - finite) = 0 on the first block: the empty accumulator is simply replaced.
+      const float correction = run_max[m] == -std::numeric_limits<float>::infinity()
+                                   ? 0.0f : exp_nonpositive(run_max[m] - new_max);
+      run_sum[m] = run_sum[m] * correction + block_sum;
+      run_max[m] = new_max;
+      accumulate_values(acc + m * D, correction, scores, values, v_stride, visible, D);
+    }
+  }
+
+  if (item.partial < 0) {  // the whole row's keys: normalise and write
+    for (int64_t m = 0; m < M; ++m) {
+      const int64_t i = m / G, g = m % G;
+      const float inv = run_sum[m] > 0.0f ? 1.0f / run_sum[m] : 0.0f;
+      T* dst = out + (first_token + i) * shape.heads * D + (kv_head * G + g) * D;
+      const float* am = acc + m * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) dst[d] = from_float<T>(am[d] * inv);
+    }
+    return;
+  }
+  // A split decode (M == G): keep the unnormalised sums for the merge.
+  const int64_t slot = static_cast<int64_t>(item.partial) * KVH + kv_head;
+  std::copy(acc, acc + G * D, partial_acc + slot * G * D);
+  std::copy(run_max, run_max + G, partial_max + slot * G);
+  std::copy(run_sum, run_sum + G, partial_sum + slot * G);
+}
+
+// Merges a split decode row's partial results for one KV head:
+//   out = sum_s e^(max_s - M) acc_s / sum_s e^(max_s - M) sum_s, M = max_s max_s.
+template <typename T>
+void merge_split(const SplitRow& split, int64_t kv_head, const Shapes& shape, const float* partial_acc,
+                 const float* partial_max, const float* partial_sum, T* out, std::vector<float>& merged) {
+  const int64_t D = shape.head_dim, G = shape.group, KVH = shape.kv_heads;
+  if (static_cast<int64_t>(merged.size()) < D) merged.resize(D);
+  for (int64_t g = 0; g < G; ++g) {
+    float global_max = -std::numeric_limits<float>::infinity();
+    for (int64_t s = 0; s < split.num_partials; ++s) {
+      const int64_t slot = (split.first_partial + s) * KVH + kv_head;
+      if (partial_sum[slot * G + g] > 0.0f) global_max = std::max(global_max, partial_max[slot * G + g]);
+    }
+    std::fill(merged.begin(), merged.begin() + D, 0.0f);
+    float total = 0.0f;
+    for (int64_t s = 0; s < split.num_partials; ++s) {
+      const int64_t slot = (split.first_partial + s) * KVH + kv_head;
+      if (!(partial_sum[slot * G + g] > 0.0f)) continue;  // a range with no visible key
+      const float w = exp_nonpositive(partial_max[slot * G + g] - global_max);
+      total += w * partial_sum[slot * G + g];
+      const float* a = partial_acc + (slot * G + g) * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) merged[d] += w * a[d];
+    }
+    const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+    T* dst = out + split.token * shape.heads * D + (kv_head * G + g) * D;
+    for (int64_t d = 0; d < D; ++d) dst[d] = from_float<T>(merged[d] * inv);
+  }
+}
+
+// Indices of `items`, by decreasing work (queries x key blocks).
+std::vector<int32_t> costliest_first(const std::vector<WorkItem>& items) {
+  std::vector<int32_t> order(items.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int32_t>(i);
+  auto cost = [&](int32_t i) { return static_cast<int64_t>(items[i].q_len) * (items[i].kb_end - items[i].kb_begin); };
+  std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return cost(a) > cost(b); });
+  return order;
+}
+
+template <typename T, int BS>
+void run_all(const Plan& plan, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+             const int32_t* block_tables, const int32_t* qsl, const int32_t* seq_lens, double scale,
+             const Shapes& shape, at::Tensor& out) {
+  const int64_t KVH = shape.kv_heads;
+  at::Tensor partial_acc, partial_max, partial_sum;
+  float *pacc = nullptr, *pmax = nullptr, *psum = nullptr;
+  if (plan.num_partials > 0) {
+    const auto f32 = q.options().dtype(at::kFloat);
+    partial_acc = at::empty({plan.num_partials, KVH, shape.group, shape.head_dim}, f32);
+    partial_max = at::empty({plan.num_partials, KVH, shape.group}, f32);
+    partial_sum = at::empty({plan.num_partials, KVH, shape.group}, f32);
+    pacc = partial_acc.data_ptr<float>();
+    pmax = partial_max.data_ptr<float>();
+    psum = partial_sum.data_ptr<float>();
+  }
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k_cache.data_ptr<T>();
+  const T* vp = v_cache.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const float fscale = static_cast<float>(scale);
+  // Items differ in cost (a causal chunk's last tile sees far more keys than its first),
+  // so threads take them from a shared counter, costliest first, instead of each getting a
+  // fixed contiguous range: balanced, and robust to a thread losing its core for a while.
+  const int64_t num_items = static_cast<int64_t>(plan.items.size()) * KVH;
+  const std::vector<int32_t> order = costliest_first(plan.items);
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_items));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    Scratch scratch;
+    for (int64_t w = next.fetch_add(1); w < num_items; w = next.fetch_add(1)) {
+      run_item<T, BS>(plan.items[order[w / KVH]], w % KVH, qp, kp, vp, block_tables, qsl, seq_lens, fscale,
+                      shape, op, pacc, pmax, psum, scratch);
+    }
+  });
+  if (plan.split_rows.empty()) return;
+  const int64_t num_merges = static_cast<int64_t>(plan.split_rows.size()) * KVH;
+  at::parallel_for(0, num_merges, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> merged;
+    for (int64_t w = begin; w < end; ++w) {
+      merge_split<T>(plan.split_rows[w / KVH], w % KVH, shape, pacc, pmax, psum, op, merged);
+    }
+  });
+}
+
+template <typename T>
+void dispatch_block_size(const Plan& plan, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                         const int32_t* tables, const int32_t* qsl, const int32_t* lens, double scale,
+                         const Shapes& shape, at::Tensor& out) {
+  if (shape.block_size == 16) {
+    run_all<T, 16>(plan, q, k_cache, v_cache, tables, qsl, lens, scale, shape, out);
+  } else {
+    run_all<T, 0>(plan, q, k_cache, v_cache, tables, qsl, lens, scale, shape, out);
+  }
+}
+
+void paged_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                     const at::Tensor& block_tables, const at::Tensor& query_start_loc,
+                     const at::Tensor& seq_lens, double scale, int64_t num_splits) {
+  TORCH_CHECK(q.device().is_cpu(), "paged_attention: CPU tensors only");
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.dim() == 4, "paged_attention: q [N,H,D], caches [B,bs,KVH,D]");
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "paged_attention: K and V caches differ in shape");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "paged_attention: caches must be contiguous");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type() &&
+                  out.scalar_type() == q.scalar_type(),
+              "paged_attention: q, caches and out must share a dtype");
+  TORCH_CHECK(q.stride(2) == 1, "paged_attention: q's head_dim must be contiguous");
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && query_start_loc.scalar_type() == at::kInt &&
+                  seq_lens.scalar_type() == at::kInt,
+              "paged_attention: block_tables, query_start_loc and seq_lens must be int32");
+  TORCH_CHECK(block_tables.is_contiguous() && query_start_loc.is_contiguous() && seq_lens.is_contiguous(),
+              "paged_attention: index tensors must be contiguous");
+  const int64_t N = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t bs = k_cache.size(1), KVH = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == D, "paged_attention: head_dim of q and cache differ");
+  TORCH_CHECK(KVH > 0 && H % KVH == 0, "paged_attention: query heads must be a multiple of KV heads");
+  TORCH_CHECK(out.is_contiguous() && out.numel() == N * H * D, "paged_attention: out must be contiguous [N, H*D]");
+  const int64_t rows = seq_lens.size(0);
+  TORCH_CHECK(query_start_loc.size(0) == rows + 1 && block_tables.dim() == 2 && block_tables.size(0) == rows,
+              "paged_attention: rows of query_start_loc, seq_lens and block_tables disagree");
+  const int32_t* qsl = query_start_loc.data_ptr<int32_t>();
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  const int64_t max_blocks = block_tables.size(1);
+  for (int64_t r = 0; r < rows; ++r) {  // out-of-range reads would be silent: refuse them
+    const int64_t q_len = qsl[r + 1] - qsl[r];
+    TORCH_CHECK(q_len >= 0 && qsl[r] >= 0 && qsl[r + 1] <= N, "paged_attention: bad query_start_loc at row ", r);
+    TORCH_CHECK(lens[r] >= q_len && ceil_div(lens[r], bs) <= max_blocks,
+                "paged_attention: seq_len ", lens[r], " of row ", r, " does not fit its block table");
+  }
+  const Shapes shape{H, KVH, H / KVH, D, bs, max_blocks, q.stride(0), q.stride(1)};
+  const Plan plan = make_plan(qsl, lens, rows, bs, KVH, at::get_num_threads(), num_splits);
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  switch (q.scalar_type()) {
+    case at::kFloat: return dispatch_block_size<float>(plan, q, k_cache, v_cache, tables, qsl, lens, scale, shape, out);
+    case at::kBFloat16:
+      return dispatch_block_size<c10::BFloat16>(plan, q, k_cache, v_cache, tables, qsl, lens, scale, shape, out);
+    case at::kHalf: return dispatch_block_size<c10::Half>(plan, q, k_cache, v_cache, tables, qsl, lens, scale, shape, out);
+    default: TORCH_CHECK(false, "paged_attention: dtype ", q.scalar_type(), " is not float32, bfloat16 or float16");
+  }
+}
+
+}  // namespace
+}  // namespace pagoda_attention
+
+TORCH_LIBRARY_FRAGMENT(pagoda, m) {
+  m.def(
+      "paged_attention(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+      "Tensor query_start_loc, Tensor seq_lens, float scale, int num_splits) -> ()",
+      &pagoda_attention::paged_attention);
+
+}
