@@ -17,6 +17,10 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_CPU_KV_CACHE_BYTES = 2 * 1024**3
 
 
+# EngineConfig.quantization values (pagoda/model/quant/methods.py).
+QUANTIZATION_CHOICES = ("auto", "none", "gguf", "int8", "int4")
+
+
 class ConfigError(ValueError):
     def __init__(self, field_name: str, value: object, limit: str):
         self.field_name = field_name
@@ -168,6 +172,10 @@ class EngineConfig:
     max_model_len: int | None = None
     seed: int = 0
     num_threads: int | None = None
+    # How linear layers store weights (docs/quantization.md): "auto" (GGUF blocks kept
+    # packed where that measured faster at equal quality, else float), None/"none",
+    # "gguf", "int8", "int4".
+    quantization: str | None = "auto"
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
 
@@ -176,6 +184,9 @@ class EngineConfig:
             raise ConfigError("load_format", self.load_format, "must be auto, safetensors, gguf or dummy")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError("max_model_len", self.max_model_len, "must be >= 1")
+        if self.quantization is not None and self.quantization not in QUANTIZATION_CHOICES:
+            raise ConfigError("quantization", self.quantization,
+                              f"must be one of {', '.join(QUANTIZATION_CHOICES)} (or None)")
         if self.num_threads is not None and self.num_threads < 1:
             raise ConfigError("num_threads", self.num_threads, f"must be in [1, {os.cpu_count()}]")
 

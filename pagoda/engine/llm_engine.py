@@ -69,6 +69,7 @@ from pagoda.core.swap_space import SwapSpace
 from pagoda.engine.beam_search import BeamSearch, BeamStep
 from pagoda.engine.detokenizer import IncrementalDetokenizer
 from pagoda.model.loader.loader import build_model, load_hf_config, load_tokenizer
+from pagoda.model.quant.methods import resolve_quantization
 from pagoda.model.loader.resolve import resolve_model
 from pagoda.outputs import CompletionOutput, RequestMetrics, RequestOutput, logprob_dict
 from pagoda.request import Request, RequestStatus
@@ -156,6 +157,9 @@ class LLMEngine:
                 max_position=max(self.max_model_len, getattr(self.hf_config, "max_position_embeddings", 0) or 0),
                 seed=config.seed,
                 show_progress=show_progress,
+                linear_method=resolve_quantization(config.quantization, source_kind=self.source.kind,
+                                                   load_format=config.load_format, device=self.device,
+                                                   dtype=self.dtype),
             )
             bar.update(1)
         self.vocab_size = self.hf_config.vocab_size
