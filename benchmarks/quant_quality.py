@@ -7,9 +7,9 @@ windows of ``--window`` tokens:
 - top-1 agreement: how often the method's most likely next token equals the
   reference's. The reference is the float model: the GGUF dequantized, in float32.
 
-A prefill runs the large-M kernels (W8A8 for the quantized methods); single-stream
-decode runs the small-M ones (weight-only int4/int8). The ``*@small-M`` rows force the
-small-M kernels for every row count, so decode's quality is measured too.
+A prefill runs the large-M kernels, decode the small-M ones; they differ only for
+``int8`` (W8A8 above SMALL_M_MAX rows), so ``int8@small-M`` forces its weight-only
+kernel at every row count to measure decode's quality too.
 
 Speed (``--speed``): every configuration is loaded once, then rounds run round-robin
 (single stream: 128 greedy tokens; batch: 64 requests x 64 tokens at once), and the
@@ -52,11 +52,9 @@ CONFIGS = [
     Config("reference (float32)", "float32", "none"),
     Config("none (bf16)", "bfloat16", "none"),
     Config("gguf", "bfloat16", "gguf"),
-    Config("gguf@small-M", "bfloat16", "gguf", True),
     Config("int8", "bfloat16", "int8"),
     Config("int8@small-M", "bfloat16", "int8", True),
     Config("int4", "bfloat16", "int4"),
-    Config("int4@small-M", "bfloat16", "int4", True),
 ]
 SPEED_CONFIGS = ["none (bf16)", "gguf", "int8", "int4"]
 

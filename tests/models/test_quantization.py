@@ -64,7 +64,7 @@ PROMPTS = [
 
 @requires_smollm2
 def test_gguf_packed_greedy_tokens_track_the_float_model():
-    kwargs = dict(dtype="bfloat16", show_progress=False, kv_cache_memory=64 * 1024**2)
+    kwargs = dict(dtype="bfloat16", show_progress=False, kv_cache_memory=64 * 1024**2, max_model_len=512)
     float_llm = LLM(quantization="none", **kwargs)
     packed_llm = LLM(quantization="gguf", **kwargs)
     assert all(m.weight is None for m in packed_llm.engine.model.modules() if isinstance(m, Linear))
@@ -75,4 +75,5 @@ def test_gguf_packed_greedy_tokens_track_the_float_model():
     # together for most of 16 tokens (quantization noise flips a near-tie now and then).
     assert all(f[0] == p[0] for f, p in zip(floats, packs))
     shared = sum(_first_divergence(f, p) for f, p in zip(floats, packs))
+    print(floats, packs, shared)
     assert shared >= 0.5 * sum(len(f) for f in floats), (floats, packs)

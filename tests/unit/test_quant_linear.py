@@ -63,8 +63,9 @@ def test_int4_matmul_matches_dequantized_gguf(qtype: QType, m: int) -> None:
     gen = torch.Generator().manual_seed(m)
     weight = torch.randn(80, 128, generator=gen) * 0.05
     codes = decode_blocks(_blocks(weight, qtype))
-    form = Int4Weight.from_codes(codes)
+    form = Int4Weight.from_codes(codes, with_w8a8=True)
     x = torch.randn(m, 128, generator=gen).to(BF16)
+    _close(Int4Weight.from_codes(codes).matmul(x), x.float() @ _int4_reference(codes).t(), 1e-2)
     if m <= packed.SMALL_M_MAX:
         # int4 kernel: exact up to bf16 rounding of the scales and of the output.
         _close(form.matmul(x), x.float() @ _int4_reference(codes).t(), 1e-2)
@@ -97,13 +98,15 @@ def test_int4_quantize_is_within_half_a_step() -> None:
 
 
 def test_dispatch_by_batch_rows(monkeypatch: pytest.MonkeyPatch) -> None:
-    form = Int4Weight.quantize(torch.randn(64, 64) * 0.05)
+    form = Int4Weight.quantize(torch.randn(64, 64) * 0.05, with_w8a8=True)
     calls = []
     monkeypatch.setattr(form, "matmul_int4", lambda x: calls.append("int4") or torch.zeros(x.shape[0], 64))
     monkeypatch.setattr(form.w8a8, "matmul_w8a8", lambda x: calls.append("w8a8") or torch.zeros(x.shape[0], 64))
     form.matmul(torch.randn(packed.SMALL_M_MAX, 64))
     form.matmul(torch.randn(packed.SMALL_M_MAX + 1, 64))
     assert calls == ["int4", "w8a8"]
+    int4_only = Int4Weight.quantize(torch.randn(64, 64) * 0.05)
+    assert int4_only.w8a8 is None  # the built-in methods: weight-only at every M
 
 
 def test_fused_shards_are_row_concatenations() -> None:

@@ -1,15 +1,16 @@
 """Packed weight forms and their matmuls (torch's CPU kernels).
 
 Each form computes ``x @ W.T`` for ``x[M, K]`` without materializing a float ``W``.
-Which kernel runs depends on the batch rows ``M`` (measured on an AMD EPYC Zen 5,
-2 threads; docs/quantization.md):
+Kernels (measured on an AMD EPYC Zen 5, 2 threads; docs/quantization.md):
 
-- ``M <= SMALL_M_MAX``: weight-only kernels, ``torch._weight_int4pack_mm_for_cpu`` /
-  ``torch._weight_int8pack_mm`` with bf16 activations (~3x faster than a bf16 matmul
-  at M=1: they read 0.5 / 1 byte per weight instead of 2).
-- larger ``M``: W8A8, int8 weights times per-row dynamically quantized int8
-  activations with ``torch._int_mm`` (VNNI), ~2x faster than bf16 there; the
-  weight-only kernels are 2-3x *slower* than bf16 at M >= 16.
+- weight-only, ``torch._weight_int4pack_mm_for_cpu`` / ``torch._weight_int8pack_mm``
+  with bf16 activations: ~3x faster than a bf16 matmul at M=1 (they read 0.5 / 1 byte
+  per weight instead of 2), but 1.5-2.5x *slower* than bf16 at M >= 16. Quality:
+  perplexity within 0.15% of the float model.
+- W8A8, int8 weights times per-row dynamically quantized int8 activations with
+  ``torch._int_mm`` (VNNI): ~2x faster than bf16 at M >= 16, but the int8
+  activations cost +3.2% perplexity on SmolLM2-135M. So only the ``int8`` method
+  uses it, for ``M > SMALL_M_MAX``; every other form stays weight-only at every M.
 
 Invariant: a form holds integer weights and small per-row / per-group scales only.
 The weight-only kernels are fast only with bf16 activations (float32 ones take a
@@ -24,7 +25,8 @@ import torch
 
 from pagoda.model.quant.gguf_blocks import Int4Codes
 
-# Rows up to which the weight-only kernels beat W8A8 (benchmarks/quant_kernels.py).
+# Rows up to which the weight-only kernels beat W8A8 (benchmarks/quant_kernels.py);
+# forms that use W8A8 switch to it above this.
 SMALL_M_MAX = 8
 
 _KERNEL_DTYPE = torch.bfloat16
@@ -41,13 +43,14 @@ class Int8Weight:
     q: torch.Tensor  # int8 [N, K]
     scale: torch.Tensor  # float32 [N]
     scale_kernel: torch.Tensor  # the same scales in bf16, as _weight_int8pack_mm takes them
+    w8a8_at_large_m: bool = False  # M > SMALL_M_MAX: W8A8 (fast, less exact) or weight-only
 
     @classmethod
-    def quantize(cls, weight: torch.Tensor) -> Int8Weight:
+    def quantize(cls, weight: torch.Tensor, w8a8_at_large_m: bool = False) -> Int8Weight:
         w = weight.float()
         scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
         q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-        return cls(q.contiguous(), scale, scale.to(_KERNEL_DTYPE))
+        return cls(q.contiguous(), scale, scale.to(_KERNEL_DTYPE), w8a8_at_large_m)
 
     @property
     def nbytes(self) -> int:
@@ -72,10 +75,10 @@ class Int8Weight:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         x2, lead = _as_2d(x)
-        if x2.shape[0] <= SMALL_M_MAX:
-            y = self.matmul_weight_only(x2)
-        else:
+        if self.w8a8_at_large_m and x2.shape[0] > SMALL_M_MAX:
             y = self.matmul_w8a8(x2)
+        else:
+            y = self.matmul_weight_only(x2)
         return y.to(x.dtype).reshape(*lead, -1)
 
 
@@ -87,7 +90,8 @@ class Int4Weight:
     (``g = k // group_size``; ``scales_zeros[..., 0]`` / ``[..., 1]``, in the
     activation dtype), so codes ``w = s * q + o`` (GGUF Q4_1: ``d * q + m``) map
     exactly with ``zero = o + 8 * s`` up to rounding scale and zero to bf16.
-    ``w8a8``: an int8 per-row copy of the same weights for large M (None: int4 always).
+    ``w8a8``: an int8 per-row copy of the same weights for W8A8 at large M (None: int4
+    at every M; what the built-in methods use, for quality).
     """
 
     packed: torch.Tensor  # uint8 [N, K // 2]
@@ -96,15 +100,15 @@ class Int4Weight:
     w8a8: Int8Weight | None
 
     @classmethod
-    def from_codes(cls, codes: Int4Codes, with_w8a8: bool = True) -> Int4Weight:
+    def from_codes(cls, codes: Int4Codes, with_w8a8: bool = False) -> Int4Weight:
         packed = torch._convert_weight_to_int4pack_for_cpu(codes.q.to(torch.int32).contiguous(), 1)
         zero = codes.offset + 8.0 * codes.scale
         scales_zeros = torch.stack([codes.scale.t(), zero.t()], dim=-1).to(_KERNEL_DTYPE).contiguous()
-        w8a8 = Int8Weight.quantize(codes.dequantize()) if with_w8a8 else None
+        w8a8 = Int8Weight.quantize(codes.dequantize(), w8a8_at_large_m=True) if with_w8a8 else None
         return cls(packed, scales_zeros, codes.group_size, w8a8)
 
     @classmethod
-    def quantize(cls, weight: torch.Tensor, group_size: int = 32, with_w8a8: bool = True) -> Int4Weight:
+    def quantize(cls, weight: torch.Tensor, group_size: int = 32, with_w8a8: bool = False) -> Int4Weight:
         """Asymmetric min/max 4-bit groups of ``group_size`` along K (like GGUF Q4_1)."""
         return cls.from_codes(quantize_int4_codes(weight, group_size), with_w8a8)
 
