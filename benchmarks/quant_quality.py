@@ -123,15 +123,15 @@ def measure_quality(window: int) -> list[dict]:
     return rows
 
 
-def measure_speed(rounds: int) -> list[dict]:
+def measure_speed(rounds: int, single_tokens: int = 128, batch_tokens: int = 64) -> list[dict]:
     configs = [c for c in CONFIGS if c.label in SPEED_CONFIGS]
     llms = {c.label: make_llm(c, enable_prefix_caching=False) for c in configs}
     prompt = "The history of optics begins with"
     tok = next(iter(llms.values())).get_tokenizer()
     body_ids = tok(read_text()).input_ids
     batch_prompts = [body_ids[i * 32:(i + 1) * 32] for i in range(64)]
-    single = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
-    batch = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+    single = SamplingParams(max_tokens=single_tokens, temperature=0.0, ignore_eos=True)
+    batch = SamplingParams(max_tokens=batch_tokens, temperature=0.0, ignore_eos=True)
     best = {label: {"single_tok_s": 0.0, "batch64_tok_s": 0.0} for label in llms}
     for label, llm in llms.items():  # warm-up: first-use costs (oneDNN kernels, allocations)
         llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0))
@@ -162,8 +162,13 @@ def main() -> None:
     parser.add_argument("--speed", action="store_true", help="also measure decode speed per method")
     parser.add_argument("--no-quality", action="store_true")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--single-tokens", type=int, default=128)
+    parser.add_argument("--batch-tokens", type=int, default=64, help="tokens per request of the 64-request batch")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", default="benchmarks/results/quant_quality.json")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     result = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "text": TEXT.name, "window": args.window}
     if not args.no_quality:
@@ -173,7 +178,8 @@ def main() -> None:
             print(f"{row['method']:22s} {row['perplexity']:9.3f} {row['ppl_vs_reference_pct']:7.2f}% "
                   f"{100 * row['top1_agreement']:11.2f}%")
     if args.speed:
-        result["speed"] = measure_speed(args.rounds)
+        result["speed"] = measure_speed(args.rounds, args.single_tokens, args.batch_tokens)
+        result["speed_tokens"] = {"single": args.single_tokens, "batch64_per_request": args.batch_tokens}
         print(f"\n{'method':22s} {'1 stream tok/s':>15s} {'64 reqs tok/s':>14s} {'linear MiB':>11s}")
         for row in result["speed"]:
             print(f"{row['method']:22s} {row['single_tok_s']:15.1f} {row['batch64_tok_s']:14.1f} "
