@@ -75,5 +75,4 @@ def test_gguf_packed_greedy_tokens_track_the_float_model():
     # together for most of 16 tokens (quantization noise flips a near-tie now and then).
     assert all(f[0] == p[0] for f, p in zip(floats, packs))
     shared = sum(_first_divergence(f, p) for f, p in zip(floats, packs))
-    print(floats, packs, shared)
     assert shared >= 0.5 * sum(len(f) for f in floats), (floats, packs)
