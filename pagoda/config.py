@@ -19,6 +19,10 @@ ATTENTION_BACKENDS = ("auto", "torch", "cpu")
 DEFAULT_CPU_KV_CACHE_BYTES = 2 * 1024**3
 
 
+# EngineConfig.quantization values (pagoda/model/quant/methods.py).
+QUANTIZATION_CHOICES = ("auto", "none", "gguf", "int8", "int4")
+
+
 class ConfigError(ValueError):
     def __init__(self, field_name: str, value: object, limit: str):
         self.field_name = field_name
@@ -172,6 +176,10 @@ class EngineConfig:
     num_threads: int | None = None
     # auto: the compiled CPU kernel on a CPU device where it loads, else torch (model/attention/backend.py).
     attention_backend: str = "auto"
+    # How linear layers store weights (docs/quantization.md): "auto" (GGUF blocks kept
+    # packed where that measured faster at equal quality, else float), None/"none",
+    # "gguf", "int8", "int4".
+    quantization: str | None = "auto"
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
 
@@ -180,6 +188,9 @@ class EngineConfig:
             raise ConfigError("load_format", self.load_format, "must be auto, safetensors, gguf or dummy")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError("max_model_len", self.max_model_len, "must be >= 1")
+        if self.quantization is not None and self.quantization not in QUANTIZATION_CHOICES:
+            raise ConfigError("quantization", self.quantization,
+                              f"must be one of {', '.join(QUANTIZATION_CHOICES)} (or None)")
         if self.num_threads is not None and self.num_threads < 1:
             raise ConfigError("num_threads", self.num_threads, f"must be in [1, {os.cpu_count()}]")
         if self.attention_backend not in ATTENTION_BACKENDS:

@@ -71,6 +71,7 @@ from pagoda.engine.beam_search import BeamSearch, BeamStep
 from pagoda.engine.detokenizer import IncrementalDetokenizer
 from pagoda.executor import Executor, InProcessExecutor
 from pagoda.model.loader.loader import build_model, load_hf_config, load_tokenizer
+from pagoda.model.quant.methods import resolve_quantization
 from pagoda.model.loader.resolve import resolve_model
 from pagoda.outputs import CompletionOutput, RequestMetrics, RequestOutput, logprob_dict
 from pagoda.request import Request, RequestStatus
@@ -149,6 +150,9 @@ class LLMEngine:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.source = resolve_model(config.model)
+        self.linear_method = resolve_quantization(config.quantization, source_kind=self.source.kind,
+                                                  load_format=config.load_format, device=self.device,
+                                                  dtype=self.dtype)
         # A bar over the loading stages; it appears only if loading takes over a second.
         with tqdm(total=3, delay=1.0, leave=False, disable=not show_progress,
                   bar_format="Loading {desc} ({n}/{total} stages done) [{elapsed}]") as bar:
@@ -169,6 +173,7 @@ class LLMEngine:
                 max_position=max(self.max_model_len, getattr(self.hf_config, "max_position_embeddings", 0) or 0),
                 seed=config.seed,
                 show_progress=show_progress,
+                linear_method=self.linear_method,
             )
             bar.update(1)
         self.vocab_size = self.hf_config.vocab_size
@@ -269,6 +274,8 @@ class LLMEngine:
         extra = {"load_format": self.config.load_format}
         if self.config.load_format == "dummy":
             extra["seed"] = self.config.seed  # random weights: the seed is their identity
+        if self.linear_method.name != "none":
+            extra["quantization"] = self.linear_method.name  # packed weights give other KV values
         fingerprint = model_fingerprint(files, config, self.dtype, cache.block_size, extra)
         host = allocate_host_kv_caches(self.hf_config, num_host_blocks, cache.block_size, self.dtype, self.device)
         return KVOffloadManager(host, fingerprint, cache.kv_offload_disk,

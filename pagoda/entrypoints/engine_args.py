@@ -13,6 +13,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help=f"alias, HF folder (config.json + safetensors) or .gguf file (default: {DEFAULT_MODEL})")
     group.add_argument("--tokenizer", default=None, help="tokenizer folder, if not the model's own")
     group.add_argument("--dtype", default="auto", help="auto (bfloat16 where the hardware multiplies it natively, else float32), float32, bfloat16 or float16")
+    group.add_argument("--quantization", default="auto", choices=["auto", "none", "gguf", "int8", "int4"],
+                       help="how linear layers hold weights: gguf (a .gguf file's Q4_0/Q4_1 blocks kept packed), "
+                            "int8 or int4 (quantize at load), none (float); auto = gguf for a .gguf file on a CPU "
+                            "with native bf16 at --dtype auto, else none (default: auto; docs/quantization.md)")
     group.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"],
                        help="dummy = random weights at the real size (for benchmarks)")
     group.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
@@ -50,6 +54,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         tokenizer=args.tokenizer,
         dtype=args.dtype,
         load_format=args.load_format,
+        quantization=args.quantization,
         max_model_len=args.max_model_len,
         kv_cache_memory=args.kv_cache_memory,
         max_num_seqs=args.max_num_seqs,

@@ -16,6 +16,7 @@ from torch import nn
 
 from pagoda.model.attention.metadata import AttentionMetadata
 from pagoda.model.layers.activation import silu_and_mul
+from pagoda.model.layers.linear import Linear
 from pagoda.model.layers.norm import RMSNorm
 from pagoda.model.layers.rotary import RotaryEmbedding, rope_spec_from_hf_config
 
@@ -53,8 +54,9 @@ class Attention(nn.Module):
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
         hidden = hf_config.hidden_size
-        self.qkv_proj = nn.Linear(hidden, self.q_size + 2 * self.kv_size, bias=switches.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, hidden, bias=switches.o_bias)
+        self.qkv_proj = Linear(hidden, self.q_size + 2 * self.kv_size, bias=switches.qkv_bias,
+                               shard_sizes=[self.q_size, self.kv_size, self.kv_size])
+        self.o_proj = Linear(self.q_size, hidden, bias=switches.o_bias)
         if switches.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, hf_config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, hf_config.rms_norm_eps)
@@ -88,8 +90,8 @@ class MLP(nn.Module):
         act = getattr(hf_config, "hidden_act", "silu")
         if act not in ("silu", "swish"):
             raise ValueError(f"hidden_act={act!r} is not supported: only silu (SwiGLU).")
-        self.gate_up_proj = nn.Linear(hidden, 2 * inter, bias=switches.mlp_bias)
-        self.down_proj = nn.Linear(inter, hidden, bias=switches.mlp_bias)
+        self.gate_up_proj = Linear(hidden, 2 * inter, bias=switches.mlp_bias, shard_sizes=[inter, inter])
+        self.down_proj = Linear(inter, hidden, bias=switches.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
@@ -155,7 +157,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = hf_config
         self.model = DecoderModel(hf_config, self.switches_for(hf_config), max_position)
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
-        self.lm_head = nn.Linear(hf_config.hidden_size, hf_config.vocab_size, bias=False)
+        self.lm_head = Linear(hf_config.hidden_size, hf_config.vocab_size, bias=False)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -190,7 +192,12 @@ class LlamaForCausalLM(nn.Module):
             param = params.get(target)
             if param is None:
                 raise ValueError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}.")
-            if shard is None:
+            if not isinstance(tensor, torch.Tensor):  # quantized blocks, kept packed (GGUFBlocks)
+                layer = self.get_submodule(target.rsplit(".", 1)[0])
+                layer.load_gguf_shard(shard or 0, tensor, name)
+                if shard is not None:
+                    target = f"{target}#{shard}"
+            elif shard is None:
                 _copy(param, tensor, name)
             else:
                 sizes = self._shard_sizes(target.split(".")[-2])

@@ -9,7 +9,9 @@ Invariants:
   (``transformers.AutoConfig.from_pretrained(dir, gguf_file=name)``).
 - ``iter_gguf_weights`` yields every tensor in the file exactly once, under its HF
   parameter name, as a float32 tensor in HF layout (``[out_features, in_features]``,
-  llama.cpp's rope row permutation of q/k undone).
+  llama.cpp's rope row permutation of q/k undone), except that linear-layer weights
+  of the types in ``packed_types`` come as ``GGUFBlocks`` (the raw blocks, rows in the
+  same HF order) for a quantized linear method to keep packed.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ import gguf
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
+
+from pagoda.model.quant.gguf_blocks import GGUFBlocks
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -65,6 +69,9 @@ _LAYER_TENSOR_NAMES: dict[str, str] = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+
+# Stems of the weights that linear layers multiply by (what may stay packed).
+_LINEAR_STEMS = frozenset({"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"})
 
 _LAYER_TENSOR_RE = re.compile(r"blk\.(?P<layer>\d+)\.(?P<stem>\w+)\.(?P<kind>weight|bias)")
 
@@ -275,8 +282,12 @@ def _unpermute_rope_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     return weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
-def iter_gguf_weights(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_gguf_weights(
+    path: str | Path, packed_types: frozenset[GGMLQuantizationType] = frozenset()
+) -> Iterator[tuple[str, torch.Tensor | GGUFBlocks]]:
     """Yield ``(hf_name, float32 tensor in HF layout)`` for every tensor in a GGUF file.
+
+    Linear-layer weights whose type is in ``packed_types`` come as ``GGUFBlocks`` instead.
 
     A tied model yields no ``lm_head.weight``. Raises ``ValueError`` for an unsupported
     architecture, a tensor type that can't be dequantized, or an unknown tensor name.
@@ -288,6 +299,14 @@ def iter_gguf_weights(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
         rope_heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     for tensor in reader.tensors:
         hf_name = _hf_name(tensor.name)
+        stem = tensor.name.split(".")[-2]
+        if (tensor.tensor_type in packed_types and stem in _LINEAR_STEMS
+                and tensor.name.endswith(".weight") and len(tensor.shape) == 2):
+            blocks = torch.from_numpy(np.array(tensor.data, dtype=np.uint8))
+            if stem in rope_heads:
+                blocks = _unpermute_rope_rows(blocks, rope_heads[stem]).contiguous()
+            yield hf_name, GGUFBlocks(tensor.tensor_type, blocks, (int(tensor.shape[1]), int(tensor.shape[0])))
+            continue
         try:
             # A plain-ndarray view: slicing np.memmap costs Python-level overhead per block row.
             weight = dequantize(np.asarray(tensor.data), tensor.tensor_type)
@@ -300,7 +319,6 @@ def iter_gguf_weights(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
                 f"Tensor {tensor.name!r} in {path} dequantized to shape {tuple(weight.shape)}, "
                 f"expected {expected_shape}."
             )
-        stem = tensor.name.split(".")[-2]
         if stem in rope_heads:
             weight = _unpermute_rope_rows(weight, rope_heads[stem])
         yield hf_name, weight

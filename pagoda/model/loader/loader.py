@@ -18,6 +18,7 @@ from pagoda.model.loader.gguf_loader import (
 )
 from pagoda.model.loader.hf_folder import iter_safetensors_weights
 from pagoda.model.loader.resolve import ModelSource
+from pagoda.model.quant.methods import FloatMethod, LinearMethod, apply_linear_method
 from pagoda.model.registry import model_class_for
 
 logger = logging.getLogger(__name__)
@@ -49,9 +50,9 @@ def load_tokenizer(source: ModelSource, tokenizer: str | None = None):
     return AutoTokenizer.from_pretrained(str(source.folder))
 
 
-def _iter_weights(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_weights(source: ModelSource, method: LinearMethod) -> Iterator[tuple[str, torch.Tensor]]:
     if source.kind == "gguf":
-        return iter_gguf_weights(source.path)
+        return iter_gguf_weights(source.path, packed_types=method.gguf_types)
     return iter_safetensors_weights(source.folder)
 
 
@@ -65,13 +66,16 @@ def build_model(
     max_position: int,
     seed: int = 0,
     show_progress: bool = True,
+    linear_method: LinearMethod | None = None,
 ) -> nn.Module:
     """Creates the model without initializing memory twice, then fills it.
 
     Parameters are created on the meta device and materialized directly in
     `dtype` on `device`; then the checkpoint (or random values for
-    load_format='dummy') is copied in.
+    load_format='dummy') is copied in. Last, `linear_method` packs the linear
+    layers (default: float weights, as loaded).
     """
+    method = linear_method or FloatMethod()
     expected_kind = {"safetensors": "hf", "gguf": "gguf"}.get(load_format)
     if expected_kind is not None and expected_kind != source.kind:
         raise ValueError(f"load_format={load_format!r} is invalid: {source.name!r} is a {source.kind} model.")
@@ -87,10 +91,11 @@ def build_model(
     if load_format == "dummy":
         _fill_dummy(model, seed)
     else:
-        weights = _iter_weights(source)
+        weights = _iter_weights(source, method)
         if show_progress:
             weights = tqdm(weights, desc="Loading weights", unit=" tensors", leave=False, mininterval=1.0, delay=1.0)
         model.load_weights(weights)
+    apply_linear_method(model, method)
     # Inference only: no autograd graph may ever hold activations alive.
     return model.eval().requires_grad_(False)
 
