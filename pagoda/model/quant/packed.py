@@ -12,8 +12,11 @@ Kernels (measured on an AMD EPYC Zen 5, 2 threads; docs/quantization.md):
   activations cost +3.2% perplexity on SmolLM2-135M. So only the ``int8`` method
   uses it, for ``M > SMALL_M_MAX``; every other form stays weight-only at every M.
 
-Invariant: a form holds integer weights and small per-row / per-group scales only.
-The weight-only kernels are fast only with bf16 activations (float32 ones take a
+Invariant: a form holds integer weights and small per-row / per-group scales, plus,
+for small models only, ``dense``: a bf16 copy of the same (dequantized) weights that
+serves batches of more than SMALL_M_MAX rows, where torch's packed kernels lose to a
+bf16 matmul and W8A8 loses quality (`pagoda.model.quant.methods.DENSE_COPY_MAX_BYTES`
+says when; a packed large-batch kernel would retire it). The weight-only kernels are fast only with bf16 activations (float32 ones take a
 scalar path, ~50x slower), so activations are cast to bf16 and results back.
 """
 
@@ -44,6 +47,7 @@ class Int8Weight:
     scale: torch.Tensor  # float32 [N]
     scale_kernel: torch.Tensor  # the same scales in bf16, as _weight_int8pack_mm takes them
     w8a8_at_large_m: bool = False  # M > SMALL_M_MAX: W8A8 (fast, less exact) or weight-only
+    dense: torch.Tensor | None = None  # bf16 [N, K] for M > SMALL_M_MAX (small models; module docstring)
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, w8a8_at_large_m: bool = False) -> Int8Weight:
@@ -54,13 +58,16 @@ class Int8Weight:
 
     @property
     def nbytes(self) -> int:
-        return self.q.numel() + self.scale.numel() * 6
+        dense = self.dense.numel() * 2 if self.dense is not None else 0
+        return self.q.numel() + self.scale.numel() * 6 + dense
 
     def dequantize(self) -> torch.Tensor:
         return self.q.float() * self.scale[:, None]
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows ``ids`` of W in ``dtype`` (an embedding lookup on a tied lm_head)."""
+        if self.dense is not None:
+            return self.dense[ids].to(dtype)
         return (self.q[ids].float() * self.scale[ids].unsqueeze(-1)).to(dtype)
 
     def matmul_weight_only(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,7 +82,9 @@ class Int8Weight:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         x2, lead = _as_2d(x)
-        if self.w8a8_at_large_m and x2.shape[0] > SMALL_M_MAX:
+        if self.dense is not None and x2.shape[0] > SMALL_M_MAX:
+            y = torch.nn.functional.linear(x2.to(self.dense.dtype), self.dense)
+        elif self.w8a8_at_large_m and x2.shape[0] > SMALL_M_MAX:
             y = self.matmul_w8a8(x2)
         else:
             y = self.matmul_weight_only(x2)
@@ -98,6 +107,7 @@ class Int4Weight:
     scales_zeros: torch.Tensor  # bf16 [K // group_size, N, 2]
     group_size: int
     w8a8: Int8Weight | None
+    dense: torch.Tensor | None = None  # bf16 [N, K] for M > SMALL_M_MAX (small models; module docstring)
 
     @classmethod
     def from_codes(cls, codes: Int4Codes, with_w8a8: bool = False) -> Int4Weight:
@@ -115,7 +125,13 @@ class Int4Weight:
     @property
     def nbytes(self) -> int:
         extra = self.w8a8.nbytes if self.w8a8 is not None else 0
+        extra += self.dense.numel() * 2 if self.dense is not None else 0
         return self.packed.numel() + self.scales_zeros.numel() * 2 + extra
+
+    def dequantize_bf16(self) -> torch.Tensor:
+        """W [N, K] in bf16, exactly as the int4 kernel sees it (W.T = I @ W.T through it)."""
+        k = self.packed.shape[1] * 2
+        return self.matmul_int4(torch.eye(k, dtype=_KERNEL_DTYPE)).t().contiguous()
 
     def matmul_int4(self, x: torch.Tensor) -> torch.Tensor:
         return torch._weight_int4pack_mm_for_cpu(x.to(_KERNEL_DTYPE), self.packed, self.group_size,
@@ -123,7 +139,9 @@ class Int4Weight:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         x2, lead = _as_2d(x)
-        if x2.shape[0] <= SMALL_M_MAX or self.w8a8 is None:
+        if self.dense is not None and x2.shape[0] > SMALL_M_MAX:
+            y = torch.nn.functional.linear(x2.to(self.dense.dtype), self.dense)
+        elif x2.shape[0] <= SMALL_M_MAX or self.w8a8 is None:
             y = self.matmul_int4(x2)
         else:
             y = self.w8a8.matmul_w8a8(x2)
