@@ -79,9 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="answer 503 + Retry-After beyond this many waiting requests (default: 1024)")
     serve.add_argument("--chat-template", default=None, metavar="FILE",
                        help="a Jinja chat template file to use instead of the tokenizer's")
-    serve.add_argument("--engine-loop", choices=["thread", "process"], default="thread",
-                       help="where the engine's step loop runs: a thread of the server process, or its own "
-                            "process (default: thread; see benchmarks/engine_loop_placement.py)")
+    serve.add_argument("--engine-loop", choices=["thread", "process"], default="process",
+                       help="where the engine's step loop runs: its own process (the HTTP side then never "
+                            "competes with the model for the GIL: 1.36x the tokens/s at concurrency 1 and half "
+                            "the TTFT at 32, measured by benchmarks/cpu_peers.py), or a thread of the server "
+                            "process (default: process)")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="seconds to let in-flight requests finish on SIGTERM/Ctrl-C; then the requests still "
                             "running end with an error (streams: an error event, then [DONE]) (default: 30)")

@@ -150,7 +150,8 @@ def test_request_rate_paces_arrivals(fake_server):
     starts = [r.start_s for r in records]
     assert starts == sorted(starts) and starts[-1] > 0.05  # not all at once
     gaps = list(islice(arrival_gaps(LoadShape(request_rate=20.0, seed=1)), 6))
-    assert starts[-1] == pytest.approx(sum(gaps), abs=0.15)
+    # Paced: no request starts before its scheduled arrival (a loaded machine may only make it late).
+    assert sum(gaps) - 0.02 <= starts[-1] < sum(gaps) + 5.0
 
 
 def test_gamma_gaps_have_the_asked_mean_and_burstiness():
