@@ -138,6 +138,9 @@ class Int4Weight:
                                                  self.scales_zeros)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.dtype == _KERNEL_DTYPE and x.shape[0] <= SMALL_M_MAX:
+            # The decode hot path (bf16 rows, few of them): one kernel call, no casts or reshapes.
+            return torch._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_zeros)
         x2, lead = _as_2d(x)
         if self.dense is not None and x2.shape[0] > SMALL_M_MAX:
             y = torch.nn.functional.linear(x2.to(self.dense.dtype), self.dense)
