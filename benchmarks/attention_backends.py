@@ -25,7 +25,6 @@ Prints a table and writes benchmarks/results/attention_backends.json.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import platform
@@ -59,19 +58,11 @@ def make_step(rows: list[tuple[int, int]], dtype: torch.dtype, seed: int = 0):
     v_cache = torch.randn(shape, generator=gen).to(dtype)
     query_lens = [q for q, _ in rows]
     seq_lens = [s for _, s in rows]
-    slots = [int(tables[r, p // BLOCK_SIZE]) * BLOCK_SIZE + p % BLOCK_SIZE
-             for r, (q_len, seq_len) in enumerate(rows) for p in range(seq_len - q_len, seq_len)]
     n = sum(query_lens)
     q = torch.randn(n, HEADS, HEAD_DIM, generator=gen).to(dtype)
     k = torch.randn(n, KV_HEADS, HEAD_DIM, generator=gen).to(dtype)
     v = torch.randn(n, KV_HEADS, HEAD_DIM, generator=gen).to(dtype)
-    layout = StepLayout(
-        num_decodes=sum(1 for q_len, _ in rows if q_len == 1),
-        query_lens=query_lens, seq_lens=seq_lens,
-        query_start_loc=torch.tensor([0, *itertools.accumulate(query_lens)], dtype=torch.int32),
-        seq_lens_tensor=torch.tensor(seq_lens, dtype=torch.int32),
-        block_tables=tables, slot_mapping=torch.tensor(slots, dtype=torch.long), block_size=BLOCK_SIZE,
-    )
+    layout = StepLayout.build(query_lens, seq_lens, sum(1 for q_len, _ in rows if q_len == 1), tables, BLOCK_SIZE)
     return layout, q, k, v, k_cache, v_cache
 
 

@@ -76,6 +76,7 @@ class _Stream:
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self._loop = loop
         self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._held: RequestOutput | BaseException | None = None  # taken, then put back (unget)
 
     def put(self, item: RequestOutput | BaseException) -> None:
         try:
@@ -84,18 +85,24 @@ class _Stream:
             pass
 
     async def get(self) -> RequestOutput | BaseException:
+        if self._held is not None:
+            item, self._held = self._held, None
+            return item
         return await self._queue.get()
 
     def get_nowait(self) -> RequestOutput | BaseException | None:
         """The next item if one is already queued, else None."""
+        if self._held is not None:
+            item, self._held = self._held, None
+            return item
         try:
             return self._queue.get_nowait()
         except asyncio.QueueEmpty:
             return None
 
     def unget(self, item: RequestOutput | BaseException) -> None:
-        """Puts an item back at the front (it is read next)."""
-        self._queue._queue.appendleft(item)  # asyncio.Queue keeps a deque; same-loop only
+        """Puts back the item just taken: the next get returns it."""
+        self._held = item
 
 
 class _ThreadLoop:

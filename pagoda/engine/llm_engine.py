@@ -71,8 +71,8 @@ from pagoda.engine.beam_search import BeamSearch, BeamStep
 from pagoda.engine.detokenizer import IncrementalDetokenizer
 from pagoda.executor import Executor, InProcessExecutor
 from pagoda.model.loader.loader import build_model, load_hf_config, load_tokenizer
-from pagoda.model.quant.methods import resolve_quantization
 from pagoda.model.loader.resolve import resolve_model
+from pagoda.model.quant.methods import resolve_quantization
 from pagoda.outputs import CompletionOutput, RequestMetrics, RequestOutput, logprob_dict
 from pagoda.request import Request, RequestStatus
 from pagoda.sampling_params import RequestOutputKind, SamplingParams

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from pagoda.core.worker_step import NewRequestData, StepRow, WorkerStep
+from pagoda.model.attention.metadata import StepLayout
 from pagoda.request import num_beam_candidates_kept
 from pagoda.sampling_params import SamplingParams, SamplingType
 from pagoda.worker.sampler import SamplingPlan
@@ -65,13 +66,9 @@ class StepTensors:
     """A step's model inputs, tokens of decodes first (rows in `rows` order)."""
 
     rows: list[StepRow]  # decodes first, then prefill chunks
-    num_decodes: int
     input_ids: torch.Tensor  # [num_tokens] int64
     positions: torch.Tensor  # [num_tokens] int64
-    query_lens: np.ndarray  # [rows] int64
-    seq_lens: np.ndarray  # [rows] int64
-    block_tables: torch.Tensor  # [rows, max_blocks] int32, zero padded
-    slot_mapping: torch.Tensor  # [num_tokens] int64
+    layout: StepLayout  # what the attention backend builds its metadata from
 
 
 class InputBatch:
@@ -236,11 +233,9 @@ class InputBatch:
         tables = self.block_table[index, :max_blocks]
         bs = self.block_size
         slots = tables[token_row, positions // bs].astype(np.int64) * bs + positions % bs
-        return StepTensors(
-            rows=rows, num_decodes=num_decodes,
-            input_ids=torch.from_numpy(input_ids).to(device),
-            positions=torch.from_numpy(positions).to(device),
-            query_lens=counts, seq_lens=seq_lens,
-            block_tables=torch.from_numpy(np.ascontiguousarray(tables)).to(device),
-            slot_mapping=torch.from_numpy(slots).to(device),
-        )
+        layout = StepLayout.build(
+            counts.tolist(), seq_lens.tolist(), num_decodes,
+            torch.from_numpy(np.ascontiguousarray(tables)).to(device), bs,
+            slot_mapping=torch.from_numpy(slots).to(device))
+        return StepTensors(rows, torch.from_numpy(input_ids).to(device), torch.from_numpy(positions).to(device),
+                           layout)

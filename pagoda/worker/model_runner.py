@@ -15,16 +15,14 @@ the culprit (engine/llm_engine.py).
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
 from pagoda.core.scheduler_output import ModelRunnerOutput, SchedulerOutput, describe_error
 from pagoda.core.worker_step import StepRow, WorkerStep
 from pagoda.model.attention.backend import select_attention_backend
-from pagoda.model.attention.metadata import AttentionMetadata, StepLayout
 from pagoda.worker.cpu_threads import bind_model_threads
-from pagoda.worker.input_batch import InputBatch, RowState, StepTensors
+from pagoda.worker.input_batch import InputBatch, RowState
 from pagoda.worker.kv_cache import move_blocks
 from pagoda.worker.onednn_caches import bound_onednn_caches
 from pagoda.worker.sampler import Sampler, token_logprobs
@@ -123,10 +121,9 @@ class ModelRunner:
                 prefills.append(row)
         if not decodes and not prefills:
             return out
-        # Decodes first, longest first (the torch backend groups them by length), then prefill chunks.
-        decodes.sort(key=lambda row: -row.end)
+        # Decodes first, then prefill chunks (StepLayout's promise; backends sort further if they want).
         batch = self.input_batch.prepare(decodes + prefills, len(decodes), self.device)
-        meta = self._attention_metadata(batch)
+        meta = self.attention.build_metadata(batch.layout)
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, meta)
 
         states = self.input_batch.states
@@ -197,21 +194,3 @@ class ModelRunner:
         except Exception as error:  # noqa: BLE001 - a row that cannot even be checked fails alone
             return describe_error(error)
         return None
-
-    def _attention_metadata(self, batch: StepTensors) -> AttentionMetadata:
-        """The step's attention metadata, built by the attention backend from a StepLayout."""
-        query_lens = batch.query_lens.tolist()
-        seq_lens = batch.seq_lens.tolist()
-        query_start_loc = np.zeros(len(query_lens) + 1, dtype=np.int32)
-        query_start_loc[1:] = np.cumsum(batch.query_lens)
-        layout = StepLayout(
-            num_decodes=batch.num_decodes,
-            query_lens=query_lens,
-            seq_lens=seq_lens,
-            query_start_loc=torch.from_numpy(query_start_loc).to(self.device),
-            seq_lens_tensor=torch.tensor(seq_lens, dtype=torch.int32, device=self.device),
-            block_tables=batch.block_tables,
-            slot_mapping=batch.slot_mapping,
-            block_size=self.block_size,
-        )
-        return self.attention.build_metadata(layout)

@@ -4,7 +4,6 @@ a backend is chosen (config, CLI flag, fallback when the kernel cannot load)."""
 from __future__ import annotations
 
 import argparse
-import itertools
 import logging
 import random
 
@@ -57,24 +56,12 @@ def make_step(rows: list[tuple[int, int]], kv_heads: int, group: int, head_dim: 
     query_lens = [q for q, _ in rows]
     seq_lens = [s for _, s in rows]
     num_tokens = sum(query_lens)
-    slots = []
-    for r, (q_len, seq_len) in enumerate(rows):
-        for pos in range(seq_len - q_len, seq_len):
-            slots.append(int(tables[r, pos // block_size]) * block_size + pos % block_size)
     heads = kv_heads * group
     q = torch.randn(num_tokens, heads, head_dim, generator=gen).to(dtype)
     k = torch.randn(num_tokens, kv_heads, head_dim, generator=gen).to(dtype)
     v = torch.randn(num_tokens, kv_heads, head_dim, generator=gen).to(dtype)
-    layout = StepLayout(
-        num_decodes=sum(1 for q_len, seq_len in rows if q_len == 1 and seq_len > 1),
-        query_lens=query_lens,
-        seq_lens=seq_lens,
-        query_start_loc=torch.tensor([0, *itertools.accumulate(query_lens)], dtype=torch.int32),
-        seq_lens_tensor=torch.tensor(seq_lens, dtype=torch.int32),
-        block_tables=tables,
-        slot_mapping=torch.tensor(slots, dtype=torch.long),
-        block_size=block_size,
-    )
+    num_decodes = sum(1 for q_len, seq_len in rows if q_len == 1 and seq_len > 1)
+    layout = StepLayout.build(query_lens, seq_lens, num_decodes, tables, block_size)
     return layout, q, k, v, k_cache, v_cache
 
 
@@ -257,3 +244,11 @@ def test_default_model_same_greedy_tokens_with_either_backend(cpu_op):
         llm = LLM(dtype="float32", attention_backend=backend, show_progress=False)
         tokens[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     assert tokens["cpu"] == tokens["torch"]
+
+
+def test_step_layout_derives_the_slots_of_each_query_token():
+    tables = torch.tensor([[7, 3, 0], [5, 9, 2]], dtype=torch.int32)
+    layout = StepLayout.build([1, 3], [6, 10], 1, tables, 4)
+    # Row 0: position 5 -> block 3, offset 1. Row 1: positions 7, 8, 9 -> block 9 offset 3, block 2 offsets 0, 1.
+    assert layout.slot_mapping.tolist() == [3 * 4 + 1, 9 * 4 + 3, 2 * 4 + 0, 2 * 4 + 1]
+    assert layout.query_start_loc.tolist() == [0, 1, 4] and layout.seq_lens_tensor.tolist() == [6, 10]

@@ -55,6 +55,25 @@ class StepLayout:
     slot_mapping: torch.Tensor  # [num_tokens] int64: block * block_size + offset of each token
     block_size: int
 
+    @classmethod
+    def build(cls, query_lens: list[int], seq_lens: list[int], num_decodes: int, block_tables: torch.Tensor,
+              block_size: int, slot_mapping: torch.Tensor | None = None) -> StepLayout:
+        """A layout from the rows' lengths and block tables; the tensors are derived from them
+        (the slot mapping too, unless the caller has it already)."""
+        device = block_tables.device
+        lens = torch.tensor(query_lens, dtype=torch.int64)
+        query_start_loc = torch.zeros(len(query_lens) + 1, dtype=torch.int32)
+        torch.cumsum(lens, 0, out=query_start_loc[1:])
+        seq_lens_tensor = torch.tensor(seq_lens, dtype=torch.int32)
+        if slot_mapping is None:
+            rows = torch.repeat_interleave(torch.arange(len(query_lens)), lens)
+            first = torch.repeat_interleave(seq_lens_tensor.long() - lens - query_start_loc[:-1].long(), lens)
+            positions = first + torch.arange(int(lens.sum()))
+            tables = block_tables.cpu().long()
+            slot_mapping = (tables[rows, positions // block_size] * block_size + positions % block_size).to(device)
+        return cls(num_decodes, list(query_lens), list(seq_lens), query_start_loc.to(device),
+                   seq_lens_tensor.to(device), block_tables, slot_mapping, block_size)
+
     @property
     def num_rows(self) -> int:
         return len(self.query_lens)
