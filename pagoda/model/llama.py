@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from pagoda.model.attention.metadata import AttentionMetadata
+from pagoda.model.decoder_stack import CompiledDecoderStack
 from pagoda.model.layers.activation import silu_and_mul
 from pagoda.model.layers.linear import Linear
 from pagoda.model.layers.norm import RMSNorm
@@ -162,7 +163,19 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
+        embed = self.model.embed_tokens
+        if CompiledDecoderStack.applies(input_ids, self.model.norm.weight.dtype, meta):
+            stack = self._decoder_stack()
+            if stack is not None:
+                return stack(embed(input_ids), positions, kv_caches, meta)
         return self.model(input_ids, positions, kv_caches, meta)
+
+    def _decoder_stack(self) -> CompiledDecoderStack | None:
+        """The compiled decoder stack (model/decoder_stack.py), built at the first step that may use
+        it, once the weights are final; None where it cannot run."""
+        if not hasattr(self, "_compiled_stack"):
+            self._compiled_stack = CompiledDecoderStack.build(self.model)
+        return self._compiled_stack
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -30,6 +30,11 @@ def cpu_ops_for(x: torch.Tensor):
     return cpu_ext.cpu_ops()
 
 
+def fused_enabled() -> bool:
+    """False inside `fused_ops_disabled()`."""
+    return _switch["enabled"]
+
+
 @contextlib.contextmanager
 def fused_ops_disabled() -> Iterator[None]:
     """Within the block, norm / rotary / SwiGLU run their torch code (not thread-scoped)."""

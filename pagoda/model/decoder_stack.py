@@ -1,0 +1,122 @@
+"""The decoder layers run in one compiled call for steps of a few tokens (CPU).
+
+At batch 1 a 135M model's step is ~400 small ops; from Python each costs a
+module call and a dispatch, a third of the step. `CompiledDecoderStack` hands
+the layers' tensors once to ``torch.classes.pagoda.DecoderStack``
+(pagoda/csrc/cpu/decoder_stack.cpp), which runs the same ops in the same
+order as `DecoderModel.forward`: results are bitwise equal (tests check it).
+
+It applies when the step has at most ``SMALL_M_MAX`` tokens (where every
+packed form takes its small-batch kernel), attention runs on the compiled
+``cpu`` backend, the fused CPU ops are on, and every linear layer is float or
+one of the packed forms the C++ side knows (int4, int8 weight-only). Anything
+else runs the Python modules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from pagoda.kernels import cpu_ext
+from pagoda.model.attention.cpu_paged import CpuAttentionMetadata
+from pagoda.model.attention.metadata import AttentionMetadata
+from pagoda.model.layers import fused
+from pagoda.model.layers.linear import Linear
+from pagoda.model.quant.packed import SMALL_M_MAX, Int4Weight, Int8Weight
+
+logger = logging.getLogger(__name__)
+
+_switch = {"enabled": True}
+
+
+@contextlib.contextmanager
+def decoder_stack_disabled() -> Iterator[None]:
+    """Within the block, decoder layers run as Python modules (tests and side-by-side benchmarks)."""
+    before = _switch["enabled"]
+    _switch["enabled"] = False
+    try:
+        yield
+    finally:
+        _switch["enabled"] = before
+
+
+# Linear kinds of decoder_stack.cpp.
+_FLOAT, _INT4, _INT8 = 0, 1, 2
+
+
+def _linear_args(layer: Linear) -> tuple | None:
+    """(kind, a, b, group_size, bias) for DecoderStack.add_linear, or None if it has no C++ form."""
+    packed = layer.packed
+    if packed is None:
+        return _FLOAT, layer.weight.detach(), None, 0, _detach(layer.bias)
+    if isinstance(packed, Int4Weight):
+        return _INT4, packed.packed, packed.scales_zeros, packed.group_size, _detach(layer.bias)
+    if isinstance(packed, Int8Weight):  # at most SMALL_M_MAX rows: always weight-only
+        return _INT8, packed.q, packed.scale_kernel, 0, _detach(layer.bias)
+    return None
+
+
+def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach()
+
+
+class CompiledDecoderStack:
+    """A `DecoderModel`'s layers and final norm as one C++ object (see the module docstring)."""
+
+    def __init__(self, stack):
+        self._stack = stack
+        self._kv_caches: list | None = None  # the list last handed to the C++ side
+
+    @classmethod
+    def build(cls, decoder: nn.Module) -> CompiledDecoderStack | None:
+        """The compiled stack of ``decoder`` (a llama.py `DecoderModel`), or None where it cannot run."""
+        if cpu_ext.cpu_ops() is None or not hasattr(torch.classes.pagoda, "DecoderStack"):
+            return None
+        layers = list(decoder.layers)
+        if not layers:
+            return None
+        attn = layers[0].self_attn
+        rotary = attn.rotary
+        if not rotary.cos_cache.is_cpu:
+            return None
+        specs = []
+        for layer in layers:
+            a = layer.self_attn
+            linears = [_linear_args(m) for m in (a.qkv_proj, a.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+            if any(spec is None for spec in linears) or a.rotary is not rotary:
+                return None
+            q_norm = a.q_norm.weight.detach() if a.q_norm is not None else None
+            k_norm = a.k_norm.weight.detach() if a.k_norm is not None else None
+            norms = (layer.input_layernorm, layer.post_attention_layernorm, a.q_norm, a.k_norm)
+            if any(n is not None and n.eps != decoder.norm.eps for n in norms):
+                return None
+            specs.append((layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(),
+                          q_norm, k_norm, linears))
+        stack = torch.classes.pagoda.DecoderStack(attn.num_heads, attn.num_kv_heads, attn.head_dim,
+                                                  float(decoder.norm.eps), float(attn.scale),
+                                                  rotary.cos_cache, rotary.sin_cache, decoder.norm.weight.detach())
+        for input_norm, post_norm, q_norm, k_norm, linears in specs:
+            stack.add_layer(input_norm, post_norm, q_norm, k_norm)
+            for kind, a, b, group_size, bias in linears:
+                stack.add_linear(kind, a, b, group_size, bias)
+        logger.debug("compiled decoder stack: %d layers", len(specs))
+        return cls(stack)
+
+    @staticmethod
+    def applies(input_ids: torch.Tensor, hidden_dtype: torch.dtype, meta: AttentionMetadata) -> bool:
+        """Whether this step may take the stack (else the Python modules run)."""
+        return (_switch["enabled"] and input_ids.shape[0] <= SMALL_M_MAX and isinstance(meta, CpuAttentionMetadata)
+                and fused.fused_enabled() and hidden_dtype in fused.FUSED_DTYPES)
+
+    def __call__(self, hidden: torch.Tensor, positions: torch.Tensor,
+                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: CpuAttentionMetadata) -> torch.Tensor:
+        if kv_caches is not self._kv_caches:
+            self._stack.set_kv_caches([k for k, _ in kv_caches], [v for _, v in kv_caches])
+            self._kv_caches = kv_caches
+        return self._stack.forward(hidden, positions, meta.slot_mapping, meta.block_tables,
+                                   meta.query_start_loc, meta.seq_lens, meta.num_splits)

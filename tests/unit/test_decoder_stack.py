@@ -1,0 +1,89 @@
+"""The compiled decoder stack (model/decoder_stack.py) against the Python modules it replaces.
+
+Same ops, same order: tokens and logprobs must be identical, for every
+architecture switch (qkv bias, q/k norms), float and packed linears, bf16 and
+fp32, decodes alone and decodes mixed with small prefill chunks.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagoda import LLM, SamplingParams
+from pagoda.kernels import cpu_ext
+from pagoda.model import decoder_stack
+from pagoda.model.decoder_stack import CompiledDecoderStack, decoder_stack_disabled
+from tests.conftest import TINY_VOCAB, make_tiny_checkpoint
+
+
+@pytest.fixture(scope="module", autouse=True)
+def needs_ops():
+    if cpu_ext.cpu_ops() is None:
+        pytest.skip("compiled CPU ops are not available on this machine")
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts the steps that ran through the compiled stack."""
+    count = {"n": 0}
+    real = CompiledDecoderStack.__call__
+
+    def counting(self, *args):
+        count["n"] += 1
+        return real(self, *args)
+
+    monkeypatch.setattr(CompiledDecoderStack, "__call__", counting)
+    return count
+
+
+def _generate(llm, prompts, params):
+    return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in llm.generate(prompts, params)]
+
+
+CASES = [
+    ("llama", "bfloat16", "none"),
+    ("llama", "bfloat16", "int4"),
+    ("llama", "float32", "int8"),
+    ("qwen2", "bfloat16", "int8"),  # qkv bias
+    ("qwen3", "bfloat16", "none"),  # q/k norms
+    ("qwen3", "float32", "int4"),
+]
+
+
+@pytest.mark.parametrize("arch,dtype,quantization", CASES)
+def test_stack_equals_python_modules(tmp_path, calls, arch, dtype, quantization):
+    folder = make_tiny_checkpoint(tmp_path, arch)
+    # A budget of 8 tokens: later steps mix decodes with prefill chunks, all through the stack.
+    llm = LLM(str(folder), dtype=dtype, quantization=quantization, attention_backend="cpu",
+              show_progress=False, kv_cache_memory=16 * 1024**2, max_num_batched_tokens=8)
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, TINY_VOCAB, (n,), generator=gen).tolist() for n in (1, 3, 20)]
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=3)
+    compiled = _generate(llm, prompts, params)
+    assert calls["n"] > 10  # the stack really ran
+    with decoder_stack_disabled():
+        before = calls["n"]
+        plain = _generate(llm, prompts, params)
+        assert calls["n"] == before
+    assert compiled == plain
+
+
+def test_large_steps_and_torch_attention_take_the_python_path(tmp_path, calls):
+    folder = make_tiny_checkpoint(tmp_path, "llama")
+    llm = LLM(str(folder), dtype="bfloat16", attention_backend="torch", show_progress=False,
+              kv_cache_memory=16 * 1024**2)
+    llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    assert calls["n"] == 0
+    llm = LLM(str(folder), dtype="bfloat16", attention_backend="cpu", show_progress=False,
+              kv_cache_memory=16 * 1024**2)
+    llm.generate([list(range(3, 40))], SamplingParams(temperature=0, max_tokens=1))  # one 37-token step
+    assert calls["n"] == 0
+
+
+def test_without_the_extension_nothing_is_built(monkeypatch, tmp_path):
+    monkeypatch.setattr(decoder_stack.cpu_ext, "cpu_ops", lambda: None)
+    folder = make_tiny_checkpoint(tmp_path, "llama")
+    llm = LLM(str(folder), dtype="float32", attention_backend="torch", show_progress=False,
+              kv_cache_memory=16 * 1024**2)
+    assert CompiledDecoderStack.build(llm.engine.runner.model.model) is None
