@@ -79,6 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="answer 503 + Retry-After beyond this many waiting requests (default: 1024)")
     serve.add_argument("--chat-template", default=None, metavar="FILE",
                        help="a Jinja chat template file to use instead of the tokenizer's")
+    from pagoda.tools.parsers import TOOL_PARSERS
+
+    serve.add_argument("--tool-call-parser", choices=sorted(TOOL_PARSERS), default="hermes",
+                       help="how tool calls are read out of the model's text for tool_choice \"auto\": hermes "
+                            "(<tool_call> JSON: Qwen, Hermes, SmolLM and the fallback tool prompt for templates "
+                            "without tools), llama3_json, mistral (default: hermes)")
+    serve.add_argument("--enable-auto-tool-choice", action="store_true", default=True,
+                       help="answer tool_choice \"auto\" (on by default; accepted for vLLM compatibility)")
+    serve.add_argument("--disable-auto-tool-choice", dest="enable_auto_tool_choice", action="store_false",
+                       help="refuse tool_choice \"auto\" with a 400 (\"required\" and named tools still work)")
     serve.add_argument("--engine-loop", choices=["thread", "process"], default="process",
                        help="where the engine's step loop runs: its own process (the HTTP side then never "
                             "competes with the model for the GIL: 1.36x the tokens/s at concurrency 1 and half "
@@ -180,7 +190,8 @@ def _serve(args: argparse.Namespace) -> int:
     server_config = ServerConfig(served_model_name=name, api_key=args.api_key,
                                  max_queued_requests=args.max_queued_requests, chat_template=chat_template,
                                  max_request_bytes=args.max_request_bytes, request_timeout=args.request_timeout,
-                                 scheduling_policy=args.policy)
+                                 scheduling_policy=args.policy,
+                                 tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None)
     app = build_app(engine, server_config, metrics)
     info = engine.model_info
     print(f"pagoda {name!r} listening on http://{args.host}:{args.port}/v1 (max_model_len="

@@ -29,6 +29,7 @@ from pagoda.entrypoints.openai.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
+    message_dicts,
     refuse_unsupported_messages,
 )
 from pagoda.entrypoints.openai.serving_chat import OpenAIServingChat
@@ -153,7 +154,7 @@ def build_app(engine: AsyncLLM, config: ServerConfig, metrics: EngineMetrics | N
             raise APIError(400, "this model has no tokenizer", "prompt")
         if body.messages is not None:
             refuse_unsupported_messages(body.messages)
-            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            messages = message_dicts(body.messages)
             tokens = await off_loop(chat.encode_messages, messages, body.add_generation_prompt)
         elif body.prompt is not None:
             tokens = await off_loop(info.tokenizer.encode, body.prompt, add_special_tokens=body.add_special_tokens)

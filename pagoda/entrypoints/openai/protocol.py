@@ -99,8 +99,9 @@ class ChatMessage(_Strict):
     name: str | None = None
     tool_call_id: str | None = None
     refusal: str | None = None
-    # Refused when set (see UNSUPPORTED): no tool calling yet.
+    # An assistant turn's calls: [{"id", "type": "function", "function": {"name", "arguments"}}].
     tool_calls: list | None = None
+    # Refused when set (the legacy form of tool_calls).
     function_call: dict | None = None
     audio: dict | None = None
 
@@ -117,10 +118,11 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    # Refused when set to anything but their neutral value (see UNSUPPORTED).
+    # Tool calling (pagoda/tools): validated by plan_tools.
     tools: list | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
+    # Refused when set to anything but their neutral value (see UNSUPPORTED).
     functions: list | None = None
     function_call: Any = None
     response_format: dict | None = None
@@ -136,8 +138,6 @@ class ChatCompletionRequest(_SamplingFields):
 # A request that sets one to anything else is refused with a 400 naming it.
 _NEUTRAL: dict[str, tuple] = {
     "suffix": (None, ""),
-    "tools": (None, []),
-    "tool_choice": (None, "none", "auto"),
     "functions": (None, []),
     "function_call": (None, "none", "auto"),
     "response_format": (None, {"type": "text"}),
@@ -170,7 +170,7 @@ def refuse_unsupported(body: CompletionRequest | ChatCompletionRequest) -> None:
 
 def refuse_unsupported_messages(messages: list[ChatMessage]) -> None:
     for i, message in enumerate(messages):
-        for name in ("tool_calls", "function_call", "audio"):
+        for name in ("function_call", "audio"):
             if getattr(message, name):
                 raise APIError(400, f"messages[{i}].{name} is not supported by this server (yet)",
                                f"messages[{i}].{name}", code="unsupported_parameter")
@@ -182,6 +182,38 @@ def refuse_unsupported_messages(messages: list[ChatMessage]) -> None:
                                         "parts only", f"{where}.type", code="unsupported_parameter")
                 if part.text is None:
                     raise APIError(400, f"{where}.text is missing: a text part needs a string", f"{where}.text")
+
+
+def message_dicts(messages: list[ChatMessage]) -> list[dict]:
+    """The conversation as chat-template dicts: text content, and tool calls / tool results kept."""
+    out = []
+    for i, message in enumerate(messages):
+        entry: dict = {"role": message.role, "content": message.text()}
+        if message.tool_calls:
+            if message.role != "assistant":
+                raise APIError(400, f"messages[{i}].tool_calls is only for assistant messages",
+                               f"messages[{i}].tool_calls")
+            entry["tool_calls"] = [_checked_call(call, f"messages[{i}].tool_calls[{j}]")
+                                   for j, call in enumerate(message.tool_calls)]
+        if message.role == "tool":
+            if message.tool_call_id is not None:
+                entry["tool_call_id"] = message.tool_call_id
+        if message.name is not None:
+            entry["name"] = message.name
+        out.append(entry)
+    return out
+
+
+def _checked_call(call, where: str) -> dict:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise APIError(400, f"{where} must be {{\"id\", \"type\": \"function\", \"function\": {{\"name\", "
+                            "\"arguments\"}}", where)
+    arguments = function.get("arguments", "{}")
+    if not isinstance(arguments, str):
+        raise APIError(400, f"{where}.function.arguments must be a JSON string", f"{where}.function.arguments")
+    return {"id": call.get("id") or "", "type": "function",
+            "function": {"name": function["name"], "arguments": arguments}}
 
 
 def _show(values: tuple) -> str:

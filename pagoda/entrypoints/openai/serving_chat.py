@@ -1,5 +1,10 @@
 """POST /v1/chat/completions: the chat template, then one request (n choices), streamed or not.
 
+Tools (pagoda/tools): the request's plan says which tools the template shows,
+which grammar (if any) forces the output, and which parser reads calls out
+of each choice's text; calls go out as ``message.tool_calls`` or, streamed,
+as incremental ``delta.tool_calls``.
+
 Streaming rules (OpenAI's): each choice opens with a role-only delta; its
 finish_reason rides on its last content chunk (no extra empty chunk); the
 concatenated deltas equal the non-streamed text.
@@ -19,7 +24,7 @@ from fastapi.responses import StreamingResponse
 from pagoda.engine.async_engine import prepend
 from pagoda.entrypoints.http_guard import wait_or_disconnect
 from pagoda.entrypoints.openai.errors import APIError
-from pagoda.entrypoints.openai.protocol import ChatCompletionRequest, refuse_unsupported
+from pagoda.entrypoints.openai.protocol import ChatCompletionRequest, message_dicts, refuse_unsupported
 from pagoda.entrypoints.openai.serving_common import (
     OpenAIServing,
     ending_well,
@@ -30,17 +35,20 @@ from pagoda.entrypoints.openai.serving_common import (
     usage,
 )
 from pagoda.entrypoints.openai.token_bytes import token_bytes
-from pagoda.outputs import RequestOutput
+from pagoda.outputs import CompletionOutput, RequestOutput
 from pagoda.sampling_params import RequestOutputKind
+from pagoda.tools.choice import ToolPlan, ToolRequestError, plan_tools
+from pagoda.tools.parsers import ToolCallStream
+from pagoda.tools.render import render_chat
 
 
 class OpenAIServingChat(OpenAIServing):
-    def encode_messages(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def encode_messages(self, messages: list[dict], add_generation_prompt: bool = True,
+                        tools: list[dict] | None = None) -> list[int]:
         if self.tokenizer is None:
             raise APIError(400, "this model has no tokenizer: chat needs one", "messages")
         try:
-            text = self.tokenizer.apply_chat_template(messages, chat_template=self.config.chat_template,
-                                                      tokenize=False, add_generation_prompt=add_generation_prompt)
+            text = render_chat(self.tokenizer, messages, tools, self.config.chat_template, add_generation_prompt)
         except Exception as error:  # a template that rejects the conversation
             raise APIError(400, f"chat template failed: {error}", "messages") from None
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -48,8 +56,10 @@ class OpenAIServingChat(OpenAIServing):
     async def create(self, body: ChatCompletionRequest, request: Request):
         self.check_model(body.model)
         refuse_unsupported(body)
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        prompt_ids = truncate(await off_loop(self.encode_messages, messages), body.truncate_prompt_tokens)
+        plan = self.tool_plan(body)
+        messages = message_dicts(body.messages)
+        prompt_ids = truncate(await off_loop(self.encode_messages, messages, True, plan.tools),
+                              body.truncate_prompt_tokens)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         top = (body.top_logprobs or 0) if body.logprobs else None
         params = self.sampling_params(body, max_tokens, len(prompt_ids), top)
@@ -60,7 +70,7 @@ class OpenAIServingChat(OpenAIServing):
                                                                       self.request_options(body)))
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = self._stream(first, outputs, request_id, body.model, include_usage, top)
+            events = self._stream(first, outputs, request_id, body.model, include_usage, top, plan)
             return StreamingResponse(ending_well(events, sse_error, sse("[DONE]")), media_type="text/event-stream")
 
         async def last(final: RequestOutput) -> RequestOutput:
@@ -72,15 +82,32 @@ class OpenAIServingChat(OpenAIServing):
         choices = [
             {
                 "index": c.index,
-                "message": {"role": "assistant", "content": c.text, "refusal": None},
+                **self._message(c, plan),
                 "logprobs": ({"content": self._logprobs(c.token_ids, c.logprobs, top), "refusal": None}
                              if top is not None else None),
-                "finish_reason": c.finish_reason,
             }
             for c in final.outputs
         ]
         return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": body.model,
                 "choices": choices, "usage": usage(final)}
+
+    def tool_plan(self, body: ChatCompletionRequest) -> ToolPlan:
+        try:
+            return plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls, self.config.tool_call_parser)
+        except ToolRequestError as error:
+            raise APIError(400, str(error), error.field) from None
+
+    @staticmethod
+    def _message(c: CompletionOutput, plan: ToolPlan) -> dict:
+        """A finished choice's message and finish_reason, its tool calls read out of its text."""
+        content, calls = plan.parser.extract(c.text) if plan.parser is not None else (c.text, [])
+        message: dict = {"role": "assistant", "content": content, "refusal": None}
+        finish_reason = c.finish_reason
+        if calls:
+            message["tool_calls"] = [call.to_openai() for call in calls]
+            if finish_reason == "stop":
+                finish_reason = plan.finish_reason_for_calls
+        return {"message": message, "finish_reason": finish_reason}
 
     def _logprobs(self, token_ids: list[int], logprobs: list[dict[int, float]] | None, k: int,
                   start: int = 0) -> list[dict]:
@@ -97,7 +124,8 @@ class OpenAIServingChat(OpenAIServing):
         return entries
 
     async def _stream(self, first: RequestOutput, outputs: AsyncIterator[RequestOutput], request_id: str,
-                      model: str, include_usage: bool, top_logprobs: int | None) -> AsyncIterator[str]:
+                      model: str, include_usage: bool, top_logprobs: int | None,
+                      plan: ToolPlan) -> AsyncIterator[str]:
         created_at = int(time.time())
 
         def chunk(choices: list[dict], usage_counts: dict | None = None) -> str:
@@ -120,6 +148,9 @@ class OpenAIServingChat(OpenAIServing):
         held: list[dict | None] = [None] * n  # last content chunk, sent when the next one (or the end) comes
         done = [False] * n
         final = first
+        # Tool calls: each choice's text goes through the plan's parser, which holds back what may
+        # be a call and turns calls into delta.tool_calls.
+        tool_streams = [ToolCallStream(plan.parser) for _ in range(n)] if plan.parser is not None else None
 
         async for output in prepend(first, outputs):
             final = output
@@ -127,28 +158,35 @@ class OpenAIServingChat(OpenAIServing):
                 i = c.index
                 if done[i]:
                     continue
-                delta = c.text
+                delta, calls = c.text, []
+                if tool_streams is not None:
+                    delta, calls = tool_streams[i].feed(c.text, final=c.finished)
                 num_tokens += len(c.token_ids)
                 pending_ids[i].extend(c.token_ids)
                 pending_logprobs[i].extend(c.logprobs or ())
                 entry = None
-                if delta or c.finished:
+                if delta or calls or c.finished:
                     logprobs = None
                     if top_logprobs is not None and pending_ids[i]:
                         logprobs = {"content": self._logprobs(pending_ids[i], pending_logprobs[i], top_logprobs),
                                     "refusal": None}
-                    entry = {"index": i, "delta": {"content": delta} if delta else {}, "logprobs": logprobs,
-                             "finish_reason": None}
+                    body = {"content": delta} if delta else {}
+                    if calls:
+                        body["tool_calls"] = calls
+                    entry = {"index": i, "delta": body, "logprobs": logprobs, "finish_reason": None}
                     pending_ids[i], pending_logprobs[i] = [], []
                 if c.finished:
                     done[i] = True
+                    finish_reason = c.finish_reason
+                    if finish_reason == "stop" and tool_streams is not None and tool_streams[i].called:
+                        finish_reason = plan.finish_reason_for_calls
                     last = held[i]
                     if last is not None and not entry["delta"]:
-                        entry = {**last, "finish_reason": c.finish_reason}  # ride on the last content chunk
+                        entry = {**last, "finish_reason": finish_reason}  # ride on the last content chunk
                     else:
                         if last is not None:
                             yield chunk([last])
-                        entry["finish_reason"] = c.finish_reason
+                        entry["finish_reason"] = finish_reason
                     held[i] = None
                     yield chunk([entry])
                 elif entry is not None:

@@ -29,6 +29,9 @@ class ServerConfig:
     # Beyond this many requests waiting for the engine, answer 503 + Retry-After.
     max_queued_requests: int = 1024
     chat_template: str | None = None
+    # Reads tool calls out of the model's text for tool_choice "auto" (pagoda/tools/parsers.py);
+    # None: "auto" is refused (--disable-auto-tool-choice).
+    tool_call_parser: str | None = "hermes"
     # Request bodies larger than this are refused with 413.
     max_request_bytes: int = 16 * 1024 * 1024
     # Seconds a client has to send a request's head, and then its body (408 / closed after).
