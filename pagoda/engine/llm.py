@@ -11,6 +11,8 @@ from pagoda.config import DEFAULT_MODEL, engine_config_from_kwargs
 from pagoda.engine.llm_engine import LLMEngine, PromptInput
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import RequestOutputKind, SamplingParams
+from pagoda.tools.choice import validate_tools
+from pagoda.tools.render import render_chat
 
 Message = dict[str, str]
 
@@ -93,22 +95,29 @@ class LLM:
         use_tqdm: bool = False,
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
     ) -> list[RequestOutput]:
-        """Applies the tokenizer's chat template to each conversation, then generates."""
+        """Applies the tokenizer's chat template to each conversation, then generates.
+
+        ``tools``: OpenAI function tools shown to the model (pagoda/tools/render.py); read the
+        calls out of a reply with ``pagoda.tools.parsers.get_tool_parser(name).extract(text)``.
+        Messages may hold assistant ``tool_calls`` and ``tool`` results, as in the OpenAI API.
+        """
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [
-            self.apply_chat_template(conv, chat_template=chat_template, add_generation_prompt=add_generation_prompt)
+            self.apply_chat_template(conv, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
+                                     tools=tools)
             for conv in conversations
         ]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def apply_chat_template(
-        self, messages: list[Message], chat_template: str | None = None, add_generation_prompt: bool = True
+        self, messages: list[Message], chat_template: str | None = None, add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
     ) -> list[int]:
         tokenizer = self.engine.tokenizer
-        text = tokenizer.apply_chat_template(
-            messages, chat_template=chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        tools = validate_tools(tools) if tools else None
+        text = render_chat(tokenizer, messages, tools, chat_template, add_generation_prompt)
         # The template already holds every special token the model expects.
         return tokenizer.encode(text, add_special_tokens=False)
 
