@@ -237,8 +237,7 @@ def test_api_key_guards_every_route_but_health(engine):
 
 
 @pytest.mark.parametrize("field,value", [
-    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-    ("tool_choice", "required"), ("functions", [{"name": "f"}]), ("function_call", {"name": "f"}),
+    ("functions", [{"name": "f"}]), ("function_call", {"name": "f"}),
     ("response_format", {"type": "json_object"}), ("response_format", {"type": "bogus"}),
     ("modalities", ["text", "audio"]), ("audio", {"voice": "alloy"}),
     ("prediction", {"type": "content", "content": "x"}), ("reasoning_effort", "low"),
@@ -261,11 +260,28 @@ def test_image_and_audio_parts_are_refused(client, part):
     openai_error(client.post("/v1/chat/completions", json=body), 400, "messages[0].content[1].type")
 
 
-def test_assistant_tool_calls_in_history_are_refused(client):
+def test_malformed_tool_calls_in_history_are_refused(client):
     messages = [{"role": "user", "content": "hi"},
                 {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function"}]}]
     openai_error(client.post("/v1/chat/completions", json={**CHAT, "messages": messages}), 400,
-                 "messages[1].tool_calls")
+                 "messages[1].tool_calls[0]")
+
+
+@pytest.mark.parametrize("field,value,param", [
+    ("tool_choice", "required", "tool_choice"),  # no tools
+    ("tools", [{"type": "retrieval"}], "tools[0].type"),
+    ("tools", [{"type": "function", "function": {"name": "two words"}}], "tools[0].function.name"),
+])
+def test_bad_tool_requests_name_the_field(client, field, value, param):
+    openai_error(client.post("/v1/chat/completions", json={**CHAT, field: value}), 400, param)
+
+
+@pytest.mark.parametrize("field,value", [("reasoning", {"effort": "high"}), ("background", True),
+                                         ("include", ["reasoning.encrypted_content"]), ("truncation", "auto"),
+                                         ("max_tool_calls", 3)])
+def test_unsupported_responses_fields_are_refused_by_name(client, field, value):
+    body = {"model": MODEL, "input": "Hello", "max_output_tokens": 3, field: value}
+    assert field in openai_error(client.post("/v1/responses", json=body), 400, field)["message"]
 
 
 def test_completion_suffix_is_refused(client):

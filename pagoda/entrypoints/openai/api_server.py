@@ -32,7 +32,9 @@ from pagoda.entrypoints.openai.protocol import (
     message_dicts,
     refuse_unsupported_messages,
 )
+from pagoda.entrypoints.openai.responses_protocol import ResponsesRequest
 from pagoda.entrypoints.openai.serving_chat import OpenAIServingChat
+from pagoda.entrypoints.openai.serving_responses import OpenAIServingResponses, ResponseStore
 from pagoda.entrypoints.openai.serving_common import ServerConfig, off_loop
 from pagoda.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from pagoda.metrics import EngineMetrics
@@ -81,6 +83,7 @@ def build_app(engine: AsyncLLM, config: ServerConfig, metrics: EngineMetrics | N
     info = engine.model_info
     chat = OpenAIServingChat(engine, config)
     completion = OpenAIServingCompletion(engine, config)
+    responses = OpenAIServingResponses(chat, ResponseStore(config.max_stored_responses))
     created = int(time.time())
 
     @app.exception_handler(APIError)
@@ -147,6 +150,18 @@ def build_app(engine: AsyncLLM, config: ServerConfig, metrics: EngineMetrics | N
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         return await completion.create(body, request)
+
+    @app.post("/v1/responses")
+    async def create_response(body: ResponsesRequest, request: Request):
+        return await responses.create(body, request)
+
+    @app.get("/v1/responses/{response_id}")
+    async def retrieve_response(response_id: str):
+        return responses.retrieve(response_id)
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str):
+        return responses.delete(response_id)
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):

@@ -53,11 +53,15 @@ class OpenAIServingChat(OpenAIServing):
             raise APIError(400, f"chat template failed: {error}", "messages") from None
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    async def create(self, body: ChatCompletionRequest, request: Request):
-        self.check_model(body.model)
+    async def begin(self, body: ChatCompletionRequest, request: Request, request_id: str,
+                    messages: list[dict] | None = None
+                    ) -> tuple[ToolPlan, RequestOutput, AsyncIterator[RequestOutput]]:
+        """Checks the request, renders it and starts it: its tool plan, first output and the rest.
+        ``messages``: the conversation as template dicts, if the caller has it (the Responses API)."""
         refuse_unsupported(body)
         plan = self.tool_plan(body)
-        messages = message_dicts(body.messages)
+        if messages is None:
+            messages = message_dicts(body.messages)
         prompt_ids = truncate(await off_loop(self.encode_messages, messages, True, plan.tools),
                               body.truncate_prompt_tokens)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -65,9 +69,15 @@ class OpenAIServingChat(OpenAIServing):
         params = self.sampling_params(body, max_tokens, len(prompt_ids), top)
         # Streams get what is new each step; whole answers come once, at the end.
         params = replace(params, output_kind=RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY)
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
         first, outputs = await wait_or_disconnect(request, self.start(prompt_ids, params, request_id,
                                                                       self.request_options(body)))
+        return plan, first, outputs
+
+    async def create(self, body: ChatCompletionRequest, request: Request):
+        self.check_model(body.model)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        plan, first, outputs = await self.begin(body, request, request_id)
+        top = (body.top_logprobs or 0) if body.logprobs else None
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             events = self._stream(first, outputs, request_id, body.model, include_usage, top, plan)
@@ -82,7 +92,7 @@ class OpenAIServingChat(OpenAIServing):
         choices = [
             {
                 "index": c.index,
-                **self._message(c, plan),
+                **self.message(c, plan),
                 "logprobs": ({"content": self._logprobs(c.token_ids, c.logprobs, top), "refusal": None}
                              if top is not None else None),
             }
@@ -98,7 +108,7 @@ class OpenAIServingChat(OpenAIServing):
             raise APIError(400, str(error), error.field) from None
 
     @staticmethod
-    def _message(c: CompletionOutput, plan: ToolPlan) -> dict:
+    def message(c: CompletionOutput, plan: ToolPlan) -> dict:
         """A finished choice's message and finish_reason, its tool calls read out of its text."""
         content, calls = plan.parser.extract(c.text) if plan.parser is not None else (c.text, [])
         message: dict = {"role": "assistant", "content": content, "refusal": None}

@@ -32,6 +32,8 @@ class ServerConfig:
     # Reads tool calls out of the model's text for tool_choice "auto" (pagoda/tools/parsers.py);
     # None: "auto" is refused (--disable-auto-tool-choice).
     tool_call_parser: str | None = "hermes"
+    # Finished Responses-API responses kept in memory for previous_response_id (oldest dropped first).
+    max_stored_responses: int = 1000
     # Request bodies larger than this are refused with 413.
     max_request_bytes: int = 16 * 1024 * 1024
     # Seconds a client has to send a request's head, and then its body (408 / closed after).
