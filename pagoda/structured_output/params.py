@@ -30,6 +30,7 @@ class StructuredOutputsError(ValueError):
     def __init__(self, field_name: str, value: object, problem: str):
         self.field_name = field_name
         self.value = value
+        self.problem = problem
         shown = repr(value)
         if len(shown) > 120:
             shown = shown[:117] + "..."
