@@ -1,9 +1,12 @@
 """From `StructuredOutputsParams` to an xgrammar `Grammar` (no tokenizer needed).
 
-`build_grammar` is the one place a constraint becomes a grammar: the edges call `check`
-(it builds the grammar once and throws it away, so a bad schema, regex or grammar is a
-`StructuredOutputsError` naming the field before the request is queued), and the engine's
-compile workers call it again and compile the result for the tokenizer.
+`build_grammar` turns a constraint into a grammar: the edges call `check` (it builds the
+grammar once and throws it away, so a bad schema, regex or grammar is a
+`StructuredOutputsError` naming the field before the request is queued). `compile_grammar`
+is the engine's compile, for the tokenizer, from the same inputs: it hands xgrammar the
+texts (schema, regex, EBNF), not a `Grammar` object, because compiling a `Grammar` object
+goes through its printed form, which misreads some escapes (a choice "\x1f0" printed as
+"\x1f0" reads back as "\u01f0").
 """
 
 from __future__ import annotations
@@ -39,6 +42,25 @@ def build_grammar(params: StructuredOutputsParams) -> xgr.Grammar:
         return xgr.Grammar.from_ebnf(spec)
     if kind == "structural_tag":
         return xgr.Grammar.from_structural_tag(spec)
+    raise ValueError(f"unknown structured output kind {kind!r}")
+
+
+def compile_grammar(compiler: xgr.GrammarCompiler, params: StructuredOutputsParams) -> xgr.CompiledGrammar:
+    """The constraint compiled for `compiler`'s tokenizer (the same grammar as `build_grammar`'s)."""
+    kind, spec = params.kind, params.spec
+    if kind == "json":
+        return compiler.compile_json_schema(spec, any_whitespace=params.any_whitespace)
+    if kind == "json_object":
+        return compiler.compile_json_schema('{"type": "object"}', any_whitespace=params.any_whitespace,
+                                            strict_mode=False)
+    if kind == "regex":
+        return compiler.compile_regex(spec)
+    if kind == "choice":
+        return compiler.compile_grammar(choice_ebnf(params.choice))
+    if kind == "grammar":
+        return compiler.compile_grammar(spec)
+    if kind == "structural_tag":
+        return compiler.compile_structural_tag(spec)
     raise ValueError(f"unknown structured output kind {kind!r}")
 
 

@@ -88,7 +88,7 @@ class StructuredOutputManager:
         return future
 
     def _compile(self, params: StructuredOutputsParams) -> xgr.CompiledGrammar:
-        return self._get_compiler().compile_grammar(grammar.build_grammar(params))
+        return grammar.compile_grammar(self._get_compiler(), params)
 
     def _get_compiler(self) -> xgr.GrammarCompiler:
         with self._compiler_lock:
