@@ -16,16 +16,18 @@ _EXPORTS = {
     "LLMEngine": "pagoda.engine.llm_engine",
     "SamplingParams": "pagoda.sampling_params",
     "RequestOutputKind": "pagoda.sampling_params",
+    "StructuredOutputsParams": "pagoda.structured_output.params",
     "RequestOutput": "pagoda.outputs",
     "CompletionOutput": "pagoda.outputs",
 }
-__all__ = ["LLM", "LLMEngine", "SamplingParams", "RequestOutputKind", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "LLMEngine", "SamplingParams", "StructuredOutputsParams", "RequestOutputKind", "RequestOutput", "CompletionOutput"]
 
 if TYPE_CHECKING:
     from pagoda.engine.llm import LLM
     from pagoda.engine.llm_engine import LLMEngine
     from pagoda.outputs import CompletionOutput, RequestOutput
     from pagoda.sampling_params import RequestOutputKind, SamplingParams
+    from pagoda.structured_output.params import StructuredOutputsParams
 
 
 def __getattr__(name: str):

@@ -60,6 +60,24 @@ class TokenLogprobs:
     top: dict[int, float]
 
 
+class GrammarState(Protocol):
+    """A sequence's structured-output state (structured_output/request.StructuredOutputRequest)."""
+
+    @property
+    def ready(self) -> bool:
+        """Its grammar is compiled and its matcher made: it may be scheduled."""
+        ...
+
+    def accept_token(self, token_id: int) -> None:
+        """Advances the matcher; raises if the grammar refuses the token."""
+        ...
+
+    @property
+    def is_terminated(self) -> bool:
+        """The grammar has accepted its end."""
+        ...
+
+
 class SequenceText(Protocol):
     """The text of a sequence as it grows (engine/detokenizer.IncrementalDetokenizer)."""
 
@@ -109,6 +127,9 @@ class Request:
     # text to it and matches stop strings there. None: token-level stops only (no tokenizer,
     # scheduler unit tests, beam slots).
     text: SequenceText | None = field(default=None, repr=False)
+    # Structured outputs: this sequence's grammar matcher (set by the engine's
+    # StructuredOutputManager); it accepts every output token the scheduler appends.
+    structured_output: GrammarState | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
@@ -151,6 +172,11 @@ class Request:
     def is_finished(self) -> bool:
         return self.status.is_finished
 
+    @property
+    def waiting_for_grammar(self) -> bool:
+        """Its grammar is still compiling: the scheduler leaves it waiting (vLLM's WAITING_FOR_FSM)."""
+        return self.structured_output is not None and not self.structured_output.ready
+
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
@@ -173,6 +199,9 @@ class Request:
         """
         params = self.sampling_params
         last = self.output_token_ids[-1]
+        if self.structured_output is not None and self.structured_output.is_terminated:
+            self.status = RequestStatus.FINISHED_STOPPED
+            return True
         allowed = self.num_output_tokens >= params.min_tokens
         if allowed and last in self.stop_token_set:
             if params.ignore_eos or last not in self.eos_token_ids:

@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 from enum import Enum
 
+from pagoda.structured_output.params import StructuredOutputsParams
+
 
 class SamplingParamsError(ValueError):
     """A sampling parameter is outside its accepted range."""
@@ -83,6 +85,11 @@ class SamplingParams:
     longest possible length when length_penalty > 0. Scores are
     log_softmax(logits / temperature) (temperature 0 counts as 1); top-k/p,
     min-p, penalties, logit_bias and stop strings do not apply to it.
+
+    `structured_outputs`: a `StructuredOutputsParams` (JSON schema, regex, choice, EBNF
+    grammar, any JSON object, structural tag) the output must match; each sample is
+    constrained by its own matcher, and the request stops when the grammar has ended.
+    Not with beam search.
     """
 
     n: int = 1
@@ -110,6 +117,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    structured_outputs: StructuredOutputsParams | None = None
     # Filled by validation; stop is always a list afterwards.
     _stop_list: list[str] = field(default_factory=list, init=False, repr=False)
 
@@ -170,6 +178,10 @@ class SamplingParams:
                     )
         if not isinstance(self.ignore_eos, bool):
             raise SamplingParamsError("ignore_eos", self.ignore_eos, "must be true or false")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise SamplingParamsError("structured_outputs", self.structured_outputs,
+                                      "must be a StructuredOutputsParams (json=, regex=, choice=, grammar=, "
+                                      "json_object=True or structural_tag=) or None")
         self._validate_best_of_and_beams()
 
     def _validate_best_of_and_beams(self) -> None:
@@ -201,7 +213,8 @@ class SamplingParams:
                        "presence_penalty": self.presence_penalty != 0.0,
                        "frequency_penalty": self.frequency_penalty != 0.0,
                        "repetition_penalty": self.repetition_penalty != 1.0,
-                       "logit_bias": bool(self.logit_bias), "stop": bool(self.stop)}
+                       "logit_bias": bool(self.logit_bias), "stop": bool(self.stop),
+                       "structured_outputs": self.structured_outputs is not None}
         for name, is_set in unsupported.items():
             if is_set:
                 raise SamplingParamsError(name, getattr(self, name), "is not supported with use_beam_search")

@@ -275,8 +275,10 @@ class Scheduler:
         # (the priority policy evicts only for a more urgent request).
         running_preempted = out.num_preempted > 0
         while self.waiting and budget > 0 and not running_preempted:
-            # Skip beams that have nothing to compute until their group picks their next token.
-            request = next((r for r in self.waiting if r.beam_candidates is None), None)
+            # Skip beams that have nothing to compute until their group picks their next token,
+            # and requests whose grammar is still compiling (structured outputs).
+            request = next((r for r in self.waiting if r.beam_candidates is None and not r.waiting_for_grammar),
+                           None)
             if request is None:
                 break
             try:
@@ -644,6 +646,8 @@ class Scheduler:
         if token is None:
             return RequestUpdate(request, [], [], new_prompt_logprobs, False) if new_prompt_logprobs else None
         request.append_output_token(token)
+        if request.structured_output is not None:  # raises if the grammar refuses it: the request fails
+            request.structured_output.accept_token(token)
         new_logprobs = []
         if request.request_id in runner_output.logprobs:
             new_logprobs = [runner_output.logprobs[request.request_id]]

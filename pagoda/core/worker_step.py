@@ -21,10 +21,14 @@ the worker was ever sent is named in `finished_request_ids` exactly once, when i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pagoda.core.scheduler_output import SchedulerOutput
 from pagoda.request import Request
 from pagoda.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass
@@ -65,6 +69,20 @@ class StepRow:
 
 
 @dataclass
+class GrammarBitmask:
+    """Structured outputs: the tokens each row sampling under a grammar may take next.
+
+    Row k of `bitmask` (int32 [len(request_ids), ceil(vocab / 32)]; bit j of word w set =
+    token 32 * w + j allowed) belongs to the request `request_ids[k]`. Filled by the engine
+    (structured_output/manager.py) from each request's grammar matcher; the worker sets the
+    logits of the other tokens to -inf before sampling (structured_output/bitmask.py).
+    """
+
+    request_ids: list[str]
+    bitmask: np.ndarray
+
+
+@dataclass
 class WorkerStep:
     new_requests: list[NewRequestData] = field(default_factory=list)
     rows: list[StepRow] = field(default_factory=list)  # in the scheduler's plan order
@@ -75,6 +93,8 @@ class WorkerStep:
     blocks_to_load: list[tuple[int, int]] = field(default_factory=list)
     blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)
     blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
+    # Structured outputs: which tokens the constrained rows that sample may take (None: no such row).
+    grammar_bitmask: GrammarBitmask | None = None
 
     @property
     def total_num_tokens(self) -> int:

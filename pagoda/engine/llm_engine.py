@@ -76,6 +76,7 @@ from pagoda.model.quant.methods import resolve_quantization
 from pagoda.outputs import CompletionOutput, RequestMetrics, RequestOutput, logprob_dict
 from pagoda.request import Request, RequestStatus
 from pagoda.sampling_params import RequestOutputKind, SamplingParams
+from pagoda.structured_output.manager import StructuredOutputManager
 from pagoda.worker.kv_cache import (
     allocate_host_kv_caches,
     allocate_kv_caches,
@@ -212,6 +213,8 @@ class LLMEngine:
         # The engine's only door to the device side; it sends plain data (core/worker_step.py).
         self.executor: Executor = InProcessExecutor(self.runner)
         self._worker_steps = WorkerStepBuilder()
+        # Structured outputs: grammar compiles, per-sequence matchers, each step's token bitmask.
+        self.structured_output = StructuredOutputManager(self.tokenizer, self.vocab_size, self.eos_token_ids)
         self._parents: dict[str, _ParentRequest] = {}
         self._seq_to_parent: dict[str, str] = {}
         # Sequences suspected of failing a batched step: sequence id -> the position it must
@@ -288,6 +291,7 @@ class LLMEngine:
     def close(self) -> None:
         """Saves what the offload disk tier should keep across a restart: every prefix-cache
         block still only on the device. Safe to call more than once."""
+        self.structured_output.close()
         offload = self.offload
         if offload is None or offload.disk_dir is None:
             return
@@ -359,6 +363,8 @@ class LLMEngine:
         text, token_ids = self.tokenize(prompt)
         self._validate_prompt(token_ids)
         params.validate_against_vocab(self.vocab_size)
+        if params.structured_outputs is not None:
+            self.structured_output.check(params.structured_outputs)  # a bad schema is the caller's ValueError
         parent = _ParentRequest(request_id, text, token_ids, params)
         beams = params.use_beam_search
         count = params.beam_width if beams else params.num_samples
@@ -378,6 +384,8 @@ class LLMEngine:
                 detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, child_params)
                 if not beams:  # Request.check_stop feeds it and matches stop strings (beams keep their rules)
                     request.text = detokenizer
+                if params.structured_outputs is not None:  # each sample has its own matcher
+                    self.structured_output.add_request(request)
                 parent.sequences.append(_Sequence(request, detokenizer))
                 self._seq_to_parent[seq_id] = request_id
             if beams:
@@ -442,6 +450,9 @@ class LLMEngine:
         docstring); raises EngineStepError when steps keep failing whatever they run.
         """
         failed: dict[str, str] = {}  # parent request id -> what went wrong
+        if self.structured_output.has_pending:  # grammars compiled since the last step: their matchers
+            for seq_id, message in self.structured_output.update_pending().items():
+                self._blame(seq_id, message, failed)
         alone = self._next_suspect()
         scheduler_output = self.scheduler.schedule() if alone is None else self.scheduler.schedule_alone(alone)
         if alone is not None and not scheduler_output.scheduled:
@@ -451,9 +462,13 @@ class LLMEngine:
         if scheduler_output.is_empty:  # nothing to run and no block to move
             if self.offload is not None:
                 self.offload.after_step()
+            if not failed and self.structured_output.has_pending:  # only grammars compiling: wait, don't spin
+                self.structured_output.wait_for_compiles(timeout=0.05)
             return self._fail_parents(failed)
         try:
-            runner_output = self.executor.execute_model(self._worker_steps.build(scheduler_output))
+            worker_step = self._worker_steps.build(scheduler_output)
+            worker_step.grammar_bitmask = self.structured_output.grammar_bitmask(scheduler_output.scheduled)
+            runner_output = self.executor.execute_model(worker_step)
         except BaseException as error:  # noqa: BLE001 - undone, then blamed or isolated; non-Exceptions re-raised
             # The worker may have stopped anywhere: its copy of these requests is suspect too.
             self._worker_steps.forget(item.request_id for item in scheduler_output.scheduled)

@@ -143,7 +143,8 @@ class ModelRunner:
 
         if sample_rows:
             logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
-            result = self.sampler(logits, sample_states, self.input_batch.sampling_plan(sample_states))
+            result = self.sampler(logits, sample_states, self.input_batch.sampling_plan(sample_states),
+                                  step.grammar_bitmask)
             candidates = result.beam_candidates or [None] * len(sample_states)
             for i, (state, token, logprobs, beams) in enumerate(
                     zip(sample_states, result.token_ids, result.logprobs, candidates)):

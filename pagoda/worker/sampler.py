@@ -1,7 +1,7 @@
 """Batched sampling: one pass over the logits of every request that samples.
 
 Order of operations (HF's, so greedy-with-penalties matches transformers):
-logit_bias -> min_tokens mask -> repetition / presence / frequency penalties
+grammar bitmask (structured outputs: forbidden tokens to -inf) -> logit_bias -> min_tokens mask -> repetition / presence / frequency penalties
 -> greedy argmax, or temperature -> top-k -> top-p -> min-p -> sample.
 
 Logprobs are always those of the raw model distribution (before any of the
@@ -32,6 +32,7 @@ from pagoda.request import TokenLogprobs
 from pagoda.sampling_params import SamplingType
 
 if TYPE_CHECKING:  # the rows sampled are the worker's view of requests (worker/input_batch.py)
+    from pagoda.core.worker_step import GrammarBitmask
     from pagoda.worker.input_batch import RowState as Request
 
 
@@ -53,17 +54,22 @@ class Sampler:
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, requests: list[Request],
-                 plan: SamplingPlan | None = None) -> SamplerOutput:
+                 plan: SamplingPlan | None = None, grammar: GrammarBitmask | None = None) -> SamplerOutput:
         """logits: [len(requests), vocab] float32 (any device). `plan`: the rows' sampling
         parameters as tensors and index lists (the worker's persistent batch builds it with
-        array operations); built here, row by row, when not given."""
+        array operations); built here, row by row, when not given. `grammar`: the step's
+        structured-output bitmask; it changes `logits` in place, after the raw logprobs."""
         plan = plan if plan is not None else SamplingPlan.from_rows(requests)
         failed: dict[int, str] = {}
         if plan.plain_greedy:  # the common path: one argmax, nothing per row
+            if grammar is not None:
+                _apply_grammar(logits, grammar, requests)
             return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(requests), None, failed)
         # best_of > n ranks samples by cumulative logprob, so it needs the sampled token's.
         raw_logprobs = torch.log_softmax(logits, dim=-1) if plan.logprob_rows else None
         beam_candidates = beam_search_candidates(logits, requests, failed, plan.beam_rows) if plan.beam_rows else None
+        if grammar is not None:  # beam search takes no grammar (refused by SamplingParams)
+            _apply_grammar(logits, grammar, requests)
 
         logits = apply_logit_processors(logits, requests, failed, plan.processing_rows)
         greedy = logits.argmax(dim=-1)
@@ -102,6 +108,12 @@ class Sampler:
         for i in own:
             noise[i].exponential_(generator=requests[i].generator)
         return (probs / noise.to(device)).argmax(dim=-1)
+
+
+def _apply_grammar(logits: torch.Tensor, grammar: GrammarBitmask, requests: list[Request]) -> None:
+    from pagoda.structured_output.bitmask import apply_grammar_bitmask  # xgrammar, only when used
+
+    apply_grammar_bitmask(logits, grammar, requests)
 
 
 @dataclass

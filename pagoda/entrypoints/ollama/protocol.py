@@ -2,7 +2,7 @@
 
 As on the OpenAI side: strict types (`num_predict: "10"` is a 400), fields
 that would change the answer and are not implemented are refused by name
-(`format`, `tools`, `images`, `template`, `suffix`, `think`, mirostat and
+(`tools`, `images`, `template`, `suffix`, `think`, mirostat and
 friends), runtime knobs that do not change the answer (`num_ctx`,
 `num_thread`, `keep_alive`...) are accepted, and unknown option names are
 ignored with a logged warning, as Ollama does.
@@ -84,7 +84,7 @@ class _OllamaRequest(_Strict):
     stream: bool = True
     options: OllamaOptions | None = None
     keep_alive: str | int | float | None = None
-    format: Any = None  # refused when set
+    format: Any = None  # "json" or a JSON schema: structured outputs (`constraint`)
     think: bool | str | None = None  # refused when truthy
 
 
@@ -122,8 +122,6 @@ def refuse_unsupported(body: GenerateRequest | ChatRequest) -> None:
     def refuse(name: str) -> None:
         raise APIError(400, f"{name} is not supported by this server (yet)", name)
 
-    if body.format not in (None, ""):
-        refuse("format")
     if body.think:
         refuse("think")
     if isinstance(body, GenerateRequest):
@@ -146,3 +144,27 @@ def refuse_unsupported(body: GenerateRequest | ChatRequest) -> None:
             logger.warning("ignoring unknown Ollama options: %s", ", ".join(sorted(options.model_extra)))
     if body.model_extra:
         logger.warning("ignoring unknown request fields: %s", ", ".join(sorted(body.model_extra)))
+
+
+def constraint(body: GenerateRequest | ChatRequest):
+    """`format`: "json" (any JSON object) or a JSON schema, as a checked StructuredOutputsParams;
+    None for free text. 400 naming `format` when it is neither, or the schema is invalid."""
+    from pagoda.structured_output.params import StructuredOutputsError, StructuredOutputsParams
+
+    value = body.format
+    if value in (None, ""):
+        return None
+    if value == "json":
+        fields = {"json_object": True}
+    elif isinstance(value, dict):
+        fields = {"json": value}
+    else:
+        raise APIError(400, f"format={value!r:.120} is invalid: must be \"json\" or a JSON schema object", "format")
+    try:
+        params = StructuredOutputsParams(**fields)
+        from pagoda.structured_output import grammar  # xgrammar: only for constrained requests
+
+        grammar.check(params)
+    except StructuredOutputsError as error:
+        raise APIError(400, f"format={value!r:.120} is invalid: {error.problem}", "format") from None
+    return params

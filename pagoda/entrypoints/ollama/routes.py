@@ -34,6 +34,7 @@ from pagoda.entrypoints.ollama.protocol import (
     OllamaOptions,
     PullRequest,
     ShowRequest,
+    constraint,
     refuse_unsupported,
 )
 from pagoda.entrypoints.openai.errors import APIError
@@ -51,8 +52,8 @@ def add_ollama_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig) -> N
         if name not in (served_model_name, f"{served_model_name}:latest"):
             raise APIError(404, f"model '{name}' not found, try pulling it first", "model")
 
-    def sampling_params(options: OllamaOptions | None, prompt_len: int) -> SamplingParams:
-        fields = {}
+    def sampling_params(options: OllamaOptions | None, prompt_len: int, structured=None) -> SamplingParams:
+        fields = {"structured_outputs": structured} if structured is not None else {}
         for key, field in SAMPLING_OPTIONS.items():
             value = getattr(options, key) if options is not None else None
             if value is not None:
@@ -115,7 +116,7 @@ def add_ollama_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig) -> N
     async def respond(request: Request, body, prompt_ids: list[int], piece, with_context: bool):
         """piece(text) -> the part of a line that carries text ("response" or "message")."""
         started = time.monotonic()
-        params = sampling_params(body.options, len(prompt_ids))
+        params = sampling_params(body.options, len(prompt_ids), constraint(body))
         # Streams get what is new each step; whole answers come once, at the end.
         params = replace(params, output_kind=RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY)
         first, outputs = await start(request, prompt_ids, params)

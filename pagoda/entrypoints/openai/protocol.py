@@ -69,6 +69,15 @@ class _SamplingFields(_Strict):
     beam_width: int | None = None
     length_penalty: float = 1.0
     early_stopping: bool | Literal["never"] = False
+    # Structured outputs (structured_outputs.py): OpenAI's response_format (on the subclasses),
+    # vLLM's `structured_outputs` object and its legacy guided_* fields.
+    structured_outputs: dict | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
     # Accepted, do not change the answer.
     metadata: dict | None = None
     store: bool | None = None
@@ -84,6 +93,7 @@ class CompletionRequest(_SamplingFields):
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool = False
+    response_format: dict | None = None  # vLLM takes it on completions too
     # Refused when set (see UNSUPPORTED).
     suffix: str | None = None
 
@@ -125,7 +135,7 @@ class ChatCompletionRequest(_SamplingFields):
     # Refused when set to anything but their neutral value (see UNSUPPORTED).
     functions: list | None = None
     function_call: Any = None
-    response_format: dict | None = None
+    response_format: dict | None = None  # structured outputs (structured_outputs.py)
     modalities: list | None = None
     audio: dict | None = None
     prediction: dict | None = None
@@ -140,7 +150,6 @@ _NEUTRAL: dict[str, tuple] = {
     "suffix": (None, ""),
     "functions": (None, []),
     "function_call": (None, "none", "auto"),
-    "response_format": (None, {"type": "text"}),
     "modalities": (None, ["text"]),
     "audio": (None,),
     "prediction": (None,),

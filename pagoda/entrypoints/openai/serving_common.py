@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from pagoda.engine.async_engine import AsyncLLM, EngineDeadError, RequestFailedError
 from pagoda.entrypoints.openai.errors import APIError
+from pagoda.entrypoints.openai.structured_outputs import Constraint
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams, SamplingParamsError
 
@@ -54,8 +55,10 @@ class OpenAIServing:
             raise APIError(404, f"model {name!r} does not exist; this server serves "
                                 f"{self.config.served_model_name!r}", "model", "not_found_error")
 
-    def sampling_params(self, body, max_tokens: int | None, prompt_len: int, logprobs: int | None) -> SamplingParams:
-        """The request's SamplingParams; refuses a prompt + max_tokens beyond the context, naming both counts."""
+    def sampling_params(self, body, max_tokens: int | None, prompt_len: int, logprobs: int | None,
+                        constraint: Constraint | None = None) -> SamplingParams:
+        """The request's SamplingParams; refuses a prompt + max_tokens beyond the context, naming both counts.
+        `constraint`: the body's structured-output constraint (structured_outputs.py), already checked."""
         room = self.max_model_len - prompt_len
         if prompt_len > self.max_model_len or (max_tokens is not None and max_tokens > room):
             raise APIError(
@@ -79,9 +82,13 @@ class OpenAIServing:
                 best_of=body.best_of, use_beam_search=body.use_beam_search, beam_width=body.beam_width,
                 length_penalty=body.length_penalty, early_stopping=body.early_stopping,
                 max_tokens=max_tokens if max_tokens is not None else max(1, room), logprobs=logprobs, **fields,
+                structured_outputs=constraint.params if constraint is not None else None,
             )
             params.validate_against_vocab(self.engine.model_info.vocab_size)
         except SamplingParamsError as error:
+            if error.field_name == "structured_outputs":  # e.g. with beam search: name the field sent
+                raise APIError(400, f"{constraint.field} {error.args[0].split(' is invalid: ', 1)[-1]}",
+                               constraint.field) from None
             raise APIError(400, str(error), error.field_name) from None
         return params
 
