@@ -3,19 +3,32 @@
 - ``none``: no tools are shown to the model; it answers in text.
 - ``auto`` (the default when tools are given): tools are shown; the model's text
   is read by the server's tool-call parser (``--tool-call-parser``).
-- ``required``: a grammar forces a JSON array of one or more calls
-  ``{"name": <one of the tools>, "parameters": <its schema>}`` (one call
-  when ``parallel_tool_calls`` is false), so every call parses and its
-  arguments validate against the function's schema (vLLM does the same).
+- ``required``: a grammar forces one or more calls (one when
+  ``parallel_tool_calls`` is false) whose names are the tools' and whose
+  arguments follow the function's schema, so every call parses and
+  validates. With the ``hermes`` parser (the default) the calls take the
+  form the tool prompt teaches, ``<tool_call>{"name": ..., "arguments":
+  ...}</tool_call>`` blocks back to back (an xgrammar structural tag): a
+  small model then ends after its calls far more often than in a JSON
+  array, where greedy decoding tends to repeat calls until the token limit.
+  With other parsers: a JSON array of ``{"name", "parameters"}`` objects, as
+  vLLM does.
 - a named function: a grammar forces the function's arguments object.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 
-from pagoda.tools.parsers import JsonArrayToolParser, NamedToolParser, ToolParser, get_tool_parser
+from pagoda.tools.parsers import (
+    HermesToolParser,
+    JsonArrayToolParser,
+    NamedToolParser,
+    ToolParser,
+    get_tool_parser,
+)
 
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 EMPTY_PARAMETERS = {"type": "object", "properties": {}}
@@ -33,7 +46,9 @@ class ToolPlan:
 
     tools: list[dict] | None  # OpenAI function tools shown to the model (None: none shown)
     parser: ToolParser | None  # reads calls out of the text (None: the text is all content)
-    schema: dict | None  # JSON schema the whole output must follow (required / named), else None
+    # What the whole output must follow (required / named), as a structured-outputs kind and
+    # value: ("json", schema) or ("structural_tag", tag); None: free text.
+    constraint: tuple[str, dict] | None
     mode: str  # "none" | "auto" | "required" | "named"
 
     @property
@@ -87,6 +102,15 @@ def required_schema(tools: list[dict], parallel: bool) -> dict:
     return schema
 
 
+def hermes_required_tag(tools: list[dict], parallel: bool) -> dict:
+    """xgrammar structural tag: ``<tool_call>`` blocks (HermesToolParser's form), one per call, back to back."""
+    tags = [{"type": "tag", "begin": '<tool_call>\n{"name": ' + json.dumps(t["function"]["name"]) + ', "arguments": ',
+             "content": {"type": "json_schema", "json_schema": t["function"]["parameters"]},
+             "end": "}\n</tool_call>"} for t in tools]
+    return {"type": "structural_tag", "format": {"type": "tags_with_separator", "tags": tags, "separator": "",
+                                                 "at_least_one": True, "stop_after_first": not parallel}}
+
+
 def plan_tools(tools: list | None, tool_choice, parallel_tool_calls: bool | None,
                auto_parser: str | None) -> ToolPlan:
     """The request's ToolPlan. ``auto_parser``: the server's parser for ``auto`` (None: auto is off)."""
@@ -103,7 +127,10 @@ def plan_tools(tools: list | None, tool_choice, parallel_tool_calls: bool | None
         if not tools:
             raise ToolRequestError("tool_choice", f"tool_choice={tool_choice!r} needs tools")
         if tool_choice == "required":
-            return ToolPlan(tools, JsonArrayToolParser(), required_schema(tools, parallel), "required")
+            if (auto_parser or "hermes") == "hermes":
+                return ToolPlan(tools, HermesToolParser(), ("structural_tag", hermes_required_tag(tools, parallel)),
+                                "required")
+            return ToolPlan(tools, JsonArrayToolParser(), ("json", required_schema(tools, parallel)), "required")
         if auto_parser is None:
             raise ToolRequestError("tool_choice", "tool_choice=\"auto\" is off on this server (started with "
                                    "--disable-auto-tool-choice): use \"required\", a named function or \"none\"")
@@ -117,4 +144,5 @@ def plan_tools(tools: list | None, tool_choice, parallel_tool_calls: bool | None
     if name not in by_name:
         raise ToolRequestError("tool_choice.function.name", f"tool_choice.function.name={name!r} is not one of "
                                f"the tools ({', '.join(sorted(by_name)) or 'none given'})")
-    return ToolPlan([by_name[name]], NamedToolParser(name), by_name[name]["function"]["parameters"], "named")
+    return ToolPlan([by_name[name]], NamedToolParser(name), ("json", by_name[name]["function"]["parameters"]),
+                    "named")

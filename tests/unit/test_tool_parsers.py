@@ -103,11 +103,17 @@ def test_scan_reports_partial_arguments():
 def test_plans():
     assert plan_tools(None, None, None, "hermes").mode == "none"
     auto = plan_tools([WEATHER], None, None, "hermes")
-    assert auto.mode == "auto" and auto.schema is None and auto.parser.name == "hermes"
-    required = plan_tools([WEATHER], "required", False, "hermes")
-    assert required.schema == required_schema(required.tools, parallel=False) and required.schema["maxItems"] == 1
+    assert auto.mode == "auto" and auto.constraint is None and auto.parser.name == "hermes"
+    required = plan_tools([WEATHER], "required", False, "llama3_json")
+    assert required.constraint == ("json", required_schema(required.tools, parallel=False))
+    assert required.constraint[1]["maxItems"] == 1 and required.parser.name == "json_array"
+    hermes = plan_tools([WEATHER], "required", True, "hermes")
+    kind, tag = hermes.constraint
+    assert kind == "structural_tag" and hermes.parser.name == "hermes"
+    assert tag["format"]["tags"][0]["begin"].startswith('<tool_call>\n{"name": "get_weather"')
+    assert not tag["format"]["stop_after_first"]
     named = plan_tools([WEATHER], {"type": "function", "function": {"name": "get_weather"}}, None, None)
-    assert named.schema == WEATHER["function"]["parameters"] and named.finish_reason_for_calls == "stop"
+    assert named.constraint == ("json", WEATHER["function"]["parameters"]) and named.finish_reason_for_calls == "stop"
     for tools, choice, field in [
         ([WEATHER], "sometimes", "tool_choice"),
         ([], "required", "tool_choice"),

@@ -68,11 +68,11 @@ class OpenAIServingChat(OpenAIServing):
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         top = (body.top_logprobs or 0) if body.logprobs else None
         constraint = constraint_from_body(body)
-        if plan.schema is not None:  # tool_choice "required" or a named function: forced by a grammar
+        if plan.constraint is not None:  # tool_choice "required" or a named function: forced by a grammar
             if constraint is not None:
                 raise APIError(400, f"tool_choice={body.tool_choice!r} forces tool calls and {constraint.field} "
                                     "constrains the text: send only one of them", constraint.field)
-            constraint = tool_call_constraint(plan.schema)
+            constraint = tool_call_constraint(*plan.constraint)
         params = self.sampling_params(body, max_tokens, len(prompt_ids), top, constraint)
         # Streams get what is new each step; whole answers come once, at the end.
         params = replace(params, output_kind=RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY)

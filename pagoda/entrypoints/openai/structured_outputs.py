@@ -146,7 +146,7 @@ def constraint_from_body(body) -> Constraint | None:
     return _build(name, GUIDED_FIELDS[name], value, name)
 
 
-def tool_call_constraint(schema: dict) -> Constraint:
-    """The grammar of a forced tool choice (pagoda/tools/choice.py): its JSON schema, built from the
-    functions' parameters; a schema xgrammar cannot take is a 400 naming ``tools``."""
-    return _build("tool_choice", "json", schema, "tools")
+def tool_call_constraint(kind: str, value: dict) -> Constraint:
+    """The grammar of a forced tool choice (pagoda/tools/choice.py: a JSON schema or a structural tag
+    built from the functions' parameters); one xgrammar cannot take is a 400 naming ``tools``."""
+    return _build("tool_choice", kind, value, "tools")
