@@ -161,3 +161,27 @@ def test_responses_function_tool_round_trip(client):
                                      tool_choice="none", temperature=0, max_output_tokens=60)
     assert second.status == "completed" and second.output_text
     assert not [item for item in second.output if item.type == "function_call"]
+
+
+def test_langchain_bind_tools(client):
+    langchain_openai = pytest.importorskip("langchain_openai")
+    from pydantic import BaseModel, Field
+
+    class GetWeather(BaseModel):
+        """Current weather in a city."""
+
+        city: str = Field(description="the city")
+
+    class Add(BaseModel):
+        """Add two integers."""
+
+        a: int
+        b: int
+
+    chat = langchain_openai.ChatOpenAI(model=MODEL, base_url=str(client.base_url), api_key="unused",
+                                       temperature=0.7, seed=3, max_tokens=200)
+    for choice, names in (("required", {"GetWeather", "Add"}), ("Add", {"Add"})):
+        message = chat.bind_tools([GetWeather, Add], tool_choice=choice).invoke("What's the weather in Paris?")
+        assert message.tool_calls and {call["name"] for call in message.tool_calls} <= names
+        for call in message.tool_calls:
+            {"GetWeather": GetWeather, "Add": Add}[call["name"]].model_validate(call["args"])
