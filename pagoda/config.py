@@ -180,6 +180,9 @@ class EngineConfig:
     # packed where that measured faster at equal quality, else float), None/"none",
     # "gguf", "int8", "int4".
     quantization: str | None = "auto"
+    # Speculative decoding (engine/spec_decode): vLLM's dict, e.g. {"method": "ngram",
+    # "num_speculative_tokens": 4}, a JSON string of it, or a SpeculativeConfig; None: off.
+    speculative_config: object = None
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
 
@@ -193,6 +196,9 @@ class EngineConfig:
                               f"must be one of {', '.join(QUANTIZATION_CHOICES)} (or None)")
         if self.num_threads is not None and self.num_threads < 1:
             raise ConfigError("num_threads", self.num_threads, f"must be in [1, {os.cpu_count()}]")
+        from pagoda.engine.spec_decode.config import SpeculativeConfig  # imports this module
+
+        self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ConfigError("attention_backend", self.attention_backend,
                               f"must be one of {', '.join(ATTENTION_BACKENDS)}")

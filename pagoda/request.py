@@ -130,6 +130,15 @@ class Request:
     # Structured outputs: this sequence's grammar matcher (set by the engine's
     # StructuredOutputManager); it accepts every output token the scheduler appends.
     structured_output: GrammarState | None = field(default=None, repr=False)
+    # Speculative decoding (engine/spec_decode): draft tokens proposed for the next step (the
+    # scheduler verifies them with the pending token; they are never part of all_token_ids
+    # until accepted), and this sequence's record of drafts verified / tokens proposed /
+    # accepted, from which the speculator decides to stop drafting for it.
+    spec_token_ids: list[int] = field(default_factory=list, repr=False)
+    spec_num_drafts: int = 0
+    spec_num_proposed: int = 0
+    spec_num_accepted: int = 0
+    spec_disabled: bool = False
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)

@@ -62,7 +62,7 @@ from __future__ import annotations
 import bisect
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pagoda.config import SchedulerConfig
 from pagoda.core.kv_cache_manager import KVCacheManager
@@ -122,6 +122,31 @@ class SchedulerStats:
         return self.kv_tokens_stored_total / self.kv_token_slots_total if self.kv_token_slots_total else 1.0
 
 
+@dataclass
+class SpecDecodeStats:
+    """Speculative decoding so far: drafts verified, draft tokens, accepted ones (in all and by
+    position: accepted_per_position[j] counts drafts whose token j was accepted)."""
+
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+
+    def record(self, num_drafts: int, num_accepted: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += num_drafts
+        self.num_accepted_tokens += num_accepted
+        if len(self.accepted_per_position) < num_drafts:
+            self.accepted_per_position.extend([0] * (num_drafts - len(self.accepted_per_position)))
+        for j in range(num_accepted):
+            self.accepted_per_position[j] += 1
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens a verifying step emits on average: accepted drafts + the target's own token."""
+        return 1 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 1.0
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager, max_model_len: int,
                  swap_space: SwapSpace | None = None):
@@ -144,6 +169,7 @@ class Scheduler:
         self.num_tokens_dropped_total = 0
         self.kv_tokens_stored_total = 0
         self.kv_token_slots_total = 0
+        self.spec_stats = SpecDecodeStats()
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -259,10 +285,16 @@ class Scheduler:
             if num_new == 0:  # a beam waiting for its group to choose its next token
                 i += 1
                 continue
+            drafts = self._drafts_to_verify(request, num_new, budget)
             try:
+                if drafts and not self.kv_cache.allocate_slots(
+                        request.request_id, request.num_computed_tokens + num_new + len(drafts),
+                        first_write=request.num_computed_tokens):
+                    drafts = []  # drafts are a bet: they never preempt anyone
                 if not self._make_room(request, num_new, out):
                     break  # `request` itself was preempted; everything after it too.
-                item = self._scheduled(request, num_new)
+                item = self._scheduled(request, num_new, drafts)
+                num_new += len(drafts)
             except Exception as error:  # noqa: BLE001 - one request's planning failed: it fails alone
                 self._fail(request, error, out)  # out of `running`: `i` is the next one already
                 continue
@@ -539,13 +571,24 @@ class Scheduler:
         out.num_preempted += 1
         self._enqueue(request, front=True)
 
-    def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
+    def _drafts_to_verify(self, request: Request, num_new: int, budget: int) -> list[int]:
+        """The request's draft tokens that fit this step: only after its one pending token
+        (a decode), within the token budget and the model's length."""
+        drafts = request.spec_token_ids
+        if not drafts or request.num_tokens - request.num_computed_tokens != 1 or num_new != 1:
+            return []
+        room = min(budget - num_new, self.max_model_len - request.num_tokens)
+        return list(drafts[:max(room, 0)])
+
+    def _scheduled(self, request: Request, num_new: int, drafts: list[int] | None = None) -> ScheduledRequest:
+        drafts = drafts or []
         return ScheduledRequest(
             request=request,
             start=request.num_computed_tokens,
-            num_new_tokens=num_new,
+            num_new_tokens=num_new + len(drafts),
             # A copy: the plan of this step must not change when the table grows.
             block_table=list(self.kv_cache.block_table(request.request_id)),
+            spec_token_ids=drafts,
         )
 
     # -- results -----------------------------------------------------------
@@ -634,6 +677,8 @@ class Scheduler:
     def _update_one(self, item: ScheduledRequest, runner_output: ModelRunnerOutput,
                     now: float) -> RequestUpdate | None:
         request = item.request
+        if item.spec_token_ids:
+            return self._update_verified(item, runner_output, now)
         request.num_computed_tokens = item.end
         self.kv_cache.cache_full_blocks(request)
         new_prompt_logprobs = runner_output.prompt_logprobs.get(request.request_id, [])
@@ -658,3 +703,41 @@ class Scheduler:
         if finished:
             self._remove(request)
         return RequestUpdate(request, [token], new_logprobs, new_prompt_logprobs, finished)
+
+    def _update_verified(self, item: ScheduledRequest, runner_output: ModelRunnerOutput,
+                         now: float) -> RequestUpdate:
+        """A decode that verified draft tokens: the worker emitted the accepted drafts and then
+        the target's own token. Only the pending token's and the accepted drafts' KV count as
+        computed; blocks that hold nothing but rejected drafts are freed, so rejected tokens
+        never reach the prefix cache. Tokens after one that ends the request are dropped."""
+        request = item.request
+        emitted = runner_output.spec_token_ids[request.request_id]
+        logprobs = runner_output.spec_logprobs.get(request.request_id)
+        num_drafts = len(item.spec_token_ids)
+        num_accepted = len(emitted) - 1
+        if not 0 <= num_accepted <= num_drafts or emitted[:num_accepted] != item.spec_token_ids[:num_accepted]:
+            raise RuntimeError(f"the worker emitted {emitted} for drafts {item.spec_token_ids}")
+        request.spec_num_drafts += 1
+        request.spec_num_proposed += num_drafts
+        request.spec_num_accepted += num_accepted
+        self.spec_stats.record(num_drafts, num_accepted)
+        request.spec_token_ids = []
+        tokens, new_logprobs, finished = [], [], False
+        for k, token in enumerate(emitted):
+            request.append_output_token(token)
+            tokens.append(token)
+            if logprobs is not None:
+                new_logprobs.append(logprobs[k])
+                request.output_logprobs.append(logprobs[k])
+            if request.first_token_time is None:
+                request.first_token_time = now
+            finished = request.check_stop(self.max_model_len)
+            if finished:
+                break
+        # KV is written for the pending token and the accepted drafts (those that were kept).
+        request.num_computed_tokens = min(item.end - num_drafts + num_accepted, request.num_tokens)
+        self.kv_cache.truncate(request.request_id, request.num_computed_tokens + 1)
+        self.kv_cache.cache_full_blocks(request)
+        if finished:
+            self._remove(request)
+        return RequestUpdate(request, tokens, new_logprobs, [], finished)

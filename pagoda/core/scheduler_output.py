@@ -30,6 +30,9 @@ class ScheduledRequest:
     start: int
     num_new_tokens: int
     block_table: list[int]
+    # Speculative decoding: draft tokens verified in this step, after the pending token; they
+    # are the last len(spec_token_ids) of the num_new_tokens (and not in request.all_token_ids).
+    spec_token_ids: list[int] = field(default_factory=list)
 
     @property
     def request_id(self) -> str:
@@ -42,7 +45,7 @@ class ScheduledRequest:
     @property
     def samples(self) -> bool:
         """True when this chunk reaches the end of the sequence: sample a token."""
-        return self.end == self.request.num_tokens
+        return self.end - len(self.spec_token_ids) == self.request.num_tokens
 
     @property
     def prompt_logprob_positions(self) -> range:
@@ -104,6 +107,11 @@ class ModelRunnerOutput:
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
     # Beam search requests sample nothing: their (token id, logprob) candidates, best first.
     beam_candidates: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    # Speculative decoding: for rows that verified drafts, every token the step emitted (the
+    # accepted drafts, then the target's own next token) and their logprobs if asked for.
+    # Such rows have no entry in sampled_token_ids.
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    spec_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
     # Rows that failed on their own (their input, their sampling): request id -> the error, as
     # text. The rest of the batch ran; nothing else of a failed row's output is to be used.
     failed: dict[str, str] = field(default_factory=dict)

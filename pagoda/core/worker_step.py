@@ -62,6 +62,10 @@ class StepRow:
     block_ids: list[int] | None = None
     # Positions whose logits give prompt logprobs this step: range(first, last).
     prompt_logprob_range: tuple[int, int] = (0, 0)
+    # Speculative decoding: draft tokens to verify after the pending token. They are the last
+    # len(draft_token_ids) of the num_new_tokens and not part of the sequence (the worker
+    # writes them past its tokens, where the next step's accepted tokens overwrite them).
+    draft_token_ids: list[int] = field(default_factory=list)
 
     @property
     def end(self) -> int:
@@ -133,7 +137,8 @@ class WorkerStepBuilder:
             request_id = request.request_id
             positions = item.prompt_logprob_positions
             row = StepRow(request_id, item.start, item.num_new_tokens, item.samples,
-                          prompt_logprob_range=(positions.start, positions.stop))
+                          prompt_logprob_range=(positions.start, positions.stop),
+                          draft_token_ids=list(item.spec_token_ids))
             known = self._known.get(request_id)
             if known is None or known.stale:
                 step.new_requests.append(NewRequestData(

@@ -69,6 +69,7 @@ from pagoda.core.swap_space import SwapSpace
 from pagoda.core.worker_step import WorkerStep, WorkerStepBuilder
 from pagoda.engine.beam_search import BeamSearch, BeamStep
 from pagoda.engine.detokenizer import IncrementalDetokenizer
+from pagoda.engine.spec_decode.speculator import Speculator
 from pagoda.executor import Executor, InProcessExecutor
 from pagoda.model.loader.loader import build_model, load_hf_config, load_tokenizer
 from pagoda.model.loader.resolve import resolve_model
@@ -214,6 +215,8 @@ class LLMEngine:
         self.executor: Executor = InProcessExecutor(self.runner)
         self._worker_steps = WorkerStepBuilder()
         # Structured outputs: grammar compiles, per-sequence matchers, each step's token bitmask.
+        # Speculative decoding: drafts for the running requests before each schedule (None: off).
+        self.speculator = Speculator(config.speculative_config) if config.speculative_config is not None else None
         self.structured_output = StructuredOutputManager(self.tokenizer, self.vocab_size, self.eos_token_ids)
         self._parents: dict[str, _ParentRequest] = {}
         self._seq_to_parent: dict[str, str] = {}
@@ -363,6 +366,9 @@ class LLMEngine:
         text, token_ids = self.tokenize(prompt)
         self._validate_prompt(token_ids)
         params.validate_against_vocab(self.vocab_size)
+        if self.speculator is not None and params.use_beam_search:
+            raise ValueError("use_beam_search=True is invalid with speculative decoding: this engine was started "
+                             "with speculative_config; send beam search to an engine without it.")
         if params.structured_outputs is not None:
             self.structured_output.check(params.structured_outputs)  # a bad schema is the caller's ValueError
         parent = _ParentRequest(request_id, text, token_ids, params)
@@ -454,6 +460,8 @@ class LLMEngine:
             for seq_id, message in self.structured_output.update_pending().items():
                 self._blame(seq_id, message, failed)
         alone = self._next_suspect()
+        if self.speculator is not None and alone is None:
+            self.speculator.propose(self.scheduler.running)
         scheduler_output = self.scheduler.schedule() if alone is None else self.scheduler.schedule_alone(alone)
         if alone is not None and not scheduler_output.scheduled:
             self._suspects.pop(alone.request_id, None)  # nothing of it can run now: stop isolating it

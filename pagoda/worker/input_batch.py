@@ -116,6 +116,10 @@ class InputBatch:
                 self._set_blocks(state.row, row.block_ids)
             elif row.new_block_ids:
                 self._append_blocks(state.row, row.new_block_ids)
+            if row.draft_token_ids:  # past the sequence: read as inputs, not counted as tokens
+                end = int(self.num_tokens[state.row])
+                self._append_tokens(state.row, row.draft_token_ids)
+                self.num_tokens[state.row] = end
 
     def add(self, data: NewRequestData) -> RowState:
         old = self.states.get(data.request_id)

@@ -26,6 +26,7 @@ from pagoda.worker.input_batch import InputBatch, RowState
 from pagoda.worker.kv_cache import move_blocks
 from pagoda.worker.onednn_caches import bound_onednn_caches
 from pagoda.worker.sampler import Sampler, token_logprobs
+from pagoda.worker.spec_verify import verify_drafts
 
 
 class ModelRunner:
@@ -128,6 +129,9 @@ class ModelRunner:
 
         states = self.input_batch.states
         sample_rows, sample_states = [], []
+        verify_rows: list[int] = []  # speculative decoding: rows that verify drafts
+        verify_states: list[RowState] = []
+        verify_drafts_of: list[list[int]] = []
         prompt_rows: list[int] = []
         prompt_owner: list[tuple[RowState, int]] = []  # (request, position)
         offset = 0
@@ -136,7 +140,12 @@ class ModelRunner:
             for position in range(first, last):
                 prompt_rows.append(offset + position - row.start)
                 prompt_owner.append((states[row.request_id], position))
-            if row.samples:
+            if row.draft_token_ids:  # every position scores a draft (or the token after the last)
+                verify_rows.extend(range(offset + row.num_new_tokens - len(row.draft_token_ids) - 1,
+                                         offset + row.num_new_tokens))
+                verify_states.append(states[row.request_id])
+                verify_drafts_of.append(row.draft_token_ids)
+            elif row.samples:
                 sample_rows.append(offset + row.num_new_tokens - 1)
                 sample_states.append(states[row.request_id])
             offset += row.num_new_tokens
@@ -157,6 +166,13 @@ class ModelRunner:
                 out.sampled_token_ids[state.request_id] = token
                 if logprobs is not None:
                     out.logprobs[state.request_id] = logprobs
+        if verify_rows:
+            logits = self.model.compute_logits(hidden[torch.tensor(verify_rows, device=self.device)])
+            for state, verified in zip(verify_states, verify_drafts(logits.float().cpu(), verify_drafts_of,
+                                                                     verify_states, self.sampler.generator)):
+                out.spec_token_ids[state.request_id] = verified.token_ids
+                if verified.logprobs is not None:
+                    out.spec_logprobs[state.request_id] = verified.logprobs
         if prompt_rows:
             logits = self.model.compute_logits(hidden[torch.tensor(prompt_rows, device=self.device)])
             logprobs = torch.log_softmax(logits, dim=-1)
@@ -171,7 +187,8 @@ class ModelRunner:
                     continue
                 out.prompt_logprobs.setdefault(state.request_id, []).append(entry)
         for request_id in out.failed:  # nothing of a failed row is reported but the failure
-            for results in (out.sampled_token_ids, out.logprobs, out.prompt_logprobs, out.beam_candidates):
+            for results in (out.sampled_token_ids, out.logprobs, out.prompt_logprobs, out.beam_candidates,
+                            out.spec_token_ids, out.spec_logprobs):
                 results.pop(request_id, None)
         return out
 
@@ -180,7 +197,7 @@ class ModelRunner:
         try:
             state = self.input_batch.states[row.request_id]
             num_tokens = state.num_tokens
-            if row.num_new_tokens < 1 or row.start < 0 or row.end > num_tokens:
+            if row.num_new_tokens < 1 or row.start < 0 or row.end - len(row.draft_token_ids) > num_tokens:
                 return (f"it asks for positions {row.start}..{row.end - 1} of a sequence "
                         f"of {num_tokens} tokens")
             num_blocks = int(self.input_batch.num_blocks[state.row])

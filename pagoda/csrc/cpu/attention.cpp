@@ -39,7 +39,11 @@ constexpr int kMinBlocksPerSplit = 4;   // a split below this costs more to merg
 constexpr int kItemsPerThread = 4;      // aim for this many items per thread (load balance)
 // From this many queries per item on, a block's keys are transposed once so that scores
 // are a small matrix product vectorised over keys; below, per-key dot products are cheaper.
-constexpr int64_t kTransposeMinQueries = 8;
+// Rows of at most this many tokens (decodes; speculative verification of up to 7 drafts)
+// score each key with one dot product per query: a query's result then does not depend on
+// how many tokens share its row, so verifying drafts reproduces decoding bit for bit.
+// Longer tiles score a transposed block 8 queries at a time (faster, other rounding).
+constexpr int64_t kMaxDotProductTokens = 8;
 constexpr int64_t kScoreTile = 8;  // queries scored together against a transposed block
 
 struct WorkItem {
@@ -317,7 +321,7 @@ void run_item(const WorkItem& item, int64_t kv_head, const T* q, const T* k_cach
   std::fill(run_max, run_max + M, -std::numeric_limits<float>::infinity());
   std::fill(run_sum, run_sum + M, 0.0f);
 
-  const bool transpose = M >= kTransposeMinQueries;
+  const bool transpose = item.q_len > kMaxDotProductTokens;
   const int32_t* table = block_tables + row * shape.max_blocks;
   const int64_t token_stride = KVH * D;  // between consecutive tokens of a block
   for (int64_t kb = item.kb_begin; kb < item.kb_end; ++kb) {

@@ -1,0 +1,1 @@
+"""Speculative decoding: proposers, their configuration, and the engine-side speculator."""

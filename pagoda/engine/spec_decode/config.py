@@ -1,0 +1,67 @@
+"""`speculative_config`: which proposer drafts tokens, and how many (vLLM's keys).
+
+``{"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": a, "prompt_lookup_max": b}``
+proposes the k tokens that followed the longest earlier match of the sequence's last
+a..b tokens (prompt lookup). Errors name the key, its value and the limit.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from pagoda.config import ConfigError
+
+METHODS = ("ngram",)
+# Tokens a step verifies per request at most (k + 1): the compiled decoder stack's batch.
+MAX_SPECULATIVE_TOKENS = 7
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    method: str = "ngram"
+    num_speculative_tokens: int = 4
+    prompt_lookup_min: int = 2
+    prompt_lookup_max: int = 5
+    # A request whose drafts keep failing stops drafting: once `disable_after_drafts` drafts
+    # were verified with a mean acceptance below `disable_below_acceptance` (accepted / proposed).
+    disable_below_acceptance: float = 0.2
+    disable_after_drafts: int = 8
+
+    def __post_init__(self) -> None:
+        where = "speculative_config"
+        if self.method not in METHODS:
+            hint = " (draft_model is not built yet)" if self.method == "draft_model" else ""
+            raise ConfigError(f"{where}.method", self.method, f"must be one of {', '.join(METHODS)}{hint}")
+        k = self.num_speculative_tokens
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
+            raise ConfigError(f"{where}.num_speculative_tokens", k, f"must be an integer in [1, {MAX_SPECULATIVE_TOKENS}]")
+        lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
+        for name, value in (("prompt_lookup_min", lo), ("prompt_lookup_max", hi)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{where}.{name}", value, "must be an integer >= 1")
+        if lo > hi:
+            raise ConfigError(f"{where}.prompt_lookup_min", lo, f"must be <= prompt_lookup_max={hi}")
+        if not 0 <= self.disable_below_acceptance <= 1:
+            raise ConfigError(f"{where}.disable_below_acceptance", self.disable_below_acceptance, "must be in [0, 1]")
+        if self.disable_after_drafts < 1:
+            raise ConfigError(f"{where}.disable_after_drafts", self.disable_after_drafts, "must be >= 1")
+
+    @classmethod
+    def parse(cls, value: SpeculativeConfig | dict | str | None) -> SpeculativeConfig | None:
+        """From LLM(speculative_config=...) or --speculative-config '<json>' (None: no speculation)."""
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as error:
+                raise ConfigError("speculative_config", value, f"is not JSON ({error.msg})") from None
+        if not isinstance(value, dict):
+            raise ConfigError("speculative_config", value, "must be a JSON object")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ConfigError(f"speculative_config.{unknown[0]}", value[unknown[0]],
+                              f"is not a key; the keys are {', '.join(sorted(known))}")
+        return cls(**value)
