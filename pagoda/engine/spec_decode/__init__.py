@@ -1,1 +1,1 @@
-"""Speculative decoding: proposers, their configuration, and the engine-side speculator."""
+"""Speculative decoding: the configuration, the engine-side speculator, the n-gram proposer and the rejection sampler."""
