@@ -65,6 +65,18 @@ class _EngineCollector(Collector):
                                   stats.kv_offload_host_hits_total)
         yield CounterMetricFamily("pagoda:kv_offload_disk_hits", "Prefix blocks brought back from disk.",
                                   stats.kv_offload_disk_hits_total)
+        # Speculative decoding (vLLM's names under pagoda:).
+        yield CounterMetricFamily("pagoda:spec_decode_num_drafts", "Drafts verified (one per request and step).",
+                                  stats.spec_decode_num_drafts_total)
+        yield CounterMetricFamily("pagoda:spec_decode_num_draft_tokens", "Draft tokens verified.",
+                                  stats.spec_decode_num_draft_tokens_total)
+        yield CounterMetricFamily("pagoda:spec_decode_num_accepted_tokens", "Draft tokens accepted.",
+                                  stats.spec_decode_num_accepted_tokens_total)
+        per_position = CounterMetricFamily("pagoda:spec_decode_num_accepted_tokens_per_pos",
+                                           "Draft tokens accepted, by position in the draft.", labels=["position"])
+        for position, count in enumerate(stats.spec_decode_accepted_per_position):
+            per_position.add_metric([str(position)], count)
+        yield per_position
         # pagoda's own: with the wall clock, the share of time the step loop kept the model busy.
         yield CounterMetricFamily("pagoda:engine_busy_seconds", "Seconds spent inside engine steps.",
                                   self._engine.busy_seconds)

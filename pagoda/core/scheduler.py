@@ -115,6 +115,11 @@ class SchedulerStats:
     swap_space_usage: float = 0.0
     # Tokens whose KV recompute preemptions dropped (computed again unless still in the prefix cache).
     num_tokens_dropped_total: int = 0
+    # Speculative decoding: drafts verified, their tokens, the accepted ones, and by draft position.
+    spec_decode_num_drafts_total: int = 0
+    spec_decode_num_draft_tokens_total: int = 0
+    spec_decode_num_accepted_tokens_total: int = 0
+    spec_decode_accepted_per_position: tuple[int, ...] = ()
 
     @property
     def kv_token_efficiency(self) -> float:
@@ -257,6 +262,10 @@ class Scheduler:
             num_swapped=self.swap_space.num_requests if self.swap_space is not None else 0,
             swap_space_usage=self.swap_space.usage if self.swap_space is not None else 0.0,
             num_tokens_dropped_total=self.num_tokens_dropped_total,
+            spec_decode_num_drafts_total=self.spec_stats.num_drafts,
+            spec_decode_num_draft_tokens_total=self.spec_stats.num_draft_tokens,
+            spec_decode_num_accepted_tokens_total=self.spec_stats.num_accepted_tokens,
+            spec_decode_accepted_per_position=tuple(self.spec_stats.accepted_per_position),
         )
 
     def _offload_stats(self) -> dict[str, int]:

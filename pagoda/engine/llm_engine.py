@@ -210,6 +210,8 @@ class LLMEngine:
             offload_host=self.offload.host if self.offload is not None else None,
             host_kv_caches=self.host_kv_caches, num_threads=config.num_threads,
             attention_backend=config.attention_backend,
+            # Verifying drafts must reproduce decoding: no decode row's keys split across threads.
+            split_decodes=config.speculative_config is None,
         )
         # The engine's only door to the device side; it sends plain data (core/worker_step.py).
         self.executor: Executor = InProcessExecutor(self.runner)

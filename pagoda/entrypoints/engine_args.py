@@ -47,6 +47,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                             "built on first use), torch (portable, gathers blocks then calls SDPA), or auto "
                             "(cpu on a CPU device where it builds, else torch) (default: auto)")
     group.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    group.add_argument("--speculative-config", default=None, metavar="JSON",
+                       help="speculative decoding, as in vLLM: '{\"method\": \"ngram\", \"num_speculative_tokens\": 4, "
+                            "\"prompt_lookup_min\": 2, \"prompt_lookup_max\": 5}' (default: off; docs/spec_decode.md)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -68,4 +71,5 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         kv_offload_disk_gb=args.kv_offload_disk_gb,
         preemption_mode=args.preemption_mode,
         swap_space=args.swap_space,
+        speculative_config=args.speculative_config,
     )

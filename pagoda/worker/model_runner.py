@@ -20,13 +20,13 @@ from torch import nn
 
 from pagoda.core.scheduler_output import ModelRunnerOutput, SchedulerOutput, describe_error
 from pagoda.core.worker_step import StepRow, WorkerStep
+from pagoda.engine.spec_decode.rejection_sampler import RejectionSampler
 from pagoda.model.attention.backend import select_attention_backend
 from pagoda.worker.cpu_threads import bind_model_threads
 from pagoda.worker.input_batch import InputBatch, RowState
 from pagoda.worker.kv_cache import move_blocks
 from pagoda.worker.onednn_caches import bound_onednn_caches
 from pagoda.worker.sampler import Sampler, token_logprobs
-from pagoda.worker.spec_verify import verify_drafts
 
 
 class ModelRunner:
@@ -42,6 +42,7 @@ class ModelRunner:
         host_kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
         num_threads: int | None = None,
         attention_backend: str = "auto",
+        split_decodes: bool = True,
     ):
         if device.type == "cpu":
             bound_onednn_caches()  # before the first matmul: flat memory under varying batch shapes
@@ -52,6 +53,8 @@ class ModelRunner:
         self.host_kv_caches = host_kv_caches  # swap space: same layout, in host memory
         self.block_size = block_size
         self.sampler = sampler
+        # Speculative decoding's verification: draws from the sampler's shared generator.
+        self.rejection_sampler = RejectionSampler(sampler.generator if sampler is not None else None)
         self.device = device
         # CPU: the model's OpenMP helpers get pinned at the first step, from the thread that
         # runs the model (worker/cpu_threads.py).
@@ -65,6 +68,10 @@ class ModelRunner:
         num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
         # Builds each step's attention metadata (model/attention/backend.py).
         self.attention = select_attention_backend(attention_backend, device, num_heads, num_kv_heads)
+        if not split_decodes and hasattr(self.attention, "num_splits"):
+            # Speculative decoding: a decode row's keys in one range, as a row verifying drafts has
+            # them, so both round alike (csrc/cpu/attention.cpp) and verification equals decoding.
+            self.attention.num_splits = 1
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy on write: each (source, destination) block, K and V of every layer, in order."""
@@ -166,13 +173,18 @@ class ModelRunner:
                 out.sampled_token_ids[state.request_id] = token
                 if logprobs is not None:
                     out.logprobs[state.request_id] = logprobs
-        if verify_rows:
+        if verify_rows:  # speculative decoding: keep the accepted drafts, then one token of the target's
             logits = self.model.compute_logits(hidden[torch.tensor(verify_rows, device=self.device)])
-            for state, verified in zip(verify_states, verify_drafts(logits.float().cpu(), verify_drafts_of,
-                                                                     verify_states, self.sampler.generator)):
-                out.spec_token_ids[state.request_id] = verified.token_ids
-                if verified.logprobs is not None:
-                    out.spec_logprobs[state.request_id] = verified.logprobs
+            drafts = torch.tensor([t for d in verify_drafts_of for t in d], dtype=torch.long)
+            result = self.rejection_sampler(logits, drafts, [len(d) for d in verify_drafts_of], verify_states,
+                                            plan=self.input_batch.sampling_plan(verify_states))
+            for i, state in enumerate(verify_states):
+                if i in result.failed:
+                    out.failed[state.request_id] = result.failed[i]
+                    continue
+                out.spec_token_ids[state.request_id] = result.token_ids[i]
+                if result.logprobs[i] is not None:
+                    out.spec_logprobs[state.request_id] = result.logprobs[i]
         if prompt_rows:
             logits = self.model.compute_logits(hidden[torch.tensor(prompt_rows, device=self.device)])
             logprobs = torch.log_softmax(logits, dim=-1)
