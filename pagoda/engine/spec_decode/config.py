@@ -27,6 +27,11 @@ class SpeculativeConfig:
     # were verified with a mean acceptance below `disable_below_acceptance` (accepted / proposed).
     disable_below_acceptance: float = 0.2
     disable_after_drafts: int = 8
+    # Drafts are proposed only while a step's tokens (one per running request) plus its drafts
+    # stay within this many: on a CPU a step of up to 8 tokens runs the small-batch kernels,
+    # whose cost hardly grows with the tokens (weights are read once), so drafts there are
+    # nearly free; beyond, a step becomes a compute-bound batch and drafts slow everyone.
+    max_tokens_per_step: int = 8
 
     def __post_init__(self) -> None:
         where = "speculative_config"
@@ -44,6 +49,8 @@ class SpeculativeConfig:
             raise ConfigError(f"{where}.prompt_lookup_min", lo, f"must be <= prompt_lookup_max={hi}")
         if not 0 <= self.disable_below_acceptance <= 1:
             raise ConfigError(f"{where}.disable_below_acceptance", self.disable_below_acceptance, "must be in [0, 1]")
+        if self.max_tokens_per_step < 2:
+            raise ConfigError(f"{where}.max_tokens_per_step", self.max_tokens_per_step, "must be >= 2")
         if self.disable_after_drafts < 1:
             raise ConfigError(f"{where}.disable_after_drafts", self.disable_after_drafts, "must be >= 1")
 

@@ -12,7 +12,9 @@ which decode one token at a time. Penalties, logit bias and min_tokens are appli
 at every draft position by the rejection sampler. A request
 whose drafts keep failing (mean acceptance below ``disable_below_acceptance``
 after ``disable_after_drafts`` verified drafts) stops drafting, so free chat that
-n-gram lookup cannot predict costs next to nothing.
+n-gram lookup cannot predict costs next to nothing. And drafts only fill a step up
+to ``max_tokens_per_step`` tokens (8: the CPU's small-batch kernels, whose cost is
+flat in the tokens): a lone stream drafts up to k tokens, a batch of 8 none.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ class Speculator:
 
     def propose(self, requests: Iterable[Request]) -> None:
         config = self.config
+        requests = list(requests)
+        # Draft tokens this step may add: the running requests take one token each first.
+        budget = config.max_tokens_per_step - len(requests)
         for request in requests:
             request.spec_token_ids = []
             if request.spec_num_drafts >= config.disable_after_drafts and not request.spec_disabled:
@@ -50,7 +55,9 @@ class Speculator:
             k = config.num_speculative_tokens
             if params.max_tokens is not None:  # the step emits at most k + 1 tokens
                 k = min(k, params.max_tokens - request.num_output_tokens - 1)
+            k = min(k, budget)
             if k < 1:
                 continue
             tokens = np.asarray(request.all_token_ids, dtype=np.int64)
             request.spec_token_ids = self.proposer.propose(tokens, k).tolist()
+            budget -= len(request.spec_token_ids)
