@@ -104,6 +104,25 @@ def load_levels(config: ServeBenchConfig) -> list[LoadShape]:
             for rate in config.request_rate for c in concurrencies]
 
 
+def spec_decode_counters(base_url: str, headers: dict) -> tuple[float, float] | None:
+    """(drafts, accepted draft tokens) from the server's /metrics (pagoda's spec_decode counters);
+    None when the server does not export them (not pagoda, or no /metrics)."""
+    try:
+        response = httpx.get(f"{base_url}/metrics", headers=headers, timeout=10)
+        if response.status_code != 200:
+            return None
+    except httpx.HTTPError:
+        return None
+    values = {}
+    for line in response.text.splitlines():
+        for name in ("pagoda:spec_decode_num_drafts_total", "pagoda:spec_decode_num_accepted_tokens_total"):
+            if line.startswith(name + " "):
+                values[name] = float(line.split()[-1])
+    if len(values) < 2:
+        return None
+    return values["pagoda:spec_decode_num_drafts_total"], values["pagoda:spec_decode_num_accepted_tokens_total"]
+
+
 def run_serve_benchmark(config: ServeBenchConfig, console: Console | None = None) -> tuple[list[StoredRun], int]:
     """Runs every load level; returns the stored runs and the exit status (1 if every request failed)."""
     console = console or Console(stderr=True)
@@ -141,16 +160,24 @@ def run_serve_benchmark(config: ServeBenchConfig, console: Console | None = None
                     failures += not record.success
                     progress.update(task, advance=1, failed=failures)
 
+                before = spec_decode_counters(base_url, headers)
                 records, wall = asyncio.run(run_load(url, config.api, model, requests, shape, headers, tokenizer,
                                                      config.timeout, done))
+                after = spec_decode_counters(base_url, headers)
             summary = summarize(records, wall, config.goodput)
+            if before is not None and after is not None and after[0] > before[0]:
+                # Speculative decoding on the server: tokens a verifying step emitted on average.
+                summary["spec_decode_mean_acceptance_length"] = 1 + (after[1] - before[1]) / (after[0] - before[0])
             run_config = {"base_url": base_url, "api": config.api, "model": model, "dataset": config.dataset,
                           "dataset_path": config.dataset_path, "input_len": config.input_len,
                           "output_len": config.output_len, "load": asdict(shape), "bench": asdict(config)}
             run_id = store.save(sweep_id, label, run_config, summary, records)
             runs.extend(store.load(run_id))
+            acceptance = summary.get("spec_decode_mean_acceptance_length")
             console.print(f"{label}: {summary['completed']} ok, {summary['failed']} failed, "
-                          f"{summary['output_throughput']:.1f} output tok/s (run {run_id})")
+                          f"{summary['output_throughput']:.1f} output tok/s"
+                          + (f", speculative decoding: mean acceptance length {acceptance:.2f}" if acceptance else "")
+                          + f" (run {run_id})")
     finally:
         store.close()
     write_outputs(runs, config.out_dir, sweep_id)

@@ -185,3 +185,29 @@ def test_default_model_greedy_identical_alone_and_batched():
     alone = [plain.chat(c, params)[0].outputs[0].token_ids for c in chats]
     assert [spec.chat(c, params)[0].outputs[0].token_ids for c in chats] == alone
     assert spec_stats(spec).mean_acceptance_length > 2
+
+
+def test_metrics_and_bench_read_the_acceptance(tmp_path):
+    import httpx
+
+    from pagoda.bench.serve import spec_decode_counters
+    from pagoda.config import CacheConfig, EngineConfig
+    from pagoda.engine.async_engine import AsyncLLM
+    from pagoda.engine.llm_engine import LLMEngine
+    from tests.entrypoints.tiny_server import live_server
+
+    folder = make_tiny_checkpoint(tmp_path, "llama")
+    engine = AsyncLLM(LLMEngine(EngineConfig(model=str(folder), dtype="float32", speculative_config=NGRAM,
+                                             cache=CacheConfig(kv_cache_memory=16 * 1024**2)), show_progress=False))
+    try:
+        with live_server(engine) as base:
+            assert spec_decode_counters(base, {}) == (0, 0)
+            body = {"model": "tiny", "prompt": repetitive_prompts()[0], "max_tokens": 30, "temperature": 0,
+                    "ignore_eos": True}
+            assert httpx.post(f"{base}/v1/completions", json=body, timeout=60).status_code == 200
+            drafts, accepted = spec_decode_counters(base, {})
+            assert drafts > 0 and accepted > 0
+            text = httpx.get(f"{base}/metrics").text
+            assert 'pagoda:spec_decode_num_accepted_tokens_per_pos_total{position="0"}' in text
+    finally:
+        engine.shutdown()
