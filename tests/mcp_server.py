@@ -5,7 +5,8 @@ Deterministic tools: ``add(a, b)``, ``get_weather(city)`` (a fixed sentence),
 appends one JSON line ``{"tool": ..., "arguments": ...}`` to the file named by
 the environment variable ``PAGODA_MCP_TEST_LOG`` (when set), so a test can see
 that the tool really ran. ``--prefix P`` names every tool ``P<name>`` (a second
-server with other names, or the same names for a clash).
+server with other names, or the same names for a clash); ``--only a,b`` offers
+only those tools (without the prefix).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def _log(tool: str, arguments: dict) -> None:
             f.write(json.dumps({"tool": tool, "arguments": arguments}) + "\n")
 
 
-def build(prefix: str = "") -> MCPServer:
+def build(prefix: str = "", only: set[str] | None = None) -> MCPServer:
     server = MCPServer("pagoda-test-tools", log_level="WARNING")
 
     @server.tool(name=f"{prefix}add", description="Add two integers and return their sum.")
@@ -51,10 +52,15 @@ def build(prefix: str = "") -> MCPServer:
         _log(f"{prefix}pixel", {})
         return ImageContent(type="image", data="iVBORw0KGgo=", mime_type="image/png")
 
+    for name in ("add", "get_weather", "fail", "pixel"):
+        if only is not None and name not in only:
+            server.remove_tool(f"{prefix}{name}")
     return server
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--prefix", default="")
-    build(parser.parse_args().prefix).run("stdio")
+    parser.add_argument("--only", default=None, help="comma-separated tool names")
+    args = parser.parse_args()
+    build(args.prefix, set(args.only.split(",")) if args.only else None).run("stdio")
