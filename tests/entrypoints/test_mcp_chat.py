@@ -254,6 +254,18 @@ def test_ctrl_c_during_a_call_ends_the_turn_with_every_call_answered():
     assert all(m["content"].startswith("Error:") for m in added[1:])
 
 
+def test_ctrl_c_during_a_reply_keeps_what_was_said_and_ends_the_turn():
+    def interrupted(messages, tools, schema):
+        yield "Half a"
+        raise KeyboardInterrupt
+
+    out = io.StringIO()
+    messages = [{"role": "user", "content": "go"}]
+    added = ToolLoop(TOOLS, FakeTools(), out=out, log=io.StringIO()).run_turn(messages, interrupted)
+    assert added == [{"role": "assistant", "content": "Half a"}]
+    assert out.getvalue() == "Half a\n"
+
+
 def test_bad_loop_settings_are_refused():
     with pytest.raises(ValueError, match="tool_choice"):
         ToolLoop(TOOLS, FakeTools(), tool_choice="none")
@@ -276,6 +288,15 @@ def test_tool_flags_without_mcp_and_bad_servers_are_one_line_errors():
     assert "Traceback" not in result.stderr
     result = pagoda("chat", "--mcp", f"{sys.executable} -c pass")
     assert result.returncode == 2 and "did not start" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@requires_smollm2
+def test_a_turn_that_outgrows_the_model_is_an_error_line_and_the_chat_goes_on():
+    result = pagoda("chat", "--mcp", server_command(), "--max-model-len", "64", "--max-tokens", "8",
+                    stdin="Weather in Paris?\nAnd in Rome?\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("more than max_model_len=64") == 2  # both turns tried, neither kept
     assert "Traceback" not in result.stderr
 
 
