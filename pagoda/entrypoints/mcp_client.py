@@ -34,9 +34,7 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from pagoda.entrypoints.tool_loop import ToolResult
-
-# pagoda's tool rendering accepts these names (pagoda.tools.choice.validate_tools).
-from pagoda.tools.choice import _NAME as _TOOL_NAME
+from pagoda.tools.choice import ToolRequestError, validate_tools
 
 CONNECT_TIMEOUT_S = 60.0  # start, initialize and list tools, per server
 CALL_TIMEOUT_S = 300.0  # one tool call
@@ -228,18 +226,20 @@ class McpServers:
                 return tools
 
     def _add_tools(self, command: str, session, listed: list) -> None:
-        for tool in listed:
-            if not _TOOL_NAME.match(tool.name):
-                self.notices.append(f"tool {tool.name!r} of {command!r} left out: pagoda takes tool names of "
-                                    "1-64 letters, digits, '_', '-' or '.'")
+        for listed_tool in listed:
+            schema = listed_tool.input_schema if isinstance(listed_tool.input_schema, dict) else {}
+            tool = McpTool(listed_tool.name, listed_tool.description or "",
+                           schema or {"type": "object", "properties": {}}, command)
+            try:  # what pagoda's tool rendering takes (names of 1-64 of A-Za-z0-9_.-, object schemas)
+                validate_tools([tool.to_openai()])
+            except ToolRequestError as error:
+                self.notices.append(f"tool {tool.name!r} of {command!r} left out: {error}")
                 continue
             if tool.name in self._sessions:
                 other = next(t.server for t in self.tools if t.name == tool.name)
                 raise McpStartError(f"MCP servers {other!r} and {command!r} both offer a tool named "
                                     f"{tool.name!r}; pagoda chat needs tool names to be unique")
-            schema = tool.input_schema if isinstance(tool.input_schema, dict) else {}
-            self.tools.append(McpTool(tool.name, tool.description or "", schema or {"type": "object",
-                                                                                   "properties": {}}, command))
+            self.tools.append(tool)
             self._sessions[tool.name] = session
 
     # -- use ---------------------------------------------------------------------------------------

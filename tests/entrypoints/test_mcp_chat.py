@@ -102,6 +102,18 @@ def test_a_server_that_does_not_start_is_one_clear_error(tmp_path):
         McpServers(["  "])
 
 
+def test_tools_pagoda_cannot_render_are_left_out_with_a_notice():
+    servers = McpServers(["srv"])
+    servers._add_tools("srv", object(), [
+        types.Tool(name="ok", input_schema={"type": "object", "properties": {}}),
+        types.Tool(name="bad name", input_schema={"type": "object"}),
+    ])
+    assert [t.name for t in servers.tools] == ["ok"]
+    assert len(servers.notices) == 1 and "'bad name'" in servers.notices[0]
+    with pytest.raises(McpStartError, match="'srv' and 'other' both offer a tool named 'ok'"):
+        servers._add_tools("other", object(), [types.Tool(name="ok", input_schema={"type": "object"})])
+
+
 def test_parse_command_splits_like_a_shell():
     assert parse_command("uvx 'my server' --flag=1") == ("uvx", ["my server", "--flag=1"])
 
