@@ -168,16 +168,18 @@ def _start_mcp(commands: list[str]):
     return servers
 
 
-def _reply_deltas(llm, messages, tools, schema, params):
+def _reply_deltas(llm, messages, tools, constraint, params):
     """One reply of the chat with tools, as text deltas (a ToolLoop's ``generate``): ``tools``
-    shown through the chat template, ``schema`` (a JSON schema) forced by a grammar."""
+    shown through the chat template, ``constraint`` (a structured-outputs kind and value: a JSON
+    schema or a structural tag) forced by a grammar."""
     import dataclasses
 
     from pagoda.structured_output.params import StructuredOutputsParams
 
     prompt = llm.apply_chat_template(messages, tools=tools)
-    if schema is not None:
-        params = dataclasses.replace(params, structured_outputs=StructuredOutputsParams(json=schema))
+    if constraint is not None:
+        kind, value = constraint
+        params = dataclasses.replace(params, structured_outputs=StructuredOutputsParams(**{kind: value}))
     engine = llm.engine
     request_id = engine.add_request(prompt, params)
     shown, finished = 0, False
@@ -254,8 +256,8 @@ def _chat(args: argparse.Namespace) -> int:
                 continue
             try:
                 history.extend(tool_loop.run_turn(
-                    system + history, lambda messages, tools, schema: _reply_deltas(llm, messages, tools, schema,
-                                                                                    params)))
+                    system + history, lambda messages, tools, constraint: _reply_deltas(llm, messages, tools,
+                                                                                        constraint, params)))
             except ValueError as error:  # e.g. the conversation and tool results outgrew the model
                 print(f"pagoda: error: {error}", file=sys.stderr)
                 history.pop()  # this turn is forgotten; the chat goes on

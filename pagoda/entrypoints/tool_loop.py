@@ -7,9 +7,11 @@ with its ``tool_call_id``, and the next round starts; a round without calls
 is the reply and ends the turn.
 
 - ``tool_choice="required"``: the first round of every user turn is forced by
-  a grammar to a JSON array of calls (`pagoda.tools.choice.required_schema`),
-  read with `JsonArrayToolParser`; the rounds after it show the tools and read
-  the text with the ``auto`` parser (``hermes`` by default).
+  a grammar to make one or more calls, as the server does for
+  ``tool_choice: "required"`` (`pagoda.tools.choice.plan_tools`: with the
+  ``hermes`` parser, ``<tool_call>`` blocks back to back; with the others, a
+  JSON array of calls); the rounds after it show the tools and read the text
+  with the ``auto`` parser (``hermes`` by default).
 - ``tool_choice="auto"``: every round shows the tools and the model decides.
 - After ``max_rounds`` rounds that called tools, one last round runs with no
   tools shown, so the model answers in text.
@@ -28,8 +30,8 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from pagoda.tools.calls import ToolCall
-from pagoda.tools.choice import required_schema
-from pagoda.tools.parsers import JsonArrayToolParser, ToolCallStream, ToolParser, get_tool_parser
+from pagoda.tools.choice import ToolPlan, plan_tools
+from pagoda.tools.parsers import ToolCallStream
 
 TOOL_CHOICES = ("auto", "required")
 SHORT_RESULT_CHARS = 160
@@ -43,8 +45,9 @@ class ToolResult:
     is_error: bool = False
 
 
-# (messages, tools shown or None, JSON schema the whole output must follow or None) -> text deltas
-Generate = Callable[[list[dict], "list[dict] | None", "dict | None"], Iterable[str]]
+# (messages, tools shown or None, what the whole output must follow or None) -> text deltas; the
+# constraint is a structured-outputs (kind, value): ("json", schema) or ("structural_tag", tag).
+Generate = Callable[[list[dict], "list[dict] | None", "tuple[str, dict] | None"], Iterable[str]]
 # (tool name, arguments as JSON text) -> its result
 CallTool = Callable[[str, str], ToolResult]
 
@@ -63,13 +66,6 @@ def model_text(result: ToolResult) -> str:
     return text
 
 
-@dataclass
-class _Round:
-    tools: list[dict] | None  # shown to the model
-    schema: dict | None  # grammar forcing the output
-    parser: ToolParser | None  # reads calls out of the text (None: all of it is the reply)
-
-
 class ToolLoop:
     """Runs user turns with tools. ``out`` gets the reply text as it streams; ``log`` a line per
     call and per result (dim when it is a terminal)."""
@@ -81,7 +77,6 @@ class ToolLoop:
             raise ValueError(f"tool_choice={tool_choice!r} is invalid: one of {', '.join(TOOL_CHOICES)}")
         if max_rounds < 0:
             raise ValueError(f"max_tool_rounds={max_rounds} is invalid: 0 or more")
-        get_tool_parser(parser)  # an unknown name fails here, not mid-chat
         self.tools = tools
         self.call_tool = call_tool
         self.tool_choice = tool_choice
@@ -90,20 +85,23 @@ class ToolLoop:
         self.parallel = parallel
         self.out = out if out is not None else sys.stdout
         self.log = log if log is not None else sys.stderr
+        # The three kinds of round, planned once (bad tools or an unknown parser fail here, not mid-chat).
+        self._plans = {"none": ToolPlan(None, None, None, "none")}
+        if tools:
+            for choice in ("auto", "required"):
+                self._plans[choice] = plan_tools(tools, choice, parallel, parser)
 
-    def _round(self, index: int) -> _Round:
+    def _round(self, index: int) -> ToolPlan:
         if not self.tools or index >= self.max_rounds:
-            return _Round(None, None, None)
-        if index == 0 and self.tool_choice == "required":
-            return _Round(self.tools, required_schema(self.tools, self.parallel), JsonArrayToolParser())
-        return _Round(self.tools, None, get_tool_parser(self.parser_name))
+            return self._plans["none"]
+        return self._plans["required" if index == 0 and self.tool_choice == "required" else "auto"]
 
     def _note(self, text: str) -> None:
         dim = getattr(self.log, "isatty", lambda: False)()
         self.log.write(f"\033[2m{text}\033[0m\n" if dim else f"{text}\n")
         self.log.flush()
 
-    def _stream(self, plan: _Round, deltas: Iterable[str]) -> tuple[str, bool]:
+    def _stream(self, plan: ToolPlan, deltas: Iterable[str]) -> tuple[str, bool]:
         """Writes the reply part of the text to ``out`` as it comes; (whole text, interrupted)."""
         stream = ToolCallStream(plan.parser) if plan.parser is not None else None
         text, shown, interrupted = "", False, False
@@ -134,13 +132,13 @@ class ToolLoop:
         index = 0
         while True:
             plan = self._round(index)
-            text, interrupted = self._stream(plan, generate(messages, plan.tools, plan.schema))
+            text, interrupted = self._stream(plan, generate(messages, plan.tools, plan.constraint))
             if interrupted:
                 messages.append({"role": "assistant", "content": text})
                 break
             content, calls = plan.parser.extract(text) if plan.parser is not None else (text, [])
             if not calls:
-                if plan.schema is not None:  # a forced round that did not finish its calls (length)
+                if plan.constraint is not None:  # a forced round that did not finish its calls (length)
                     self._note("[tools] the forced tool call did not complete; the model answers freely")
                     index += 1
                     continue

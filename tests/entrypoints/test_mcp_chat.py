@@ -18,7 +18,7 @@ from mcp import types  # noqa: E402
 
 from pagoda.entrypoints.mcp_client import McpServers, McpStartError, parse_command, result_text  # noqa: E402
 from pagoda.entrypoints.tool_loop import ToolLoop, ToolResult  # noqa: E402
-from pagoda.tools.choice import required_schema  # noqa: E402
+from pagoda.tools.choice import hermes_required_tag, required_schema  # noqa: E402
 from tests.conftest import requires_smollm2  # noqa: E402
 
 SERVER = Path(__file__).resolve().parents[1] / "mcp_server.py"
@@ -144,8 +144,8 @@ class FakeModel:
         self.replies = list(replies)
         self.rounds: list[dict] = []
 
-    def __call__(self, messages, tools, schema):
-        self.rounds.append({"messages": [dict(m) for m in messages], "tools": tools, "schema": schema})
+    def __call__(self, messages, tools, constraint):
+        self.rounds.append({"messages": [dict(m) for m in messages], "tools": tools, "constraint": constraint})
         text = self.replies[len(self.rounds) - 1]
         for i in range(0, len(text), 3):
             yield text[i:i + 3]
@@ -178,26 +178,34 @@ def hermes(name: str, a: int) -> str:
 
 
 def test_required_forces_the_first_round_then_the_model_answers():
-    model = FakeModel('[{"name":"one","parameters":{"a":1}}]', "One says hi.")
+    model = FakeModel('<tool_call>\n{"name": "one", "arguments": {"a":1}}\n</tool_call>', "One says hi.")
     tools = FakeTools(one="hi")
     added, out, log = run({"tool_choice": "required"}, model, tools)
-    assert model.rounds[0]["schema"] == required_schema(TOOLS, True)
+    assert model.rounds[0]["constraint"] == ("structural_tag", hermes_required_tag(TOOLS, True))
     assert model.rounds[0]["tools"] == TOOLS
-    assert model.rounds[1]["schema"] is None and model.rounds[1]["tools"] == TOOLS
+    assert model.rounds[1]["constraint"] is None and model.rounds[1]["tools"] == TOOLS
     assert tools.calls == [("one", '{"a":1}')]
     call = added[0]["tool_calls"][0]
     assert added[0]["role"] == "assistant" and call["function"] == {"name": "one", "arguments": '{"a":1}'}
     assert added[1] == {"role": "tool", "tool_call_id": call["id"], "content": "hi"}
     assert added[2] == {"role": "assistant", "content": "One says hi."}
     assert model.rounds[1]["messages"][1:] == added[:2]  # the model saw its call and the result
-    assert out == "One says hi.\n"  # the forced JSON is not shown as reply text
+    assert out == "One says hi.\n"  # the forced calls are not shown as reply text
     assert "[tool] one(" in log and "[tool] one -> hi" in log
+
+
+def test_other_parsers_force_a_json_array():
+    model = FakeModel('[{"name":"one","parameters":{"a":1}}]', "ok")
+    added, out, _ = run({"tool_choice": "required", "parser": "llama3_json"}, model, FakeTools(one="x"))
+    assert model.rounds[0]["constraint"] == ("json", required_schema(TOOLS, True))
+    assert added[0]["tool_calls"][0]["function"] == {"name": "one", "arguments": '{"a":1}'}
+    assert out == "ok\n"
 
 
 def test_parallel_calls_are_answered_in_order_with_their_ids():
     model = FakeModel('[{"name":"two","parameters":{"a":2}},{"name":"one","parameters":{"a":1}}]', "done")
     tools = FakeTools(one="first", two="second")
-    added, _, _ = run({"tool_choice": "required"}, model, tools)
+    added, _, _ = run({"tool_choice": "required", "parser": "llama3_json"}, model, tools)
     ids = [c["id"] for c in added[0]["tool_calls"]]
     assert len(set(ids)) == 2
     assert tools.calls == [("two", '{"a":2}'), ("one", '{"a":1}')]
@@ -206,9 +214,9 @@ def test_parallel_calls_are_answered_in_order_with_their_ids():
 
 
 def test_no_parallel_calls_forces_one_call():
-    model = FakeModel('[{"name":"one","parameters":{"a":1}}]', "ok")
+    model = FakeModel(hermes("one", 1), "ok")
     run({"tool_choice": "required", "parallel": False}, model, FakeTools(one="x"))
-    assert model.rounds[0]["schema"]["maxItems"] == 1
+    assert model.rounds[0]["constraint"] == ("structural_tag", hermes_required_tag(TOOLS, False))
 
 
 def test_a_failing_tool_is_fed_back_and_the_turn_goes_on():
@@ -225,7 +233,7 @@ def test_a_failing_tool_is_fed_back_and_the_turn_goes_on():
 def test_auto_streams_the_text_and_hides_the_calls():
     model = FakeModel("Let me look." + hermes("one", 5), "Five.")
     added, out, _ = run({}, model, FakeTools(one="5"))
-    assert model.rounds[0]["schema"] is None
+    assert model.rounds[0]["constraint"] is None
     assert added[0]["content"] == "Let me look."
     assert out == "Let me look.\nFive.\n"
 
@@ -244,14 +252,14 @@ def test_the_round_limit_ends_with_an_answer_without_tools():
 def test_zero_rounds_shows_no_tools():
     model = FakeModel("Plain.")
     added, _, _ = run({"max_rounds": 0, "tool_choice": "required"}, model, FakeTools())
-    assert model.rounds[0]["tools"] is None and model.rounds[0]["schema"] is None
+    assert model.rounds[0]["tools"] is None and model.rounds[0]["constraint"] is None
     assert added == [{"role": "assistant", "content": "Plain."}]
 
 
 def test_a_forced_round_that_did_not_finish_falls_back_to_auto():
-    model = FakeModel('[{"name":"one","param', "Plain answer.")
+    model = FakeModel('<tool_call>\n{"name": "one", "argum', "Plain answer.")
     added, _, log = run({"tool_choice": "required"}, model, FakeTools())
-    assert model.rounds[1]["schema"] is None and model.rounds[1]["tools"] == TOOLS
+    assert model.rounds[1]["constraint"] is None and model.rounds[1]["tools"] == TOOLS
     assert added == [{"role": "assistant", "content": "Plain answer."}]
     assert "did not complete" in log
 
@@ -267,7 +275,7 @@ def test_ctrl_c_during_a_call_ends_the_turn_with_every_call_answered():
 
 
 def test_ctrl_c_during_a_reply_keeps_what_was_said_and_ends_the_turn():
-    def interrupted(messages, tools, schema):
+    def interrupted(messages, tools, constraint):
         yield "Half a"
         raise KeyboardInterrupt
 
@@ -325,4 +333,3 @@ def test_chat_calls_an_mcp_tool_and_answers(tmp_path):
     assert any(line.startswith(f"[tool] {calls[0]['tool']}(") for line in shown)
     assert any(line.startswith(f"[tool] {calls[0]['tool']} -> ") for line in shown)
     assert result.stdout.strip()  # a text reply follows the calls
-    assert "[{" not in result.stdout  # the forced call is not printed as the reply
