@@ -121,6 +121,7 @@ class _ParentRequest:
     finished_time: float | None = None
     beam: BeamSearch | None = None  # beam search: the sequences are its slots
     sent_prompt_logprobs: bool = False  # DELTA outputs: the first output carried them
+    invalid_request: bool = False  # it failed by its own fault (RequestOutput.invalid_request)
 
     @property
     def finished(self) -> bool:
@@ -452,7 +453,7 @@ class LLMEngine:
         failed: dict[str, str] = {}  # parent request id -> what went wrong
         if self.structured_output.has_pending:  # grammars compiled since the last step: their matchers
             for seq_id, message in self.structured_output.update_pending().items():
-                self._blame(seq_id, message, failed)
+                self._blame(seq_id, message, failed, invalid_request=True)
         alone = self._next_suspect()
         scheduler_output = self.scheduler.schedule() if alone is None else self.scheduler.schedule_alone(alone)
         if alone is not None and not scheduler_output.scheduled:
@@ -487,7 +488,14 @@ class LLMEngine:
             if parent_id is None or parent_id in failed:
                 continue
             if update.error is not None:
-                self._blame(seq_id, f"the engine failed while running it: {update.error}", failed)
+                grammar = update.request.structured_output
+                if grammar is not None and grammar.at_dead_end():  # the constraint cannot be finished
+                    params = update.request.sampling_params.structured_outputs
+                    self._blame(seq_id, f"structured_outputs.{params.kind}: no token of this model's vocabulary "
+                                        f"can continue the output after {update.request.num_output_tokens} tokens",
+                                failed, invalid_request=True)
+                else:
+                    self._blame(seq_id, f"the engine failed while running it: {update.error}", failed)
                 continue
             parent = self._parents[parent_id]
             if parent.beam is None:
@@ -517,10 +525,13 @@ class LLMEngine:
 
     # -- failures (module docstring) ----------------------------------------
 
-    def _blame(self, seq_id: str, message: str, failed: dict[str, str]) -> None:
+    def _blame(self, seq_id: str, message: str, failed: dict[str, str], invalid_request: bool = False) -> None:
         parent_id = self._seq_to_parent.get(seq_id)
-        if parent_id is not None:
-            failed.setdefault(parent_id, message)
+        if parent_id is not None and parent_id not in failed:
+            failed[parent_id] = message
+            parent = self._parents.get(parent_id)
+            if parent is not None:
+                parent.invalid_request = invalid_request
 
     def _recover_from_failed_step(self, scheduler_output: SchedulerOutput, error: BaseException,
                                   failed: dict[str, str]) -> None:
@@ -591,8 +602,10 @@ class LLMEngine:
                 logprobs=None,
                 finish_reason="error",
             ))
-        return self._request_output(parent, completions, finished=True, finished_time=time.monotonic(),
-                                    error=message)
+        output = self._request_output(parent, completions, finished=True, finished_time=time.monotonic(),
+                                      error=message)
+        output.invalid_request = parent.invalid_request
+        return output
 
     def _process_update(self, update: RequestUpdate, parent: _ParentRequest) -> None:
         """The scheduler has appended the new token, its text and decided whether it ended the

@@ -65,6 +65,25 @@ class StructuredOutputManager:
                                          "structured outputs need the model's tokenizer, and this engine has none")
         grammar.check(params)
 
+    def check_compiles(self, params: StructuredOutputsParams) -> None:
+        """The edge's full check, where the tokenizer is at hand (the server's front end): the
+        grammar compiles for this vocabulary (cached) and some token can start it. Blocks for
+        the compile: call it off the event loop. Raises StructuredOutputsError."""
+        self.check(params)
+        future = self._compiled(params)
+        try:
+            compiled = future.result()
+        except Exception as error:  # noqa: BLE001 - xgrammar's compile errors
+            if self._cache.get(params.key) is future:
+                del self._cache[params.key]
+            raise StructuredOutputsError(f"structured_outputs.{params.kind}", getattr(params, params.kind),
+                                         grammar.describe_grammar_error(error)) from None
+        bitmask = np.zeros((1, (self.vocab_size + 31) // 32), dtype=np.int32)
+        xgr.GrammarMatcher(compiled).fill_next_token_bitmask(bitmask, 0)
+        if not bitmask.any():
+            raise StructuredOutputsError(f"structured_outputs.{params.kind}", getattr(params, params.kind),
+                                         "no token of this model's vocabulary can start it")
+
     def add_request(self, request: Request) -> None:
         """Starts (or reuses) the compile of the request's grammar; the request waits for it."""
         params = request.sampling_params.structured_outputs

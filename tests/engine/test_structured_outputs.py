@@ -174,3 +174,20 @@ def test_invalid_constraints_and_beam_search_are_refused_before_queueing(llm):
     with pytest.raises(SamplingParamsError, match="use_beam_search"):
         SamplingParams(use_beam_search=True, n=2, structured_outputs=StructuredOutputsParams(choice=["a"]))
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_a_grammar_the_vocabulary_cannot_finish_fails_as_the_requests_own_fault(llm):
+    # xgrammar finds no token sequence for this character after the "0" (found by the server fuzz).
+    engine = llm.engine
+    bad = engine.add_request("x", SamplingParams(max_tokens=8, structured_outputs=StructuredOutputsParams(
+        regex="0\U00040000")))
+    good = engine.add_request("y", SamplingParams(max_tokens=8, structured_outputs=StructuredOutputsParams(
+        regex="[0-9]{3}")))
+    finished = {}
+    while len(finished) < 2:
+        for output in engine.step():
+            if output.finished:
+                finished[output.request_id] = output
+    assert finished[bad].invalid_request and "structured_outputs.regex" in finished[bad].error
+    assert finished[bad].outputs[0].token_ids  # it failed after its "0"
+    assert finished[good].error is None and re.fullmatch("[0-9]{3}", finished[good].outputs[0].text)

@@ -32,7 +32,7 @@ from pagoda.entrypoints.openai.protocol import (
     refuse_unsupported_messages,
 )
 from pagoda.entrypoints.openai.serving_chat import OpenAIServingChat
-from pagoda.entrypoints.openai.serving_common import ServerConfig, off_loop
+from pagoda.entrypoints.openai.serving_common import ServerConfig, edge_grammars, off_loop
 from pagoda.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from pagoda.metrics import EngineMetrics
 
@@ -78,8 +78,9 @@ def _validation_message(error: RequestValidationError) -> tuple[str, str | None]
 def build_app(engine: AsyncLLM, config: ServerConfig, metrics: EngineMetrics | None = None) -> FastAPI:
     app = FastAPI(title="pagoda", version=__version__)
     info = engine.model_info
-    chat = OpenAIServingChat(engine, config)
-    completion = OpenAIServingCompletion(engine, config)
+    grammars = edge_grammars(engine)  # structured outputs: one compile cache for every route
+    chat = OpenAIServingChat(engine, config, grammars)
+    completion = OpenAIServingCompletion(engine, config, grammars)
     created = int(time.time())
 
     @app.exception_handler(APIError)
@@ -170,7 +171,7 @@ def build_app(engine: AsyncLLM, config: ServerConfig, metrics: EngineMetrics | N
             raise APIError(400, f"token id {bad} is invalid: must be in [0, {info.vocab_size})", "tokens")
         return {"prompt": await off_loop(info.tokenizer.decode, body.tokens)}
 
-    add_ollama_routes(app, engine, config)
+    add_ollama_routes(app, engine, config, grammars)
     # Outermost first: the key is checked before a body is read.
     app.add_middleware(BodyGuardMiddleware, max_bytes=config.max_request_bytes, timeout=config.request_timeout)
     app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)

@@ -29,7 +29,6 @@ from pagoda.entrypoints.openai.serving_common import (
     truncate,
     usage,
 )
-from pagoda.entrypoints.openai.structured_outputs import constraint_from_body
 from pagoda.entrypoints.openai.token_bytes import token_bytes
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import RequestOutputKind
@@ -53,7 +52,7 @@ class OpenAIServingChat(OpenAIServing):
         prompt_ids = truncate(await off_loop(self.encode_messages, messages), body.truncate_prompt_tokens)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         top = (body.top_logprobs or 0) if body.logprobs else None
-        params = self.sampling_params(body, max_tokens, len(prompt_ids), top, constraint_from_body(body))
+        params = self.sampling_params(body, max_tokens, len(prompt_ids), top, await self.constraint(body))
         # Streams get what is new each step; whole answers come once, at the end.
         params = replace(params, output_kind=RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
