@@ -52,6 +52,8 @@ class StructuredOutputManager:
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._compile_threads = compile_threads
         self._cache: OrderedDict[tuple, concurrent.futures.Future] = OrderedDict()
+        # The cache is shared by the threads that call check_compiles (the server's front end).
+        self._cache_lock = threading.Lock()
         self._pending: list[Request] = []  # sequences whose matcher waits for a compile
         self._batch_matcher: xgr.BatchGrammarMatcher | None = None
         self.num_compiles = 0
@@ -74,8 +76,7 @@ class StructuredOutputManager:
         try:
             compiled = future.result()
         except Exception as error:  # noqa: BLE001 - xgrammar's compile errors
-            if self._cache.get(params.key) is future:
-                del self._cache[params.key]
+            self._forget_failed(params.key, future)
             raise StructuredOutputsError(f"structured_outputs.{params.kind}", getattr(params, params.kind),
                                          grammar.describe_grammar_error(error)) from None
         bitmask = np.zeros((1, (self.vocab_size + 31) // 32), dtype=np.int32)
@@ -91,6 +92,15 @@ class StructuredOutputManager:
         self._pending.append(request)
 
     def _compiled(self, params: StructuredOutputsParams) -> concurrent.futures.Future:
+        with self._cache_lock:
+            return self._compiled_locked(params)
+
+    def _forget_failed(self, key: tuple, future: concurrent.futures.Future) -> None:
+        with self._cache_lock:
+            if self._cache.get(key) is future:
+                del self._cache[key]
+
+    def _compiled_locked(self, params: StructuredOutputsParams) -> concurrent.futures.Future:
         key = params.key
         future = self._cache.get(key)
         if future is not None:
@@ -141,8 +151,7 @@ class StructuredOutputManager:
                     continue
                 except Exception as exc:  # noqa: BLE001 - this request's matcher failed: it fails alone
                     error = exc
-            if self._cache.get(state.key) is state.compiled:
-                del self._cache[state.key]
+            self._forget_failed(state.key, state.compiled)
             params = request.sampling_params.structured_outputs
             failed[request.request_id] = (f"structured_outputs.{params.kind} could not be compiled: "
                                           f"{grammar.describe_grammar_error(error)}")

@@ -91,17 +91,26 @@ def test_free_requests_in_a_mixed_batch_are_untouched(llm):
     assert _valid_person(mixed[1].outputs[0].text) and _valid_person(mixed[3].outputs[0].text)
 
 
-def test_preemption_by_recompute_keeps_each_matcher_in_step_with_its_tokens():
-    # 12 blocks of 16 tokens for 6 requests that each need ~6: preemptions are certain.
-    # float32: greedy tokens do not depend on how the batch was cut (tests/models/test_batching_invariance.py).
-    small = LLM("smollm2-135m-instruct", show_progress=False, num_blocks=12, max_model_len=128, dtype="float32")
-    reference = LLM("smollm2-135m-instruct", show_progress=False, dtype="float32")
+@pytest.fixture(scope="module")
+def reference_fp32():
+    return LLM("smollm2-135m-instruct", show_progress=False, dtype="float32")
+
+
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_preemption_keeps_each_matcher_in_step_with_its_tokens(reference_fp32, mode):
+    # 12 blocks of 16 tokens for 6 requests that each need ~6: preemptions are certain. float32:
+    # greedy tokens do not depend on how the batch was cut (tests/models/test_batching_invariance.py).
+    small = LLM("smollm2-135m-instruct", show_progress=False, num_blocks=12, max_model_len=128, dtype="float32",
+                preemption_mode=mode, swap_space=0.05 if mode == "swap" else 0)
     prompts = [_chat(f"Describe person number {i}.") for i in range(6)]
     params = SamplingParams(temperature=0, max_tokens=60, structured_outputs=StructuredOutputsParams(json=PERSON))
     outs = small.chat(prompts, params)
-    assert small.engine.stats().num_preemptions_total > 0
+    stats = small.engine.stats()
+    assert stats.num_preemptions_total > 0
+    if mode == "swap":
+        assert stats.num_swapped_out_total > 0
     assert all(o.outputs[0].finish_reason == "stop" and _valid_person(o.outputs[0].text) for o in outs)
-    expected = reference.chat(prompts, params)
+    expected = reference_fp32.chat(prompts, params)
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in expected]
 
 

@@ -326,3 +326,9 @@ def _compiled(tokenizer, params):
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=49152, stop_token_ids=[2])
         _COMPILERS["c"] = xgr.GrammarCompiler(info, max_threads=1)
     return grammar.compile_grammar(_COMPILERS["c"], params)
+
+
+def test_min_tokens_is_refused_with_a_grammar():
+    with pytest.raises(SamplingParamsError) as info:
+        SamplingParams(min_tokens=3, structured_outputs=S(regex="a+"))
+    assert info.value.field_name == "min_tokens" and "structured_outputs" in str(info.value)
