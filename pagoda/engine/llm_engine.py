@@ -34,6 +34,10 @@ Failures: an exception caused by one request fails that request only.
   no request). Isolation costs one single-request step per suspect (a few
   more for a long recompute), only after a failure; bisection would need
   fewer steps for large batches but blame no more precisely.
+- Structured outputs (structured_output/manager.py): a grammar that fails to
+  compile fails the requests waiting for it, and a grammar the vocabulary
+  cannot continue fails its request when it gets stuck; both are the
+  request's own fault (`RequestOutput.invalid_request`: a 400, not a 500).
 - A broken device fails every step: after `max_consecutive_failed_steps`
   failed steps with no successful one between, `step()` raises
   `EngineStepError` (the serving loop then ends, and /health says so). The
