@@ -492,8 +492,7 @@ class LLMEngine:
             if parent_id is None or parent_id in failed:
                 continue
             if update.error is not None:
-                grammar = update.request.structured_output
-                if grammar is not None and grammar.at_dead_end():  # the constraint cannot be finished
+                if self._grammar_stuck(update.request):  # the constraint cannot be finished
                     params = update.request.sampling_params.structured_outputs
                     self._blame(seq_id, f"structured_outputs.{params.kind}: no token of this model's vocabulary "
                                         f"can continue the output after {update.request.num_output_tokens} tokens",
@@ -528,6 +527,16 @@ class LLMEngine:
         return outputs + self._fail_parents(failed)
 
     # -- failures (module docstring) ----------------------------------------
+
+    @staticmethod
+    def _grammar_stuck(request: Request) -> bool:
+        """Whether a failed request's grammar allows no next token at all (asked only after a failure)."""
+        grammar = request.structured_output
+        try:
+            return grammar is not None and grammar.at_dead_end()
+        except Exception:  # noqa: BLE001 - cannot tell: report the original failure
+            logger.exception("checking the grammar of request %r failed", request.request_id)
+            return False
 
     def _blame(self, seq_id: str, message: str, failed: dict[str, str], invalid_request: bool = False) -> None:
         parent_id = self._seq_to_parent.get(seq_id)
