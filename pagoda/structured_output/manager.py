@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+COMPILER_CACHE_BYTES = 256 * 1024**2
+
 
 class StructuredOutputManager:
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: Iterable[int], max_cached: int = 128,
@@ -124,7 +126,9 @@ class StructuredOutputManager:
             if self._compiler is None:
                 info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
                                                           stop_token_ids=self.stop_token_ids)
-                self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+                # xgrammar's own cache (bounded) also keeps what compiled grammars share.
+                self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=True,
+                                                     cache_limit_bytes=COMPILER_CACHE_BYTES)
             return self._compiler
 
     @property
