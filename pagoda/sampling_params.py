@@ -178,10 +178,15 @@ class SamplingParams:
                     )
         if not isinstance(self.ignore_eos, bool):
             raise SamplingParamsError("ignore_eos", self.ignore_eos, "must be true or false")
-        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
-            raise SamplingParamsError("structured_outputs", self.structured_outputs,
-                                      "must be a StructuredOutputsParams (json=, regex=, choice=, grammar=, "
-                                      "json_object=True or structural_tag=) or None")
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, StructuredOutputsParams):
+                raise SamplingParamsError("structured_outputs", self.structured_outputs,
+                                          "must be a StructuredOutputsParams (json=, regex=, choice=, grammar=, "
+                                          "json_object=True or structural_tag=) or None")
+            if self.min_tokens:  # banning the end token would leave nothing the grammar allows
+                raise SamplingParamsError("min_tokens", self.min_tokens,
+                                          "must be 0 with structured_outputs: the grammar decides where the "
+                                          "output ends")
         self._validate_best_of_and_beams()
 
     def _validate_best_of_and_beams(self) -> None:

@@ -11,7 +11,10 @@ are copied to host memory; it keeps `num_computed_tokens`, and is swapped
 back in, into fresh device blocks, when it reaches the head of the queue).
 Waiting requests are then admitted first-come-first-served while budget,
 sequence slots and blocks last; preempted ones, at the front, resume ahead
-of new ones.
+of new ones. A request whose grammar is still compiling (structured outputs,
+`Request.waiting_for_grammar`) is passed over until it is ready; each token
+appended to a request with a grammar advances its matcher
+(`update_from_output`), and a token the grammar refuses fails that request.
 
 With the "priority" policy, `waiting` and `running` are kept sorted by
 (priority, preempted first, arrival): admission takes the most urgent

@@ -64,10 +64,11 @@ class EngineDeadError(RuntimeError):
 class RequestFailedError(RuntimeError):
     """The engine failed this one request (an exception while serving it); the engine goes on."""
 
-    def __init__(self, request_id: str, message: str):
+    def __init__(self, request_id: str, message: str, invalid_request: bool = False):
         super().__init__(f"request {request_id!r} failed: {message}")
         self.request_id = request_id
         self.message = message
+        self.invalid_request = invalid_request  # its own fault (a client error), not the engine's
 
 
 class _Stream:
@@ -382,7 +383,7 @@ class AsyncLLM:
                 stream = self._streams.pop(update.request_id, None)
                 if future is not None or stream is not None:
                     self.num_failed_total += 1
-            error = RequestFailedError(update.request_id, update.message)
+            error = RequestFailedError(update.request_id, update.message, update.invalid_request)
             if future is not None and not future.done():  # failed while being added
                 future.set_exception(error)
             elif stream is not None:

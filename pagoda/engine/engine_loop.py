@@ -83,6 +83,7 @@ class RequestFailed:
 
     request_id: str
     message: str
+    invalid_request: bool = False  # the request's own fault (RequestOutput.invalid_request)
 
 
 @dataclass
@@ -106,6 +107,7 @@ class ModelInfo:
     source_path: str
     dtype: str
     num_parameters: int
+    eos_token_ids: frozenset[int] = frozenset()  # what ends a sequence (structured outputs' stop tokens)
 
     @classmethod
     def from_engine(cls, engine: LLMEngine) -> ModelInfo:
@@ -119,6 +121,7 @@ class ModelInfo:
             source_path=str(engine.source.path),
             dtype=str(engine.dtype).replace("torch.", ""),
             num_parameters=sum(p.numel() for p in engine.model.parameters()),
+            eos_token_ids=engine.eos_token_ids,
         )
 
 
@@ -169,6 +172,6 @@ def run_engine_loop(
                 outputs = [output for output in outputs if output.error is None]
             emit(StepUpdate(outputs, engine.stats(), busy, engine.num_steps))
             for output in failures:
-                emit(RequestFailed(output.request_id, output.error))
+                emit(RequestFailed(output.request_id, output.error, output.invalid_request))
         elif changed:  # e.g. an abort emptied the batch: let the front end see the new counts
             emit(StepUpdate([], engine.stats(), busy, engine.num_steps))

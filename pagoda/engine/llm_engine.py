@@ -34,6 +34,10 @@ Failures: an exception caused by one request fails that request only.
   no request). Isolation costs one single-request step per suspect (a few
   more for a long recompute), only after a failure; bisection would need
   fewer steps for large batches but blame no more precisely.
+- Structured outputs (structured_output/manager.py): a grammar that fails to
+  compile fails the requests waiting for it, and a grammar the vocabulary
+  cannot continue fails its request when it gets stuck; both are the
+  request's own fault (`RequestOutput.invalid_request`: a 400, not a 500).
 - A broken device fails every step: after `max_consecutive_failed_steps`
   failed steps with no successful one between, `step()` raises
   `EngineStepError` (the serving loop then ends, and /health says so). The
@@ -122,6 +126,7 @@ class _ParentRequest:
     finished_time: float | None = None
     beam: BeamSearch | None = None  # beam search: the sequences are its slots
     sent_prompt_logprobs: bool = False  # DELTA outputs: the first output carried them
+    invalid_request: bool = False  # it failed by its own fault (RequestOutput.invalid_request)
 
     @property
     def finished(self) -> bool:
@@ -460,7 +465,7 @@ class LLMEngine:
         failed: dict[str, str] = {}  # parent request id -> what went wrong
         if self.structured_output.has_pending:  # grammars compiled since the last step: their matchers
             for seq_id, message in self.structured_output.update_pending().items():
-                self._blame(seq_id, message, failed)
+                self._blame(seq_id, message, failed, invalid_request=True)
         alone = self._next_suspect()
         if self.speculator is not None and alone is None:
             self.speculator.propose(self.scheduler.running)
@@ -497,7 +502,13 @@ class LLMEngine:
             if parent_id is None or parent_id in failed:
                 continue
             if update.error is not None:
-                self._blame(seq_id, f"the engine failed while running it: {update.error}", failed)
+                if self._grammar_stuck(update.request):  # the constraint cannot be finished
+                    params = update.request.sampling_params.structured_outputs
+                    self._blame(seq_id, f"structured_outputs.{params.kind}: no token of this model's vocabulary "
+                                        f"can continue the output after {update.request.num_output_tokens} tokens",
+                                failed, invalid_request=True)
+                else:
+                    self._blame(seq_id, f"the engine failed while running it: {update.error}", failed)
                 continue
             parent = self._parents[parent_id]
             if parent.beam is None:
@@ -527,10 +538,23 @@ class LLMEngine:
 
     # -- failures (module docstring) ----------------------------------------
 
-    def _blame(self, seq_id: str, message: str, failed: dict[str, str]) -> None:
+    @staticmethod
+    def _grammar_stuck(request: Request) -> bool:
+        """Whether a failed request's grammar allows no next token at all (asked only after a failure)."""
+        grammar = request.structured_output
+        try:
+            return grammar is not None and grammar.at_dead_end()
+        except Exception:  # noqa: BLE001 - cannot tell: report the original failure
+            logger.exception("checking the grammar of request %r failed", request.request_id)
+            return False
+
+    def _blame(self, seq_id: str, message: str, failed: dict[str, str], invalid_request: bool = False) -> None:
         parent_id = self._seq_to_parent.get(seq_id)
-        if parent_id is not None:
-            failed.setdefault(parent_id, message)
+        if parent_id is not None and parent_id not in failed:
+            failed[parent_id] = message
+            parent = self._parents.get(parent_id)
+            if parent is not None:
+                parent.invalid_request = invalid_request
 
     def _recover_from_failed_step(self, scheduler_output: SchedulerOutput, error: BaseException,
                                   failed: dict[str, str]) -> None:
@@ -601,8 +625,10 @@ class LLMEngine:
                 logprobs=None,
                 finish_reason="error",
             ))
-        return self._request_output(parent, completions, finished=True, finished_time=time.monotonic(),
-                                    error=message)
+        output = self._request_output(parent, completions, finished=True, finished_time=time.monotonic(),
+                                      error=message)
+        output.invalid_request = parent.invalid_request
+        return output
 
     def _process_update(self, update: RequestUpdate, parent: _ParentRequest) -> None:
         """The scheduler has appended the new token, its text and decided whether it ended the

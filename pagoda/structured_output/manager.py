@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+COMPILER_CACHE_BYTES = 256 * 1024**2
+
 
 class StructuredOutputManager:
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: Iterable[int], max_cached: int = 128,
@@ -52,6 +54,8 @@ class StructuredOutputManager:
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._compile_threads = compile_threads
         self._cache: OrderedDict[tuple, concurrent.futures.Future] = OrderedDict()
+        # The cache is shared by the threads that call check_compiles (the server's front end).
+        self._cache_lock = threading.Lock()
         self._pending: list[Request] = []  # sequences whose matcher waits for a compile
         self._batch_matcher: xgr.BatchGrammarMatcher | None = None
         self.num_compiles = 0
@@ -65,6 +69,24 @@ class StructuredOutputManager:
                                          "structured outputs need the model's tokenizer, and this engine has none")
         grammar.check(params)
 
+    def check_compiles(self, params: StructuredOutputsParams) -> None:
+        """The edge's full check, where the tokenizer is at hand (the server's front end): the
+        grammar compiles for this vocabulary (cached) and some token can start it. Blocks for
+        the compile: call it off the event loop. Raises StructuredOutputsError."""
+        self.check(params)
+        future = self._compiled(params)
+        try:
+            compiled = future.result()
+        except Exception as error:  # noqa: BLE001 - xgrammar's compile errors
+            self._forget_failed(params.key, future)
+            raise StructuredOutputsError(f"structured_outputs.{params.kind}", getattr(params, params.kind),
+                                         grammar.describe_grammar_error(error)) from None
+        bitmask = np.zeros((1, (self.vocab_size + 31) // 32), dtype=np.int32)
+        xgr.GrammarMatcher(compiled).fill_next_token_bitmask(bitmask, 0)
+        if not bitmask.any():
+            raise StructuredOutputsError(f"structured_outputs.{params.kind}", getattr(params, params.kind),
+                                         "no token of this model's vocabulary can start it")
+
     def add_request(self, request: Request) -> None:
         """Starts (or reuses) the compile of the request's grammar; the request waits for it."""
         params = request.sampling_params.structured_outputs
@@ -72,6 +94,15 @@ class StructuredOutputManager:
         self._pending.append(request)
 
     def _compiled(self, params: StructuredOutputsParams) -> concurrent.futures.Future:
+        with self._cache_lock:
+            return self._compiled_locked(params)
+
+    def _forget_failed(self, key: tuple, future: concurrent.futures.Future) -> None:
+        with self._cache_lock:
+            if self._cache.get(key) is future:
+                del self._cache[key]
+
+    def _compiled_locked(self, params: StructuredOutputsParams) -> concurrent.futures.Future:
         key = params.key
         future = self._cache.get(key)
         if future is not None:
@@ -95,7 +126,9 @@ class StructuredOutputManager:
             if self._compiler is None:
                 info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
                                                           stop_token_ids=self.stop_token_ids)
-                self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+                # xgrammar's own cache (bounded) also keeps what compiled grammars share.
+                self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=True,
+                                                     cache_limit_bytes=COMPILER_CACHE_BYTES)
             return self._compiler
 
     @property
@@ -122,8 +155,7 @@ class StructuredOutputManager:
                     continue
                 except Exception as exc:  # noqa: BLE001 - this request's matcher failed: it fails alone
                     error = exc
-            if self._cache.get(state.key) is state.compiled:
-                del self._cache[state.key]
+            self._forget_failed(state.key, state.compiled)
             params = request.sampling_params.structured_outputs
             failed[request.request_id] = (f"structured_outputs.{params.kind} could not be compiled: "
                                           f"{grammar.describe_grammar_error(error)}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from concurrent.futures import Future
 
+import numpy as np
 import xgrammar as xgr
 
 
@@ -38,6 +39,16 @@ class StructuredOutputRequest:
     def accept_token(self, token_id: int) -> None:
         if not self.matcher.accept_token(token_id):
             raise GrammarRejectedToken(f"the grammar refused token {token_id}")
+
+    def at_dead_end(self) -> bool:
+        """No token can continue the output (the vocabulary cannot finish the grammar from here).
+        Asked only after a failure: it fills a bitmask."""
+        if self.matcher is None or self.matcher.is_terminated():
+            return False
+        vocab_size = self.compiled.result().tokenizer_info.vocab_size
+        bitmask = np.zeros((1, (vocab_size + 31) // 32), dtype=np.int32)
+        self.matcher.fill_next_token_bitmask(bitmask, 0)
+        return not bitmask.any()
 
     @property
     def is_terminated(self) -> bool:

@@ -63,13 +63,13 @@ class Sampler:
         failed: dict[int, str] = {}
         if plan.plain_greedy:  # the common path: one argmax, nothing per row
             if grammar is not None:
-                _apply_grammar(logits, grammar, requests)
+                _apply_grammar(logits, grammar, requests, failed)
             return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(requests), None, failed)
         # best_of > n ranks samples by cumulative logprob, so it needs the sampled token's.
         raw_logprobs = torch.log_softmax(logits, dim=-1) if plan.logprob_rows else None
         beam_candidates = beam_search_candidates(logits, requests, failed, plan.beam_rows) if plan.beam_rows else None
         if grammar is not None:  # beam search takes no grammar (refused by SamplingParams)
-            _apply_grammar(logits, grammar, requests)
+            _apply_grammar(logits, grammar, requests, failed)
 
         logits = apply_logit_processors(logits, requests, failed, plan.processing_rows)
         greedy = logits.argmax(dim=-1)
@@ -110,10 +110,14 @@ class Sampler:
         return (probs / noise.to(device)).argmax(dim=-1)
 
 
-def _apply_grammar(logits: torch.Tensor, grammar: GrammarBitmask, requests: list[Request]) -> None:
+def _apply_grammar(logits: torch.Tensor, grammar: GrammarBitmask, requests: list[Request],
+                   failed: dict[int, str]) -> None:
+    """The grammar bitmask, in place; a row whose grammar allows no token fails (nothing valid can follow)."""
     from pagoda.structured_output.bitmask import apply_grammar_bitmask  # xgrammar, only when used
 
-    apply_grammar_bitmask(logits, grammar, requests)
+    for i in apply_grammar_bitmask(logits, grammar, requests):
+        failed[i] = ("structured outputs: the grammar allows no token here; this model's vocabulary cannot "
+                     "continue the constrained output")
 
 
 @dataclass

@@ -91,17 +91,26 @@ def test_free_requests_in_a_mixed_batch_are_untouched(llm):
     assert _valid_person(mixed[1].outputs[0].text) and _valid_person(mixed[3].outputs[0].text)
 
 
-def test_preemption_by_recompute_keeps_each_matcher_in_step_with_its_tokens():
-    # 12 blocks of 16 tokens for 6 requests that each need ~6: preemptions are certain.
-    # float32: greedy tokens do not depend on how the batch was cut (tests/models/test_batching_invariance.py).
-    small = LLM("smollm2-135m-instruct", show_progress=False, num_blocks=12, max_model_len=128, dtype="float32")
-    reference = LLM("smollm2-135m-instruct", show_progress=False, dtype="float32")
+@pytest.fixture(scope="module")
+def reference_fp32():
+    return LLM("smollm2-135m-instruct", show_progress=False, dtype="float32")
+
+
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_preemption_keeps_each_matcher_in_step_with_its_tokens(reference_fp32, mode):
+    # 12 blocks of 16 tokens for 6 requests that each need ~6: preemptions are certain. float32:
+    # greedy tokens do not depend on how the batch was cut (tests/models/test_batching_invariance.py).
+    small = LLM("smollm2-135m-instruct", show_progress=False, num_blocks=12, max_model_len=128, dtype="float32",
+                preemption_mode=mode, swap_space=0.05 if mode == "swap" else 0)
     prompts = [_chat(f"Describe person number {i}.") for i in range(6)]
     params = SamplingParams(temperature=0, max_tokens=60, structured_outputs=StructuredOutputsParams(json=PERSON))
     outs = small.chat(prompts, params)
-    assert small.engine.stats().num_preemptions_total > 0
+    stats = small.engine.stats()
+    assert stats.num_preemptions_total > 0
+    if mode == "swap":
+        assert stats.num_swapped_out_total > 0
     assert all(o.outputs[0].finish_reason == "stop" and _valid_person(o.outputs[0].text) for o in outs)
-    expected = reference.chat(prompts, params)
+    expected = reference_fp32.chat(prompts, params)
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in expected]
 
 
@@ -174,3 +183,20 @@ def test_invalid_constraints_and_beam_search_are_refused_before_queueing(llm):
     with pytest.raises(SamplingParamsError, match="use_beam_search"):
         SamplingParams(use_beam_search=True, n=2, structured_outputs=StructuredOutputsParams(choice=["a"]))
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_a_grammar_the_vocabulary_cannot_finish_fails_as_the_requests_own_fault(llm):
+    # xgrammar finds no token sequence for this character after the "0" (found by the server fuzz).
+    engine = llm.engine
+    bad = engine.add_request("x", SamplingParams(max_tokens=8, structured_outputs=StructuredOutputsParams(
+        regex="0\U00040000")))
+    good = engine.add_request("y", SamplingParams(max_tokens=8, structured_outputs=StructuredOutputsParams(
+        regex="[0-9]{3}")))
+    finished = {}
+    while len(finished) < 2:
+        for output in engine.step():
+            if output.finished:
+                finished[output.request_id] = output
+    assert finished[bad].invalid_request and "structured_outputs.regex" in finished[bad].error
+    assert finished[bad].outputs[0].token_ids  # it failed after its "0"
+    assert finished[good].error is None and re.fullmatch("[0-9]{3}", finished[good].outputs[0].text)

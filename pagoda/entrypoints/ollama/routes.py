@@ -39,7 +39,14 @@ from pagoda.entrypoints.ollama.protocol import (
     refuse_unsupported,
 )
 from pagoda.entrypoints.openai.errors import APIError
-from pagoda.entrypoints.openai.serving_common import ServerConfig, ending_well, off_loop, run_request
+from pagoda.entrypoints.openai.serving_common import (
+    ServerConfig,
+    edge_grammars,
+    ending_well,
+    off_loop,
+    run_request,
+)
+from pagoda.structured_output.params import StructuredOutputsError
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import RequestOutputKind, SamplingParams, SamplingParamsError
 from pagoda.tools.choice import ToolPlan, ToolRequestError, plan_tools
@@ -47,8 +54,10 @@ from pagoda.tools.parsers import ToolCallStream
 from pagoda.tools.render import render_chat
 
 
-def add_ollama_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig) -> None:
+def add_ollama_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig, grammars=None) -> None:
+    """`grammars`: the StructuredOutputManager that checks `format` constraints (made here if None)."""
     info = engine.model_info
+    grammars = grammars if grammars is not None else edge_grammars(engine)
     tokenizer, max_model_len, hf_config = info.tokenizer, info.max_model_len, info.hf_config
     served_model_name, chat_template = config.served_model_name, config.chat_template
 
@@ -121,7 +130,13 @@ def add_ollama_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig) -> N
         """piece(text, calls) -> the part of a line that carries text ("response" or "message") and,
         for /api/chat with tools, the tool calls read out of it (`plan`'s parser)."""
         started = time.monotonic()
-        params = sampling_params(body.options, len(prompt_ids), constraint(body))
+        structured = constraint(body)
+        if structured is not None:  # compiled for the served tokenizer: a bad format is a 400 here
+            try:
+                await off_loop(grammars.check_compiles, structured)
+            except StructuredOutputsError as error:
+                raise APIError(400, f"format={body.format!r:.120} is invalid: {error.problem}", "format") from None
+        params = sampling_params(body.options, len(prompt_ids), structured)
         # Streams get what is new each step; whole answers come once, at the end.
         params = replace(params, output_kind=RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY)
         first, outputs = await start(request, prompt_ids, params)

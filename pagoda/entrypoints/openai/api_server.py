@@ -34,8 +34,8 @@ from pagoda.entrypoints.openai.protocol import (
 )
 from pagoda.entrypoints.openai.responses_protocol import ResponsesRequest
 from pagoda.entrypoints.openai.serving_chat import OpenAIServingChat
+from pagoda.entrypoints.openai.serving_common import ServerConfig, edge_grammars, off_loop
 from pagoda.entrypoints.openai.serving_responses import OpenAIServingResponses, ResponseStore
-from pagoda.entrypoints.openai.serving_common import ServerConfig, off_loop
 from pagoda.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from pagoda.metrics import EngineMetrics
 
@@ -81,8 +81,9 @@ def _validation_message(error: RequestValidationError) -> tuple[str, str | None]
 def build_app(engine: AsyncLLM, config: ServerConfig, metrics: EngineMetrics | None = None) -> FastAPI:
     app = FastAPI(title="pagoda", version=__version__)
     info = engine.model_info
-    chat = OpenAIServingChat(engine, config)
-    completion = OpenAIServingCompletion(engine, config)
+    grammars = edge_grammars(engine)  # structured outputs: one compile cache for every route
+    chat = OpenAIServingChat(engine, config, grammars)
+    completion = OpenAIServingCompletion(engine, config, grammars)
     responses = OpenAIServingResponses(chat, ResponseStore(config.max_stored_responses))
     created = int(time.time())
 
@@ -186,7 +187,7 @@ def build_app(engine: AsyncLLM, config: ServerConfig, metrics: EngineMetrics | N
             raise APIError(400, f"token id {bad} is invalid: must be in [0, {info.vocab_size})", "tokens")
         return {"prompt": await off_loop(info.tokenizer.decode, body.tokens)}
 
-    add_ollama_routes(app, engine, config)
+    add_ollama_routes(app, engine, config, grammars)
     # Outermost first: the key is checked before a body is read.
     app.add_middleware(BodyGuardMiddleware, max_bytes=config.max_request_bytes, timeout=config.request_timeout)
     app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)

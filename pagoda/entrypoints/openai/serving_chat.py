@@ -34,7 +34,6 @@ from pagoda.entrypoints.openai.serving_common import (
     truncate,
     usage,
 )
-from pagoda.entrypoints.openai.structured_outputs import constraint_from_body, tool_call_constraint
 from pagoda.entrypoints.openai.token_bytes import token_bytes
 from pagoda.outputs import CompletionOutput, RequestOutput
 from pagoda.sampling_params import RequestOutputKind
@@ -67,13 +66,7 @@ class OpenAIServingChat(OpenAIServing):
                               body.truncate_prompt_tokens)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         top = (body.top_logprobs or 0) if body.logprobs else None
-        constraint = constraint_from_body(body)
-        if plan.constraint is not None:  # tool_choice "required" or a named function: forced by a grammar
-            if constraint is not None:
-                raise APIError(400, f"tool_choice={body.tool_choice!r} forces tool calls and {constraint.field} "
-                                    "constrains the text: send only one of them", constraint.field)
-            constraint = tool_call_constraint(*plan.constraint)
-        params = self.sampling_params(body, max_tokens, len(prompt_ids), top, constraint)
+        params = self.sampling_params(body, max_tokens, len(prompt_ids), top, await self.constraint(body, plan))
         # Streams get what is new each step; whole answers come once, at the end.
         params = replace(params, output_kind=RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY)
         first, outputs = await wait_or_disconnect(request, self.start(prompt_ids, params, request_id,

@@ -13,7 +13,12 @@ from dataclasses import dataclass
 
 from pagoda.engine.async_engine import AsyncLLM, EngineDeadError, RequestFailedError
 from pagoda.entrypoints.openai.errors import APIError
-from pagoda.entrypoints.openai.structured_outputs import Constraint
+from pagoda.entrypoints.openai.structured_outputs import (
+    Constraint,
+    check_compiles,
+    constraint_from_body,
+    tool_call_constraint,
+)
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams, SamplingParamsError
 
@@ -43,12 +48,36 @@ class ServerConfig:
     scheduling_policy: str = "fcfs"
 
 
+def edge_grammars(engine: AsyncLLM):
+    """The front end's StructuredOutputManager: checks constraints against the served tokenizer
+    (compiled and cached here too, so a bad one is a 400 before it is queued)."""
+    from pagoda.structured_output.manager import StructuredOutputManager
+
+    info = engine.model_info
+    return StructuredOutputManager(info.tokenizer, info.vocab_size, info.eos_token_ids)
+
+
 class OpenAIServing:
-    def __init__(self, engine: AsyncLLM, config: ServerConfig):
+    def __init__(self, engine: AsyncLLM, config: ServerConfig, grammars=None):
+        """`grammars`: the StructuredOutputManager the routes share (`edge_grammars`); made here if None."""
         self.engine = engine
         self.config = config
         self.tokenizer = engine.model_info.tokenizer
         self.max_model_len = engine.model_info.max_model_len
+        self.grammars = grammars if grammars is not None else edge_grammars(engine)
+
+    async def constraint(self, body, tools=None) -> Constraint | None:
+        """The body's structured-output constraint, fully checked (structured_outputs.py). `tools`: the
+        request's ToolPlan (pagoda/tools/choice.py), whose forced choices are grammars too."""
+        constraint = constraint_from_body(body)
+        if tools is not None and tools.constraint is not None:  # tool_choice "required" or a named function
+            if constraint is not None:
+                raise APIError(400, f"tool_choice={body.tool_choice!r} forces tool calls and {constraint.field} "
+                                    "constrains the text: send only one of them", constraint.field)
+            constraint = tool_call_constraint(*tools.constraint)
+        if constraint is not None:
+            await off_loop(check_compiles, self.grammars, constraint)
+        return constraint
 
     def check_model(self, name: str) -> None:
         if name != self.config.served_model_name:
@@ -130,6 +159,8 @@ async def run_request(engine: AsyncLLM, config: ServerConfig, prompt_ids: list[i
     except EngineDeadError as error:
         raise APIError(503, str(error), kind="server_error") from None
     except RequestFailedError as error:  # the engine failed this request alone and goes on
+        if error.invalid_request:  # e.g. a grammar the vocabulary cannot finish: the request's fault
+            raise APIError(400, f"the request cannot be served: {error.message}") from None
         raise APIError(500, f"the request failed in the engine: {error.message}", kind="server_error") from None
     except ValueError as error:
         raise APIError(400, str(error)) from None

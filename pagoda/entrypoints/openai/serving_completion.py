@@ -28,7 +28,6 @@ from pagoda.entrypoints.openai.serving_common import (
     truncate,
     usage,
 )
-from pagoda.entrypoints.openai.structured_outputs import constraint_from_body
 from pagoda.outputs import CompletionOutput, RequestOutput
 from pagoda.sampling_params import RequestOutputKind
 
@@ -59,7 +58,7 @@ class OpenAIServingCompletion(OpenAIServing):
             raise APIError(400, "prompt: streaming takes one prompt per request", "prompt")
         encoded = [truncate(ids, body.truncate_prompt_tokens)
                    for ids in await off_loop(lambda: [self._encode(prompt) for prompt in prompts])]
-        constraint = constraint_from_body(body)  # checked once, shared by every prompt's request
+        constraint = await self.constraint(body)  # checked once, shared by every prompt's request
         params = [self.sampling_params(body, body.max_tokens, len(ids), body.logprobs, constraint) for ids in encoded]
         sequences = len(encoded) * max(params[0].num_samples, params[0].beam_width or 1)
         if sequences > MAX_SEQUENCES:

@@ -30,6 +30,16 @@ _BACKENDS = (None, "auto", "xgrammar")
 class Constraint:
     params: StructuredOutputsParams
     field: str  # the request field it came from, for errors
+    spec_field: str  # the field holding the schema, regex or grammar itself
+
+
+def check_compiles(manager, constraint: Constraint) -> None:
+    """The full check against the served tokenizer (compiles, can start): 400 naming the field.
+    Blocks for the compile: run it off the event loop."""
+    try:
+        manager.check_compiles(constraint.params)
+    except StructuredOutputsError as error:
+        raise _invalid(constraint.spec_field, error.value, error.problem) from None
 
 
 def _invalid(field: str, value: object, problem: str) -> APIError:
@@ -48,7 +58,7 @@ def _build(field: str, kind: str, value: object, spec_field: str, any_whitespace
         grammar.check(params)
     except StructuredOutputsError as error:
         raise _invalid(spec_field, value, error.problem) from None
-    return Constraint(params, field)
+    return Constraint(params, field, spec_field)
 
 
 def _from_response_format(value: dict) -> Constraint | None:

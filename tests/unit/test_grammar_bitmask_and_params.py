@@ -108,8 +108,8 @@ def _reference_mask(bitmask: np.ndarray, vocab: int) -> torch.Tensor:
     return bits.reshape(bitmask.shape[0], -1)[:, :vocab].bool()
 
 
-@settings(max_examples=25, deadline=None)
-@given(st.integers(1, 6), st.integers(1, 200), st.randoms(use_true_random=False))
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 6), st.one_of(st.integers(1, 200), st.just(49152)), st.randoms(use_true_random=False))
 def test_bitmask_masks_exactly_the_forbidden_tokens_of_the_constrained_rows(num_rows, vocab, rng):
     ids = [f"r{i}" for i in range(num_rows)]
     constrained = rng.sample(ids, rng.randint(0, num_rows))
@@ -125,8 +125,9 @@ def test_bitmask_masks_exactly_the_forbidden_tokens_of_the_constrained_rows(num_
     # One row's request is missing from the batch (it failed its input check): skipped.
     grammar_rows = GrammarBitmask(constrained + ["gone"], np.concatenate(
         [bitmask, np.zeros((1, (vocab + 31) // 32), dtype=np.int32)]))
-    apply_grammar_bitmask(logits, grammar_rows, [_Row(rid) for rid in ids])
+    dead = apply_grammar_bitmask(logits, grammar_rows, [_Row(rid) for rid in ids])
     assert torch.equal(logits, expected)
+    assert dead == [ids.index(rid) for k, rid in enumerate(constrained) if not bitmask[k].any()]
 
 
 class _SamplerRow:
@@ -325,3 +326,9 @@ def _compiled(tokenizer, params):
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=49152, stop_token_ids=[2])
         _COMPILERS["c"] = xgr.GrammarCompiler(info, max_threads=1)
     return grammar.compile_grammar(_COMPILERS["c"], params)
+
+
+def test_min_tokens_is_refused_with_a_grammar():
+    with pytest.raises(SamplingParamsError) as info:
+        SamplingParams(min_tokens=3, structured_outputs=S(regex="a+"))
+    assert info.value.field_name == "min_tokens" and "structured_outputs" in str(info.value)
