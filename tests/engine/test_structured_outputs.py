@@ -82,12 +82,18 @@ def test_n_samples_and_best_of_each_follow_the_grammar(llm):
 
 
 def test_free_requests_in_a_mixed_batch_are_untouched(llm):
-    free = SamplingParams(temperature=0, max_tokens=24)
-    alone = [o.outputs[0].token_ids for o in llm.chat([_chat("Name a river."), _chat("Count to five.")], free)]
+    """Free rows sharing steps with constrained ones are never masked: each greedy token is the
+    top token of the row's own raw distribution. (Comparing with a run of the free requests
+    alone would test batch invariance instead, which bf16 does not give: a step that also
+    prefills another request runs the large-batch kernels, which round differently.)"""
+    free = SamplingParams(temperature=0, max_tokens=24, logprobs=1)
     constrained = SamplingParams(temperature=0, max_tokens=80, structured_outputs=StructuredOutputsParams(json=PERSON))
     mixed = llm.chat([_chat("Name a river."), _chat("Describe a person."), _chat("Count to five."),
                       _chat("Describe someone else.")], [free, constrained, free, constrained])
-    assert [mixed[0].outputs[0].token_ids, mixed[2].outputs[0].token_ids] == alone
+    for out in (mixed[0].outputs[0], mixed[2].outputs[0]):
+        assert len(out.token_ids) > 3
+        for token, alternatives in zip(out.token_ids, out.logprobs):
+            assert alternatives[token] == max(alternatives.values())
     assert _valid_person(mixed[1].outputs[0].text) and _valid_person(mixed[3].outputs[0].text)
 
 
