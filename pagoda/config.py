@@ -13,7 +13,7 @@ import torch
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 # Kept in step with pagoda/model/attention/backend.py (which imports this module).
-ATTENTION_BACKENDS = ("auto", "torch", "cpu")
+ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton")
 # On CPU the KV cache lives in RAM next to everything else; 2 GiB holds
 # ~90k tokens of SmolLM2 in bf16 and leaves room on small machines.
 DEFAULT_CPU_KV_CACHE_BYTES = 2 * 1024**3
@@ -174,8 +174,12 @@ class EngineConfig:
     max_model_len: int | None = None
     seed: int = 0
     num_threads: int | None = None
-    # auto: the compiled CPU kernel on a CPU device where it loads, else torch (model/attention/backend.py).
+    # auto: the compiled CPU kernel on a CPU device where it loads, the Triton kernels on CUDA where
+    # triton imports, else torch (model/attention/backend.py).
     attention_backend: str = "auto"
+    # CUDA only: True turns off CUDA graphs for decode-only steps (worker/cuda_graphs.py); every
+    # step then runs eagerly. Meaningless (and harmless) on CPU.
+    enforce_eager: bool = False
     # How linear layers store weights (docs/quantization.md): "auto" (GGUF blocks kept
     # packed where that measured faster at equal quality, else float), None/"none",
     # "gguf", "int8", "int4".

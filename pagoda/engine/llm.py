@@ -23,7 +23,7 @@ class LLM:
     Keyword arguments map onto `EngineConfig`, `SchedulerConfig` and
     `CacheConfig` fields (e.g. `dtype`, `max_model_len`, `max_num_seqs`,
     `max_num_batched_tokens`, `block_size`, `kv_cache_memory`, `num_blocks`,
-    `attention_backend`: "auto", "torch" or "cpu").
+    `attention_backend`: "auto", "torch", "cpu" or "triton"; `enforce_eager`: no CUDA graphs).
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, show_progress: bool = True, **kwargs):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pagoda.config import DEFAULT_MODEL
+from pagoda.config import ATTENTION_BACKENDS, DEFAULT_MODEL
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -42,10 +42,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="host memory for swapped-out KV blocks with --preemption-mode swap (default: 4)")
     group.add_argument("--max-num-seqs", type=int, default=256, help="requests running at once")
     group.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per engine step")
-    group.add_argument("--attention-backend", choices=["auto", "torch", "cpu"], default="auto",
+    group.add_argument("--attention-backend", choices=list(ATTENTION_BACKENDS), default="auto",
                        help="attention kernels: cpu (compiled C++ that reads the paged KV cache in place; "
-                            "built on first use), torch (portable, gathers blocks then calls SDPA), or auto "
-                            "(cpu on a CPU device where it builds, else torch) (default: auto)")
+                            "built on first use), triton (GPU kernels that read the paged KV cache in place), "
+                            "torch (portable, gathers blocks then calls SDPA), or auto (cpu on a CPU device "
+                            "where it builds, triton on CUDA where triton imports, else torch) (default: auto)")
+    group.add_argument("--enforce-eager", action="store_true",
+                       help="CUDA: run every step eagerly (no CUDA graphs for decode-only steps; docs/gpu.md)")
     group.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     group.add_argument("--speculative-config", default=None, metavar="JSON",
                        help="speculative decoding, as in vLLM: '{\"method\": \"ngram\", \"num_speculative_tokens\": 4, "
@@ -64,6 +67,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         max_num_batched_tokens=args.max_num_batched_tokens,
         num_threads=args.threads,
         attention_backend=args.attention_backend,
+        enforce_eager=args.enforce_eager,
         enable_prefix_caching=args.enable_prefix_caching,
         policy=args.policy,
         kv_offload_cpu_gb=args.kv_offload_cpu_gb,

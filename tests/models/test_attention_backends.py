@@ -202,16 +202,21 @@ def test_an_extension_without_the_op_falls_back(monkeypatch):
 def test_cpu_backend_refuses_other_devices():
     with pytest.raises(ConfigError, match="runs on device='cpu' only"):
         select_attention_backend("cpu", torch.device("cuda"), 9, 3)
-    assert select_attention_backend("auto", torch.device("cuda"), 9, 3).name == "torch"
+    # auto on CUDA: triton where it imports (and no interpreter is on), else torch
+    # (tests/kernels/test_triton_attention.py checks which).
+    assert select_attention_backend("auto", torch.device("cuda"), 9, 3).name in ("triton", "torch")
 
 
 def test_config_and_cli_name_the_allowed_backends():
-    with pytest.raises(ConfigError, match="attention_backend='triton' is invalid: must be one of auto, torch, cpu"):
-        EngineConfig(attention_backend="triton")
+    with pytest.raises(ConfigError, match="attention_backend='flash' is invalid: must be one of auto, torch, cpu, triton"):
+        EngineConfig(attention_backend="flash")
     parser = argparse.ArgumentParser()
     add_engine_args(parser)
     assert engine_kwargs(parser.parse_args([]))["attention_backend"] == "auto"
     assert engine_kwargs(parser.parse_args(["--attention-backend", "torch"]))["attention_backend"] == "torch"
+    assert engine_kwargs(parser.parse_args(["--attention-backend", "triton"]))["attention_backend"] == "triton"
+    assert engine_kwargs(parser.parse_args([]))["enforce_eager"] is False
+    assert engine_kwargs(parser.parse_args(["--enforce-eager"]))["enforce_eager"] is True
     with pytest.raises(SystemExit):
         parser.parse_args(["--attention-backend", "flash"])
 
