@@ -12,7 +12,13 @@ Beam search requests are not sampled: they report their top candidates
 engine's beam group to choose from.
 
 Randomness: a request with a seed draws from its own generator, one draw
-per token, so its tokens do not depend on what else is in the batch.
+per token, so its tokens do not depend on what else is in the batch. On the
+CPU the noise comes from CPU generators (the row's, or the sampler's shared
+one). On a GPU it is drawn on the device, never copied over: a seeded
+request gets a device generator seeded with its seed (made at its first draw,
+kept while its CPU generator lives), the rest share one device generator
+seeded like the CPU one; a seed then reproduces its tokens on that device
+(another device type, or the CPU, draws other noise).
 
 Failures: the per-row work (logit processors, beam candidates, logprobs)
 is guarded row by row: a row that raises is reported in `failed` and the
@@ -22,6 +28,7 @@ whole call; the engine then finds the culprit (engine/llm_engine.py).
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -50,8 +57,13 @@ class SamplerOutput:
 class Sampler:
     def __init__(self, vocab_size: int, seed: int = 0):
         self.vocab_size = vocab_size
+        self.seed = seed
         # Shared generator for requests without a seed (no global RNG state).
         self.generator = torch.Generator().manual_seed(seed)
+        # Off the CPU: the shared device generator per device, and each seeded request's device
+        # generator, found from its CPU generator (gone when the request's is).
+        self._device_generators: dict[torch.device, torch.Generator] = {}
+        self._request_device_generators: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def __call__(self, logits: torch.Tensor, requests: list[Request],
                  plan: SamplingPlan | None = None, grammar: GrammarBitmask | None = None) -> SamplerOutput:
@@ -97,17 +109,41 @@ class Sampler:
                                plan.top_p[rows].to(device=device, dtype=logits.dtype),
                                plan.min_p[rows].to(device=device, dtype=logits.dtype))
         probs = torch.softmax(logits, dim=-1)
-        # Exponential race: argmax(p / E) with E ~ Exp(1) is a draw from p. The noise is drawn
-        # on the CPU, from CPU generators, so a seed gives the same tokens on every device.
-        # Rows with a seed draw from their own generator, one row at a time; the others share
-        # one draw from the engine's generator.
-        noise = torch.empty(probs.shape, dtype=probs.dtype)
+        # Exponential race: argmax(p / E) with E ~ Exp(1) is a draw from p. Rows with a seed
+        # draw from their own generator, one row at a time; the others share one draw from
+        # the engine's generator. On the CPU from CPU generators; elsewhere on the device.
         own = [i for i, request in enumerate(requests) if request.generator is not None]
+        if device.type == "cpu":
+            noise = torch.empty(probs.shape, dtype=probs.dtype)
+            if len(own) < len(requests):
+                noise.exponential_(generator=self.generator)
+            for i in own:
+                noise[i].exponential_(generator=requests[i].generator)
+            return (probs / noise).argmax(dim=-1)
+        noise = torch.empty(probs.shape, dtype=probs.dtype, device=device)
         if len(own) < len(requests):
-            noise.exponential_(generator=self.generator)
+            noise.exponential_(generator=self._shared_device_generator(device))
         for i in own:
-            noise[i].exponential_(generator=requests[i].generator)
-        return (probs / noise.to(device)).argmax(dim=-1)
+            noise[i].exponential_(generator=self._request_device_generator(requests[i], device))
+        return (probs / noise).argmax(dim=-1)
+
+    def _shared_device_generator(self, device: torch.device) -> torch.Generator:
+        generator = self._device_generators.get(device)
+        if generator is None:
+            generator = torch.Generator(device=device).manual_seed(self.seed)
+            self._device_generators[device] = generator
+        return generator
+
+    def _request_device_generator(self, request: Request, device: torch.device) -> torch.Generator:
+        """The seeded request's generator on `device`: seeded with its seed at its first draw."""
+        generator = self._request_device_generators.get(request.generator)
+        if generator is None or generator.device != device:
+            seed = request.sampling_params.seed
+            if seed is None:  # a generator without a seed: continue from the CPU one's state
+                seed = int(torch.randint(0, 2**63 - 1, (1,), generator=request.generator))
+            generator = torch.Generator(device=device).manual_seed(seed)
+            self._request_device_generators[request.generator] = generator
+        return generator
 
 
 def _apply_grammar(logits: torch.Tensor, grammar: GrammarBitmask, requests: list[Request],
