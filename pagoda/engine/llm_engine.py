@@ -88,6 +88,7 @@ from pagoda.worker.kv_cache import (
     kv_bytes_per_token,
     num_blocks_for_budget,
 )
+from pagoda.worker.cuda_graphs import capture_decode_graphs
 from pagoda.worker.model_runner import ModelRunner
 from pagoda.worker.sampler import Sampler
 
@@ -218,6 +219,9 @@ class LLMEngine:
             # Verifying drafts must reproduce decoding: no decode row's keys split across threads.
             split_decodes=config.speculative_config is None,
         )
+        # CUDA: decode-only steps replay graphs captured now (None on CPU, or with enforce_eager).
+        self.runner.cuda_graphs = capture_decode_graphs(self.runner, config.scheduler.max_num_seqs,
+                                                        self.max_model_len, config.enforce_eager)
         # The engine's only door to the device side; it sends plain data (core/worker_step.py).
         self.executor: Executor = InProcessExecutor(self.runner)
         self._worker_steps = WorkerStepBuilder()

@@ -72,6 +72,7 @@ class ModelRunner:
             # Speculative decoding: a decode row's keys in one range, as a row verifying drafts has
             # them, so both round alike (csrc/cpu/attention.cpp) and verification equals decoding.
             self.attention.num_splits = 1
+        self.cuda_graphs = None  # CUDA: decode-only steps replay captured graphs (worker/cuda_graphs.py)
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy on write: each (source, destination) block, K and V of every layer, in order."""
@@ -131,8 +132,11 @@ class ModelRunner:
             return out
         # Decodes first, then prefill chunks (StepLayout's promise; backends sort further if they want).
         batch = self.input_batch.prepare(decodes + prefills, len(decodes), self.device)
-        meta = self.attention.build_metadata(batch.layout)
-        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, meta)
+        if self.cuda_graphs is not None and self.cuda_graphs.covers(batch):
+            hidden = self.cuda_graphs.replay(batch)
+        else:
+            meta = self.attention.build_metadata(batch.layout)
+            hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, meta)
 
         states = self.input_batch.states
         sample_rows, sample_states = [], []

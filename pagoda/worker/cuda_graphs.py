@@ -1,0 +1,192 @@
+"""CUDA graphs for decode-only steps: captured once at start-up, replayed on fixed buffers.
+
+A decode step at batch size ``n`` launches the same kernels, with the same shapes, every
+time; only the data changes (token ids, positions, slots, block tables, lengths). On a
+GPU those launches (hundreds per step for a 16-layer model) cost more than the kernels
+themselves at small batch. So the forward pass of a decode-only step is captured as a CUDA
+graph for each bucketed batch size (1, 2, 4, 8, then multiples of 8 up to
+``max_num_seqs``, at most 512) and replayed with the step's data copied into the static
+buffers the graph was captured on:
+
+- ``input_ids``, ``positions``, ``slot_mapping`` [max_bucket]; ``block_tables``
+  [max_bucket, blocks per sequence at max_model_len] int32; ``seq_lens`` [max_bucket] int32;
+  ``query_start_loc`` = 0..max_bucket (one token per row, fixed).
+- A step of ``n`` rows replays the smallest bucket ``b >= n``; rows ``n..b-1`` are padding:
+  slot -1 (the Triton KV-write kernel skips negative slots, so nothing real is written),
+  ``seq_len`` 1 over block 0 (a valid read whose result is thrown away), token 0 at position 0.
+- The attention metadata of each bucket is built once (``TritonAttentionMetadata`` over
+  the static tensors), with a split-K count fixed per bucket: the kernel computes each
+  range from the row's ``seq_len`` at run time, so one count serves every length (ranges
+  past a short row's keys are empty and weigh nothing in the merge).
+- Outputs are the graph's own static tensor: ``replay`` returns a view of its first ``n``
+  rows, valid until the next replay (the runner samples from it before then).
+
+Only the ``triton`` attention backend takes graphs (the torch backend's metadata is
+Python lists whose shape follows the lengths; the cpu backend is for CPU). Prefill and mixed
+steps, steps wider than the largest bucket and speculative verification (several tokens a
+row) run eagerly. ``--enforce-eager`` / ``enforce_eager=True`` turns graphs off.
+
+Everything here needs ``torch.cuda.is_available()``, except the ``dry_run`` mode tests use:
+it keeps the static buffers, padding and per-bucket metadata but runs the forward pass
+eagerly on them at each replay (no capture), so the plumbing is tested on CPU under Triton's
+interpreter (tests/kernels/test_cuda_graph_buffers.py). The capture itself is exercised by
+tests/gpu/ and benchmarks/gpu_suite.py on a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from pagoda.worker.input_batch import StepTensors
+    from pagoda.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+_MAX_CAPTURED_BATCH = 512
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    """Bucketed batch sizes to capture: 1, 2, 4, 8, 16, 24, ... up to max_num_seqs (at most 512)."""
+    top = max(1, min(max_num_seqs, _MAX_CAPTURED_BATCH))
+    sizes = [b for b in (1, 2, 4) if b < top] + list(range(8, top, 8))
+    return sorted(set(sizes + [top]))
+
+
+class _Graph:
+    """One captured bucket: replay() re-runs it and returns its static output."""
+
+    def __init__(self, run, graph: torch.cuda.CUDAGraph | None, output: torch.Tensor):
+        self._run = run  # dry run: the eager forward over the static buffers
+        self.graph = graph
+        self.output = output
+
+    def replay(self) -> torch.Tensor:
+        if self.graph is None:
+            self.output = self._run()
+        else:
+            self.graph.replay()
+        return self.output
+
+
+class CudaGraphRunner:
+    def __init__(self, runner: ModelRunner, max_num_seqs: int, max_model_len: int, dry_run: bool = False):
+        from pagoda.model.attention.triton_paged import TritonAttentionBackend, decode_splits
+
+        backend = runner.attention
+        if not isinstance(backend, TritonAttentionBackend):
+            raise ValueError(f"CUDA graphs need the triton attention backend, not {backend.name!r}")
+        self.runner = runner
+        self.dry_run = dry_run
+        self.device = runner.device
+        self.block_size = runner.block_size
+        self.batch_sizes = graph_batch_sizes(max_num_seqs)
+        self.max_batch = self.batch_sizes[-1]
+        self.max_blocks = -(-max_model_len // self.block_size)
+        device, top = self.device, self.max_batch
+        self.input_ids = torch.zeros(top, dtype=torch.long, device=device)
+        self.positions = torch.zeros(top, dtype=torch.long, device=device)
+        self.slot_mapping = torch.full((top,), -1, dtype=torch.long, device=device)
+        self.block_tables = torch.zeros(top, self.max_blocks, dtype=torch.int32, device=device)
+        self.seq_lens = torch.ones(top, dtype=torch.int32, device=device)
+        self.query_start_loc = torch.arange(top + 1, dtype=torch.int32, device=device)
+        self._backend = backend
+        # Speculative decoding forces one range (verification must round like decoding).
+        self._forced_splits = backend.num_splits
+        self._decode_splits = decode_splits
+        self._max_model_len = max_model_len
+        self.graphs: dict[int, _Graph] = {}
+        self.num_replays = 0
+
+    # -- capture -------------------------------------------------------------
+
+    def _metadata(self, batch: int):
+        from pagoda.model.attention.triton_paged import TritonAttentionMetadata
+
+        kv_heads = self._backend.num_kv_heads
+        splits = self._forced_splits or self._decode_splits(batch, kv_heads, self._max_model_len)
+        return TritonAttentionMetadata(
+            backend=self._backend, slot_mapping=self.slot_mapping[:batch], block_tables=self.block_tables[:batch],
+            query_start_loc=self.query_start_loc[:batch + 1], seq_lens=self.seq_lens[:batch], num_rows=batch,
+            num_decodes=batch, max_query_len=1, num_splits=splits)
+
+    @torch.inference_mode()
+    def capture(self) -> CudaGraphRunner:
+        """Captures every bucket, largest first (smaller ones reuse its memory pool)."""
+        start = time.perf_counter()
+        model, kv_caches = self.runner.model, self.runner.kv_caches
+        pool = None if self.dry_run else torch.cuda.graph_pool_handle()
+        for batch in reversed(self.batch_sizes):
+            meta = self._metadata(batch)
+            ids, positions = self.input_ids[:batch], self.positions[:batch]
+
+            def run(ids=ids, positions=positions, meta=meta):
+                return model(ids, positions, kv_caches, meta)
+
+            if self.dry_run:
+                self.graphs[batch] = _Graph(run, None, run())
+                continue
+            for _ in range(2):  # compile the Triton kernels and settle the allocator before capturing
+                run()
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                output = run()
+            torch.cuda.synchronize(self.device)
+            self.graphs[batch] = _Graph(run, graph, output)
+        if not self.dry_run:
+            logger.info("captured CUDA graphs for decode batches %s in %.1f s", self.batch_sizes,
+                        time.perf_counter() - start)
+        return self
+
+    # -- replay --------------------------------------------------------------
+
+    def covers(self, batch: StepTensors) -> bool:
+        """Whether this step replays a graph: decode rows only, within the largest bucket."""
+        layout = batch.layout
+        return (0 < layout.num_rows <= self.max_batch and layout.num_decodes == layout.num_rows
+                and layout.block_tables.shape[1] <= self.max_blocks)
+
+    def bucket(self, num_rows: int) -> int:
+        for size in self.batch_sizes:
+            if size >= num_rows:
+                return size
+        raise ValueError(f"{num_rows} rows is more than the largest captured batch ({self.max_batch})")
+
+    def replay(self, batch: StepTensors) -> torch.Tensor:
+        """The step's hidden states [n, hidden] (a view of the graph's output, valid until the next
+        replay): its data copied into the static buffers, padding rows reset, the graph replayed."""
+        layout = batch.layout
+        n = layout.num_rows
+        size = self.bucket(n)
+        width = layout.block_tables.shape[1]
+        self.input_ids[:n].copy_(batch.input_ids, non_blocking=True)
+        self.positions[:n].copy_(batch.positions, non_blocking=True)
+        self.slot_mapping[:n].copy_(layout.slot_mapping, non_blocking=True)
+        self.block_tables[:n, :width].copy_(layout.block_tables, non_blocking=True)
+        self.seq_lens[:n].copy_(layout.seq_lens_tensor, non_blocking=True)
+        if size > n:  # padding rows: token 0 at position 0, no slot, one key of block 0
+            self.input_ids[n:size].zero_()
+            self.positions[n:size].zero_()
+            self.slot_mapping[n:size].fill_(-1)
+            self.block_tables[n:size, 0].zero_()
+            self.seq_lens[n:size].fill_(1)
+        self.num_replays += 1
+        return self.graphs[size].replay()[:n]
+
+
+def capture_decode_graphs(runner: ModelRunner, max_num_seqs: int, max_model_len: int,
+                          enforce_eager: bool) -> CudaGraphRunner | None:
+    """The engine's start-up hook: graphs for decode steps where they apply (a CUDA device, the
+    triton attention backend, not enforce_eager), else None (every step eager)."""
+    if enforce_eager or runner.device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    if runner.attention.name != "triton":
+        logger.info("CUDA graphs are off: they need the triton attention backend (this engine runs %r)",
+                    runner.attention.name)
+        return None
+    return CudaGraphRunner(runner, max_num_seqs, max_model_len).capture()
