@@ -301,7 +301,8 @@ def _launch(out, q, k_cache, v_cache, meta, scale, row_offset, num_rows, max_que
     # 16 query rows (a tensor-core tile) for decodes; bigger tiles for prefill chunks.
     block_m = max(16 if max_query_len == 1 else 64, group_p2)
     block_q = block_m // group_p2
-    tile_n = 16 if max_query_len == 1 and head_dim >= 128 else 32
+    # Keys per loop step: bigger loads for decodes (memory-bound), smaller for prefill tiles (registers).
+    tile_n = 64 if max_query_len == 1 and head_dim <= 128 else 32
     part_acc, part_max, part_sum = parts
     grid = (num_rows, triton.cdiv(max_query_len, block_q) * splits, kv_heads)
     _paged_attention_kernel[grid](
