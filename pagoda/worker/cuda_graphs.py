@@ -112,7 +112,7 @@ class CudaGraphRunner:
         return TritonAttentionMetadata(
             backend=self._backend, slot_mapping=self.slot_mapping[:batch], block_tables=self.block_tables[:batch],
             query_start_loc=self.query_start_loc[:batch + 1], seq_lens=self.seq_lens[:batch], num_rows=batch,
-            num_decodes=batch, max_query_len=1, num_splits=splits)
+            num_decodes=batch, num_splits=splits, prefill_tiles=None)
 
     @torch.inference_mode()
     def capture(self) -> CudaGraphRunner:

@@ -33,17 +33,20 @@ SCRIPT = textwrap.dedent('''
         assert kernel.asm.get("cubin"), "no cubin"
         assert kernel.metadata.shared <= 227 * 1024, kernel.metadata.shared
 
-    for dt, group, head_dim, block_q, tile_n, splits in [
-            ("bf16", 4, 128, 4, 64, 1),     # decodes, Llama-3-8B / 1B-style GQA 4
-            ("bf16", 2, 128, 32, 32, 1),    # prefill tiles, Qwen3-0.6B GQA 2
-            ("fp16", 8, 64, 2, 64, 4),      # split-K decodes
-            ("fp32", 3, 64, 16, 32, 1),     # fp32 (IEEE dots), group not a power of two
-            ("bf16", 16, 128, 1, 64, 8)]:   # group wider than a 16-row tile
+    for dt, group, head_dim, splits, decode in [
+            ("bf16", 4, 128, 1, True),      # decodes, Llama-3-8B / 1B-style GQA 4
+            ("bf16", 2, 128, 1, False),     # prefill tiles, Qwen3-0.6B GQA 2
+            ("fp16", 8, 64, 4, True),       # split-K decodes
+            ("fp32", 3, 64, 1, False),      # fp32 (IEEE dots), group not a power of two
+            ("fp32", 4, 128, 1, False),     # fp32 prefill at head_dim 128 (the most shared memory)
+            ("bf16", 16, 128, 8, True)]:    # group wider than a 16-row tile
+        block_q, tile_n = tp._tile_shape(group, head_dim, decode)
         consts = dict(NUM_HEADS=8 * group, GROUP=group, GROUP_P2=triton.next_power_of_2(group),
                       HEAD_DIM=head_dim, HEAD_DIM_P2=head_dim, BLOCK_SIZE=16, BLOCK_Q=block_q, TILE_N=tile_n,
-                      NUM_SPLITS=splits, IEEE_DOT=dt == "fp32", WIDEN_DOT=False)
+                      NUM_SPLITS=splits, IEEE_DOT=dt == "fp32", WIDEN_DOT=False, TILE_MAP=not decode)
         ptrs = {n: "*" + dt for n in ("out_ptr", "q_ptr", "k_cache_ptr", "v_cache_ptr")}
-        ptrs.update({n: "*i32" for n in ("block_tables_ptr", "query_start_loc_ptr", "seq_lens_ptr")})
+        ptrs.update({n: "*i32" for n in ("block_tables_ptr", "query_start_loc_ptr", "seq_lens_ptr",
+                                         "tile_map_ptr")})
         ptrs.update({n: "*fp32" for n in ("part_acc_ptr", "part_max_ptr", "part_sum_ptr")}, scale="fp32")
         build(tp._paged_attention_kernel, ptrs, consts)
     build(tp._write_kv_kernel, dict(k_ptr="*bf16", v_ptr="*bf16", k_cache_ptr="*bf16", v_cache_ptr="*bf16",

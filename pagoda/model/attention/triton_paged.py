@@ -84,19 +84,23 @@ def _write_kv_kernel(
 @triton.jit
 def _paged_attention_kernel(
     out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_loc_ptr, seq_lens_ptr,
-    part_acc_ptr, part_max_ptr, part_sum_ptr,
-    scale, row_offset,
+    tile_map_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
+    scale,
     stride_qt, stride_qh, stride_ot,
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     stride_bt,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_P2: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE_DOT: tl.constexpr,
-    WIDEN_DOT: tl.constexpr,
+    WIDEN_DOT: tl.constexpr, TILE_MAP: tl.constexpr,
 ):
-    row = tl.program_id(0) + row_offset
-    q_tile = tl.program_id(1) // NUM_SPLITS
-    split = tl.program_id(1) % NUM_SPLITS
+    if TILE_MAP:  # prefill launch: program 0-axis i is query tile tile_map[i] = (row, tile)
+        row = tl.load(tile_map_ptr + 2 * tl.program_id(0))
+        q_tile = tl.load(tile_map_ptr + 2 * tl.program_id(0) + 1)
+    else:  # decode launch: program 0-axis is the row, 1-axis the key range
+        row = tl.program_id(0)
+        q_tile = 0
+    split = tl.program_id(1)
     kv_head = tl.program_id(2)
 
     q_start = tl.load(query_start_loc_ptr + row)
@@ -233,8 +237,10 @@ class TritonAttentionMetadata(AttentionMetadata):
     seq_lens: torch.Tensor  # [rows] int32
     num_rows: int
     num_decodes: int  # rows [0, num_decodes) have one query token each
-    max_query_len: int  # over the prefill rows (1 when there are none)
     num_splits: int  # split-K ranges for the decode rows (1: no split)
+    # Prefill rows' query tiles, [tiles, 2] int32 (row, tile index) on the device: the prefill
+    # launch has one program per tile (x KV head), however unequal the chunks.
+    prefill_tiles: torch.Tensor | None = None
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -248,7 +254,6 @@ class TritonAttentionBackend(AttentionBackend):
 
     def build_metadata(self, layout: StepLayout) -> TritonAttentionMetadata:
         decodes = layout.num_decodes
-        prefill_lens = layout.query_lens[decodes:]
         if self.num_splits > 0:
             splits = self.num_splits
         else:
@@ -262,9 +267,18 @@ class TritonAttentionBackend(AttentionBackend):
             seq_lens=layout.seq_lens_tensor.to(torch.int32).contiguous(),
             num_rows=layout.num_rows,
             num_decodes=decodes,
-            max_query_len=max(prefill_lens, default=1),
             num_splits=splits,
+            prefill_tiles=self._prefill_tiles(layout) if decodes < layout.num_rows else None,
         )
+
+    def _prefill_tiles(self, layout: StepLayout) -> torch.Tensor:
+        block_q, _ = _tile_shape(self.num_heads // self.num_kv_heads, 0, decode=False)
+        counts = [-(-n // block_q) for n in layout.query_lens[layout.num_decodes:]]
+        tiles = torch.empty(sum(counts), 2, dtype=torch.int32)
+        tiles[:, 0] = torch.repeat_interleave(torch.arange(layout.num_decodes, layout.num_rows, dtype=torch.int32),
+                                              torch.tensor(counts))
+        tiles[:, 1] = torch.cat([torch.arange(c, dtype=torch.int32) for c in counts])
+        return tiles.to(layout.block_tables.device, non_blocking=True)
 
     def forward(self, q, k, v, k_cache, v_cache, meta: TritonAttentionMetadata, scale):
         write_kv_triton(k_cache, v_cache, k, v, meta.slot_mapping)
@@ -293,61 +307,73 @@ def write_kv_triton(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tenso
     )
 
 
-def _launch(out, q, k_cache, v_cache, meta, scale, row_offset, num_rows, max_query_len, splits, parts):
+def _tile_shape(group: int, head_dim: int, decode: bool) -> tuple[int, int]:
+    """(query tokens a program takes, keys a loop step takes) for a launch.
+
+    A program's query rows are `block_q` tokens x every query head of its KV head (GQA group,
+    padded to a power of two): 16 rows for decodes (the smallest tensor-core tile; one token,
+    the rest masked), 64 for prefill tiles. Keys per loop step: bigger loads for decodes
+    (memory-bound), smaller for prefill tiles (registers: 64 x head_dim fp32 accumulators)."""
+    group_p2 = _p2(group)
+    block_m = max(16 if decode else 64, group_p2)
+    tile_n = 64 if decode and head_dim <= 128 else 32
+    return block_m // group_p2, tile_n
+
+
+def _launch(out, q, k_cache, v_cache, meta, scale, grid, decode, splits, tile_map, parts):
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
     group = num_heads // kv_heads
-    group_p2 = _p2(group)
-    # 16 query rows (a tensor-core tile) for decodes; bigger tiles for prefill chunks.
-    block_m = max(16 if max_query_len == 1 else 64, group_p2)
-    block_q = block_m // group_p2
-    # Keys per loop step: bigger loads for decodes (memory-bound), smaller for prefill tiles (registers).
-    tile_n = 64 if max_query_len == 1 and head_dim <= 128 else 32
+    block_q, tile_n = _tile_shape(group, head_dim, decode)
     part_acc, part_max, part_sum = parts
-    grid = (num_rows, triton.cdiv(max_query_len, block_q) * splits, kv_heads)
     _paged_attention_kernel[grid](
         out, q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens,
-        part_acc, part_max, part_sum,
-        float(scale), row_offset,
+        tile_map, part_acc, part_max, part_sum,
+        float(scale),
         q.stride(0), q.stride(1), out.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         meta.block_tables.stride(0),
-        NUM_HEADS=num_heads, GROUP=group, GROUP_P2=group_p2, HEAD_DIM=head_dim, HEAD_DIM_P2=_p2(head_dim),
+        NUM_HEADS=num_heads, GROUP=group, GROUP_P2=_p2(group), HEAD_DIM=head_dim, HEAD_DIM_P2=_p2(head_dim),
         BLOCK_SIZE=block_size, BLOCK_Q=block_q, TILE_N=tile_n, NUM_SPLITS=splits,
         IEEE_DOT=q.dtype == torch.float32, WIDEN_DOT=_INTERPRETED and q.dtype == torch.bfloat16,
+        TILE_MAP=tile_map.numel() > 0,
     )
 
 
 def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            meta: TritonAttentionMetadata, scale: float) -> torch.Tensor:
     """q: [N, H, D] (last dim contiguous). Returns [N, H * D] in q's dtype. The step's K/V must
-    already be in the cache."""
+    already be in the cache.
+
+    Two launches of the one kernel at most: the decode rows (tokens [0, num_decodes)), one
+    program per (row, key range, KV head), merged afterwards when split; then the prefill
+    rows, one program per (query tile, KV head)."""
     if q.stride(2) != 1:
         q = q.contiguous()
     num_tokens, num_heads, head_dim = q.shape
+    kv_heads = k_cache.shape[2]
     out = torch.empty(num_tokens, num_heads * head_dim, dtype=q.dtype, device=q.device)
     if meta.num_rows == 0 or num_tokens == 0:
         return out
-    splits = meta.num_splits
-    decodes = meta.num_decodes
-    if splits <= 1 or decodes == 0:  # one launch for every row
-        none = q.new_empty(0, dtype=torch.float32)
-        max_query_len = meta.max_query_len if decodes < meta.num_rows else 1
-        _launch(out, q, k_cache, v_cache, meta, scale, 0, meta.num_rows, max_query_len, 1, (none, none, none))
-        return out
-    # Decode rows (tokens [0, decodes)) in split ranges, then merged; prefill rows in one launch.
-    part_acc = torch.empty(decodes, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
-    part_max = torch.empty(decodes, num_heads, splits, dtype=torch.float32, device=q.device)
-    part_sum = torch.empty(decodes, num_heads, splits, dtype=torch.float32, device=q.device)
-    _launch(out, q, k_cache, v_cache, meta, scale, 0, decodes, 1, splits, (part_acc, part_max, part_sum))
-    _merge_splits_kernel[(decodes, num_heads)](
-        out, part_acc, part_max, part_sum, out.stride(0),
-        NUM_HEADS=num_heads, HEAD_DIM=head_dim, HEAD_DIM_P2=_p2(head_dim), NUM_SPLITS=splits,
-        SPLITS_P2=_p2(splits),
-    )
-    if decodes < meta.num_rows:
-        none = q.new_empty(0, dtype=torch.float32)
-        _launch(out, q, k_cache, v_cache, meta, scale, decodes, meta.num_rows - decodes, meta.max_query_len, 1,
+    none = q.new_empty(0, dtype=torch.float32)
+    no_map = meta.seq_lens.new_empty(0)
+    decodes, splits = meta.num_decodes, max(meta.num_splits, 1)
+    if decodes and splits == 1:
+        _launch(out, q, k_cache, v_cache, meta, scale, (decodes, 1, kv_heads), True, 1, no_map, (none, none, none))
+    elif decodes:  # split-K: partial results per key range, then merged
+        part_acc = torch.empty(decodes, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
+        part_max = torch.empty(decodes, num_heads, splits, dtype=torch.float32, device=q.device)
+        part_sum = torch.empty(decodes, num_heads, splits, dtype=torch.float32, device=q.device)
+        _launch(out, q, k_cache, v_cache, meta, scale, (decodes, splits, kv_heads), True, splits, no_map,
+                (part_acc, part_max, part_sum))
+        _merge_splits_kernel[(decodes, num_heads)](
+            out, part_acc, part_max, part_sum, out.stride(0),
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, HEAD_DIM_P2=_p2(head_dim), NUM_SPLITS=splits,
+            SPLITS_P2=_p2(splits),
+        )
+    tiles = meta.prefill_tiles
+    if tiles is not None and tiles.shape[0]:
+        _launch(out, q, k_cache, v_cache, meta, scale, (tiles.shape[0], 1, kv_heads), False, 1, tiles,
                 (none, none, none))
     return out
