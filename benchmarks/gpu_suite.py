@@ -289,7 +289,7 @@ def section_b(results: dict, root: Path, bandwidth: float) -> list[tuple]:
         total = min(generate_seconds(llm, prompt, n + 1) for _ in range(2))
         per_token = (total - prefill) / n
         per_mode[mode] = dict(seconds_per_token=per_token, tokens_per_s=1 / per_token, vs_roofline=per_token / roofline)
-        rows.append(("b", f"Llama-3.2-1B shape, batch-1 decode, {mode}",
+        rows.append(("b", f"{'tiny (smoke)' if ARGS.smoke else 'Llama-3.2-1B'} shape, batch-1 decode, {mode}",
                      f"{per_token * 1e3:.3f} ms/token ({1 / per_token:.0f} tok/s)",
                      f"{per_token / roofline:.2f}x roofline {roofline * 1e3:.3f} ms (target <= 1.4x)"))
     llm.engine.runner.cuda_graphs = graphs
@@ -352,7 +352,8 @@ def section_c(results: dict, root: Path) -> list[tuple]:
         prompts = random_prompts(n, prompt_len, fields["vocab_size"], seed=seed)
         seconds = generate_seconds(llm, prompts, output_len)
         tok_s[mode] = n * output_len / seconds
-        rows.append(("c", f"Qwen3-0.6B shape, {n} x ({prompt_len} in, {output_len} out), pagoda {mode}",
+        rows.append(("c", f"{'tiny (smoke)' if ARGS.smoke else 'Qwen3-0.6B'} shape, {n} x ({prompt_len} in, "
+                          f"{output_len} out), pagoda {mode}",
                      f"{tok_s[mode]:.0f} out tok/s", f"{seconds:.1f} s"))
     llm.engine.runner.cuda_graphs = graphs
     del llm
