@@ -6,16 +6,17 @@ Three kernels, all reading the cache layout every backend shares,
 - ``_write_kv_kernel``: one program per new token copies its K and V rows (every KV head)
   into its slot. A negative slot is skipped: CUDA-graph padding rows use slot -1
   (worker/cuda_graphs.py), so a padded batch never writes over a real block.
-- ``_paged_attention_kernel``: one launch for the step's rows, decodes and prefill chunks
-  over a cached prefix alike (the shape of vLLM's unified Triton attention). A program
-  owns (row, tile of query tokens [x key split], KV head): its ``BLOCK_M`` query rows are
-  every query head of that KV head for every token of the tile (GQA without repeating
-  K/V), and it walks the row's keys ``TILE_N`` at a time, finding each key's block in the
-  row's block table (so any block size works), with an online softmax in fp32. Query
-  token ``i`` of a row sees keys ``0 .. seq_len - query_len + i`` (causal within the
-  chunk).
+- ``_paged_attention_kernel``: decodes and prefill chunks over a cached prefix alike (the
+  shape of vLLM's unified Triton attention), launched at most twice a step: over the
+  decode rows (rows [0, num_decodes), a program per row, key range and KV head), and over
+  the prefill rows (a program per entry of a flat (row, query tile) list and KV head). A
+  program's ``BLOCK_M`` query rows are every query head of its KV head for every token of
+  its tile (GQA without repeating K/V), and it walks the row's keys ``TILE_N`` at a time,
+  finding each key's block in the row's block table (so any block size works), with an
+  online softmax in fp32. Query token ``i`` of a row sees keys
+  ``0 .. seq_len - query_len + i`` (causal within the chunk).
 - Split-K (flash-decoding) for decode rows: with few decode rows and long contexts the
-  launch above has too few programs for the GPU, so each decode row's keys are cut into
+  decode launch has too few programs for the GPU, so each decode row's keys are cut into
   ``num_splits`` ranges, each writing an unnormalised partial result (acc, max, sum) in
   fp32, and ``_merge_splits_kernel`` combines them. The ranges are computed in the kernel
   from the row's ``seq_len``, so a fixed split count serves any length (CUDA graphs).
