@@ -137,7 +137,8 @@ class Sampler:
     def _request_device_generator(self, request: Request, device: torch.device) -> torch.Generator:
         """The seeded request's generator on `device`: seeded with its seed at its first draw."""
         generator = self._request_device_generators.get(request.generator)
-        if generator is None or generator.device != device:
+        # Compared by type: a generator made on device("cuda") reports device("cuda", 0).
+        if generator is None or generator.device.type != device.type:
             seed = request.sampling_params.seed
             if seed is None:  # a generator without a seed: continue from the CPU one's state
                 seed = int(torch.randint(0, 2**63 - 1, (1,), generator=request.generator))

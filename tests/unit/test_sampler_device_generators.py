@@ -45,3 +45,14 @@ def test_the_shared_device_generator_is_seeded_like_the_cpu_one():
     assert sampler._shared_device_generator(CPU) is shared
     expected = torch.empty(5).exponential_(generator=torch.Generator().manual_seed(11))
     assert torch.equal(torch.empty(5).exponential_(generator=shared), expected)
+
+
+def test_the_stream_continues_across_steps_whatever_the_device_is_called():
+    # The runner's device may be device("cuda") while a generator reports device("cuda", 0):
+    # the request must keep its generator (a new one would restart the seed's stream).
+    sampler = Sampler(10)
+    a = seeded("a", 5)
+    first = sampler._request_device_generator(a, torch.device("cpu"))
+    assert sampler._request_device_generator(a, torch.device("cpu", 0)) is first
+    draws = [torch.empty(3).exponential_(generator=sampler._request_device_generator(a, CPU)) for _ in range(2)]
+    assert not torch.equal(draws[0], draws[1])
