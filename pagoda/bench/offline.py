@@ -179,13 +179,19 @@ def run_latency(llm, batch_size: int, input_len: int, output_len: int, repeats: 
                 seed: int = 0, progress=None) -> LatencyResult:
     vocab = llm.engine.vocab_size
     rng = random.Random(seed)
-    prompts = [[rng.randrange(MIN_TOKEN_ID, vocab) for _ in range(input_len)] for _ in range(batch_size)]
+
+    def draw() -> list[list[int]]:
+        # Fresh prompts for every run: a repeated prompt would hit the prefix cache, and the
+        # run after it would not pay its prefill (decode time = total - prefill < 0).
+        return [[rng.randrange(MIN_TOKEN_ID, vocab) for _ in range(input_len)] for _ in range(batch_size)]
+
     prefill, total = [], []
     for i in range(warmup + repeats):
+        first, second = draw(), draw()
         began = time.perf_counter()
-        llm.generate(prompts, _greedy(1))
+        llm.generate(first, _greedy(1))
         middle = time.perf_counter()
-        outputs = llm.generate(prompts, _greedy(output_len))
+        outputs = llm.generate(second, _greedy(output_len))
         end = time.perf_counter()
         if any(len(o.outputs[0].token_ids) != output_len for o in outputs):
             raise RuntimeError("a request did not generate output_len tokens")
