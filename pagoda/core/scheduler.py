@@ -120,6 +120,10 @@ class SchedulerStats:
     spec_decode_num_draft_tokens_total: int = 0
     spec_decode_num_accepted_tokens_total: int = 0
     spec_decode_accepted_per_position: tuple[int, ...] = ()
+    # Multi-LoRA: names of the adapters of running and of waiting requests; max_loras (0: LoRA off).
+    running_lora_adapters: tuple[str, ...] = ()
+    waiting_lora_adapters: tuple[str, ...] = ()
+    max_lora: int = 0
 
     @property
     def kv_token_efficiency(self) -> float:
@@ -154,10 +158,13 @@ class SpecDecodeStats:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager, max_model_len: int,
-                 swap_space: SwapSpace | None = None):
+                 swap_space: SwapSpace | None = None, max_loras: int = 0):
         """`swap_space`: host blocks for preemption_mode "swap" (its KV cache manager must be
-        `kv_cache`); without it, or with no blocks, every preemption is by recompute."""
+        `kv_cache`); without it, or with no blocks, every preemption is by recompute.
+        `max_loras`: the most distinct LoRA adapters the running batch may hold (the worker's
+        slots): a waiting request whose adapter would be one too many keeps waiting."""
         self.config = config
+        self.max_loras = max_loras
         self.kv_cache = kv_cache
         self.max_model_len = max_model_len
         self.swap_space = swap_space
@@ -266,7 +273,18 @@ class Scheduler:
             spec_decode_num_draft_tokens_total=self.spec_stats.num_draft_tokens,
             spec_decode_num_accepted_tokens_total=self.spec_stats.num_accepted_tokens,
             spec_decode_accepted_per_position=tuple(self.spec_stats.accepted_per_position),
+            running_lora_adapters=_adapter_names(self.running),
+            waiting_lora_adapters=_adapter_names(self.waiting),
+            max_lora=self.max_loras,
         )
+
+    def _lora_fits(self, request: Request) -> bool:
+        """Running `request` keeps the running batch within `max_loras` distinct adapters."""
+        lora_id = request.lora_int_id
+        if not lora_id:
+            return True
+        active = {r.lora_int_id for r in self.running if r.lora_int_id}
+        return lora_id in active or len(active) < self.max_loras
 
     def _offload_stats(self) -> dict[str, int]:
         offload = self.kv_cache.offload
@@ -318,8 +336,9 @@ class Scheduler:
         while self.waiting and budget > 0 and not running_preempted:
             # Skip beams that have nothing to compute until their group picks their next token,
             # and requests whose grammar is still compiling (structured outputs).
-            request = next((r for r in self.waiting if r.beam_candidates is None and not r.waiting_for_grammar),
-                           None)
+            # And requests whose LoRA adapter would need a slot none is free for (vLLM's rule).
+            request = next((r for r in self.waiting if r.beam_candidates is None and not r.waiting_for_grammar
+                            and self._lora_fits(r)), None)
             if request is None:
                 break
             try:
@@ -424,7 +443,7 @@ class Scheduler:
                 num_new = min(request.num_tokens - num_cached, budget)
             else:
                 num_new = 0  # an idle beam: nothing to compute until its group chooses
-            if num_new == 0:
+            if num_new == 0 or (num_cached is not None and not self._lora_fits(request)):
                 return self._complete_plan(out)
             while num_cached is not None and len(self.running) >= self.config.max_num_seqs:
                 if not self._preempt_youngest_but(request, out):
@@ -750,3 +769,8 @@ class Scheduler:
         if finished:
             self._remove(request)
         return RequestUpdate(request, tokens, new_logprobs, [], finished)
+
+
+def _adapter_names(requests) -> tuple[str, ...]:
+    """The distinct LoRA adapter names of `requests`, sorted."""
+    return tuple(sorted({r.lora_request.lora_name for r in requests if r.lora_request is not None}))
