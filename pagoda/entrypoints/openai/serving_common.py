@@ -9,10 +9,11 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pagoda.engine.async_engine import AsyncLLM, EngineDeadError, RequestFailedError
 from pagoda.entrypoints.openai.errors import APIError
+from pagoda.entrypoints.openai.serving_lora import LoRARegistry
 from pagoda.entrypoints.openai.structured_outputs import Constraint
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams, SamplingParamsError
@@ -41,6 +42,8 @@ class ServerConfig:
     request_timeout: float = 30.0
     # The engine's scheduling policy: a request's `priority` means something only with "priority".
     scheduling_policy: str = "fcfs"
+    # LoRA adapters clients may name in `model` (--enable-lora, --lora-modules, --lora-dir).
+    loras: LoRARegistry = field(default_factory=LoRARegistry)
 
 
 class OpenAIServing:
@@ -51,7 +54,7 @@ class OpenAIServing:
         self.max_model_len = engine.model_info.max_model_len
 
     def check_model(self, name: str) -> None:
-        if name != self.config.served_model_name:
+        if name != self.config.served_model_name and self.config.loras.lookup(name) is None:
             raise APIError(404, f"model {name!r} does not exist; this server serves "
                                 f"{self.config.served_model_name!r}", "model", "not_found_error")
 
@@ -102,7 +105,11 @@ class OpenAIServing:
         if body.priority != 0 and self.config.scheduling_policy != "priority":
             raise APIError(400, f"priority={body.priority} needs the server started with --scheduling-policy "
                                 "priority", "priority")
-        return {"cache_salt": body.cache_salt, "priority": body.priority}
+        options = {"cache_salt": body.cache_salt, "priority": body.priority}
+        lora = self.config.loras.lookup(getattr(body, "model", None))
+        if lora is not None:  # `model` names a LoRA adapter of the served model
+            options["lora_request"] = lora
+        return options
 
     async def start(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
                     options: dict | None = None) -> tuple[RequestOutput, AsyncIterator[RequestOutput]]:
