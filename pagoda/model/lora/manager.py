@@ -31,7 +31,7 @@ class LoRAManager:
         self.max_cpu_loras = max(max_cpu_loras or 0, max_loras)
         self.dtype = dtype
         self.shape = ModelShape.from_hf_config(model.config)
-        self.context = LoRAStepContext(device)
+        self.context = LoRAStepContext(device, max_loras)
         model.lora_context = self.context  # LlamaForCausalLM.forward reads it (compiled stack or not)
         # Per decoder layer: Linear path ("self_attn.qkv_proj") -> its slot weights.
         self.layers: list[dict[str, LoRALinearWeights]] = []
