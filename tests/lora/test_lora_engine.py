@@ -112,3 +112,15 @@ def test_adapters_never_share_prefix_cache_blocks(llm, base, tmp_path):
 def test_generate_checks_lora_request_count(llm):
     with pytest.raises(ValueError, match="lora_request has 2 entries"):
         llm.generate([_prompt()], PARAMS, lora_request=[None, None])
+
+
+def test_chat_takes_lora_request(tiny_chat_llama, tmp_path):
+    adapter = make_adapter(tiny_chat_llama, tmp_path / "chat", ["q_proj", "down_proj"], rank=4, seed=9)
+    chat_llm = LLM(str(tiny_chat_llama), dtype="float32", show_progress=False, kv_cache_memory=32 * 1024**2,
+                   enable_lora=True, max_loras=1, max_lora_rank=8)
+    lora = LoRARequest("chat", 1, str(adapter))
+    messages = [{"role": "user", "content": "Hello there"}]
+    output = chat_llm.chat(messages, PARAMS, lora_request=lora)[0]
+    prompt_ids = chat_llm.apply_chat_template(messages)
+    assert output.outputs[0].token_ids == hf_greedy(tiny_chat_llama, adapter, prompt_ids, PARAMS.max_tokens)
+    assert chat_llm.chat(messages, PARAMS)[0].outputs[0].token_ids != output.outputs[0].token_ids
