@@ -106,9 +106,12 @@ class OpenAIServing:
             raise APIError(400, f"priority={body.priority} needs the server started with --scheduling-policy "
                                 "priority", "priority")
         options = {"cache_salt": body.cache_salt, "priority": body.priority}
-        lora = self.config.loras.lookup(getattr(body, "model", None))
+        model = getattr(body, "model", None)
+        lora = self.config.loras.lookup(model)
         if lora is not None:  # `model` names a LoRA adapter of the served model
             options["lora_request"] = lora
+        elif model is not None:  # checked again: the adapter may have been unloaded since check_model
+            self.check_model(model)
         return options
 
     async def start(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
