@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--temperature", type=float, default=0.7, help="(default: 0.7)")
     chat.add_argument("--top-p", type=float, default=0.95)
     chat.add_argument("--seed", type=int, default=None)
+    _add_chat_tool_args(chat)
     _add_engine_args(chat)
     chat.set_defaults(handler=_chat)
 
@@ -121,6 +122,87 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_chat_tool_args(chat: argparse.ArgumentParser) -> None:
+    from pagoda.entrypoints.tool_loop import TOOL_CHOICES
+    from pagoda.tools.parsers import TOOL_PARSERS
+
+    group = chat.add_argument_group("tools from MCP servers (docs/mcp.md)")
+    group.add_argument("--mcp", action="append", default=None, metavar="COMMAND",
+                       help="start an MCP server with this command line (stdio) and offer its tools to the model; "
+                            "repeatable (tool names must differ across servers)")
+    group.add_argument("--tool-choice", choices=TOOL_CHOICES, default=None,
+                       help="auto: the model decides; required: the first round of every turn is forced by a "
+                            "grammar to call tools (default: auto)")
+    group.add_argument("--tool-call-parser", choices=sorted(TOOL_PARSERS), default=None,
+                       help="how calls are read out of the model's text when it decides (default: hermes)")
+    group.add_argument("--max-tool-rounds", type=int, default=None, metavar="N",
+                       help="rounds of tool calls per turn at most; then the model answers without tools "
+                            "(default: 5)")
+    group.add_argument("--no-parallel-tool-calls", dest="parallel_tool_calls", action="store_false", default=None,
+                       help="a forced round calls exactly one tool (default: one or more)")
+
+
+def _chat_tool_loop(args: argparse.Namespace, servers):
+    """The ToolLoop of `pagoda chat --mcp` over the started ``servers``."""
+    from pagoda.entrypoints.tool_loop import ToolLoop
+
+    return ToolLoop(servers.openai_tools(), servers.call, tool_choice=args.tool_choice or "auto",
+                    parser=args.tool_call_parser or "hermes",
+                    max_rounds=5 if args.max_tool_rounds is None else args.max_tool_rounds,
+                    parallel=args.parallel_tool_calls is not False)
+
+
+def _refuse_tool_flags_without_mcp(args: argparse.Namespace) -> None:
+    given = [flag for flag, value in (("--tool-choice", args.tool_choice), ("--tool-call-parser",
+             args.tool_call_parser), ("--max-tool-rounds", args.max_tool_rounds),
+             ("--no-parallel-tool-calls", args.parallel_tool_calls)) if value is not None]
+    if given and not args.mcp:
+        raise ValueError(f"{given[0]} needs --mcp (the tools come from MCP servers)")
+
+
+def _start_mcp(commands: list[str]):
+    try:
+        import mcp  # noqa: F401
+    except ImportError:
+        raise ValueError("--mcp needs the MCP SDK: pip install 'mcp>=2.3,<3'") from None
+    from pagoda.entrypoints.mcp_client import McpServers
+
+    servers = McpServers(commands)
+    servers.start()
+    for notice in servers.notices:
+        print(f"pagoda: {notice}", file=sys.stderr)
+    return servers
+
+
+def _reply_deltas(llm, messages, tools, constraint, params):
+    """One reply of the chat with tools, as text deltas (a ToolLoop's ``generate``): ``tools``
+    shown through the chat template, ``constraint`` (a structured-outputs kind and value: a JSON
+    schema or a structural tag) forced by a grammar."""
+    import dataclasses
+
+    from pagoda.structured_output.params import StructuredOutputsParams
+
+    prompt = llm.apply_chat_template(messages, tools=tools)
+    if constraint is not None:
+        kind, value = constraint
+        params = dataclasses.replace(params, structured_outputs=StructuredOutputsParams(**{kind: value}))
+    engine = llm.engine
+    request_id = engine.add_request(prompt, params)
+    shown, finished = 0, False
+    try:
+        while not finished and engine.has_unfinished_requests():
+            for output in engine.step():
+                if output.request_id == request_id:
+                    text = output.outputs[0].text
+                    finished = output.finished
+                    if len(text) > shown:
+                        yield text[shown:]
+                        shown = len(text)
+    finally:
+        if not finished:  # interrupted (Ctrl-C) or abandoned: free its slot
+            engine.abort_request(request_id)
+
+
 def _stream_reply(engine, prompt, params):
     """Runs one request on the engine, printing its text as it grows; returns its last output."""
     request_id = engine.add_request(prompt, params)
@@ -147,29 +229,48 @@ def _chat(args: argparse.Namespace) -> int:
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed)
-    llm = LLM(args.model, **_engine_kwargs(args))
-    history: list[dict[str, str]] = []
-    interactive = sys.stdin.isatty()
-    if interactive:
-        print(f"Chatting with {args.model}. /bye or Ctrl-D to leave, /clear to start over.", file=sys.stderr)
-    while True:
-        try:
-            line = input(">>> " if interactive else "")
-        except EOFError:
-            break
-        line = line.strip()
-        if not line:
-            continue
-        if line in ("/bye", "/exit", "/quit"):
-            break
-        if line == "/clear":
-            history.clear()
-            continue
-        history.append({"role": "user", "content": line})
-        system = [{"role": "system", "content": args.system}] if args.system else []
-        output = _stream_reply(llm.engine, llm.apply_chat_template(system + history), params)
-        history.append({"role": "assistant", "content": output.outputs[0].text if output else ""})
-    llm.close()
+    _refuse_tool_flags_without_mcp(args)
+    servers = _start_mcp(args.mcp) if args.mcp else None  # a bad server fails before the model loads
+    try:
+        tool_loop = _chat_tool_loop(args, servers) if servers is not None else None
+        llm = LLM(args.model, **_engine_kwargs(args))
+        history: list[dict] = []
+        interactive = sys.stdin.isatty()
+        if interactive:
+            print(f"Chatting with {args.model}. /bye or Ctrl-D to leave, /clear to start over.", file=sys.stderr)
+            if servers is not None:
+                print(f"Tools ({tool_loop.tool_choice}): {', '.join(t.name for t in servers.tools) or 'none'}",
+                      file=sys.stderr)
+        while True:
+            try:
+                line = input(">>> " if interactive else "")
+            except EOFError:
+                break
+            line = line.strip()
+            if not line:
+                continue
+            if line in ("/bye", "/exit", "/quit"):
+                break
+            if line == "/clear":
+                history.clear()
+                continue
+            history.append({"role": "user", "content": line})
+            system = [{"role": "system", "content": args.system}] if args.system else []
+            if tool_loop is None:
+                output = _stream_reply(llm.engine, llm.apply_chat_template(system + history), params)
+                history.append({"role": "assistant", "content": output.outputs[0].text if output else ""})
+                continue
+            try:
+                history.extend(tool_loop.run_turn(
+                    system + history, lambda messages, tools, constraint: _reply_deltas(llm, messages, tools,
+                                                                                        constraint, params)))
+            except ValueError as error:  # e.g. the conversation and tool results outgrew the model
+                print(f"pagoda: error: {error}", file=sys.stderr)
+                history.pop()  # this turn is forgotten; the chat goes on
+        llm.close()
+    finally:
+        if servers is not None:
+            servers.close()
     return 0
 
 

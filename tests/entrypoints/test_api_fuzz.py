@@ -20,7 +20,11 @@ ROUTES = {
     "/api/generate": {"model": MODEL, "prompt": "Hello", "stream": False, "options": {"num_predict": 2}},
     "/api/chat": {"model": MODEL, "messages": [{"role": "user", "content": "Hello"}], "stream": False,
                   "options": {"num_predict": 2}},
+    "/v1/responses": {"model": MODEL, "input": "Hello", "max_output_tokens": 2},
 }
+RESPONSES_FIELDS = ["model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "tools",
+                    "tool_choice", "parallel_tool_calls", "text", "stream", "previous_response_id", "store",
+                    "metadata", "reasoning", "include", "truncation", "seed", "unknown_field"]
 OPENAI_FIELDS = ["model", "prompt", "messages", "n", "best_of", "temperature", "top_p", "top_k", "min_p",
                  "presence_penalty", "frequency_penalty", "repetition_penalty", "seed", "stop", "stop_token_ids",
                  "ignore_eos", "min_tokens", "logit_bias", "stream", "stream_options", "truncate_prompt_tokens",
@@ -95,7 +99,11 @@ def check_answer(route: str, response) -> None:
         return
     assert 200 <= response.status_code < 300
     text = response.text
-    if response.headers["content-type"].startswith("text/event-stream"):
+    if response.headers["content-type"].startswith("text/event-stream") and route == "/v1/responses":
+        events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ")]
+        assert events[-1]["type"] in ("response.completed", "response.incomplete"), events[-1]
+        assert all(event["type"] != "error" for event in events)
+    elif response.headers["content-type"].startswith("text/event-stream"):
         events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
         assert events[-1] == "[DONE]"
         assert all("error" not in json.loads(event) for event in events[:-1])
@@ -127,6 +135,50 @@ def test_openai_routes_answer_hostile_bodies_with_2xx_or_a_shaped_4xx(client, ro
                                               if "chat" in route else ["max_tokens"])))
     def fuzz(changes):
         check_answer(route, post(client, route, {**ROUTES[route], **changes}))
+
+    fuzz()
+    still_serving(client)
+
+
+def test_responses_route_answers_hostile_bodies_with_2xx_or_a_shaped_4xx(client):
+    route = "/v1/responses"
+
+    @FUZZ
+    @given(changes=mutations(RESPONSES_FIELDS))
+    def fuzz(changes):
+        if "max_output_tokens" not in changes:
+            changes["max_output_tokens"] = 2
+        check_answer(route, post(client, route, {**ROUTES[route], **changes}))
+
+    fuzz()
+    still_serving(client)
+
+
+names = st.one_of(strings, st.sampled_from(["get_weather", "a" * 65, "a b", "ok.name-1"]))
+schemas = st.one_of(hostile, st.sampled_from([
+    {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]},
+    {"type": "object", "properties": {"x": {"type": "bogus"}}}, {"type": "array"}, {"$ref": "#/nope"},
+    {"type": "object", "properties": {"s": {"type": "string", "pattern": "[unclosed"}}}, {}]))
+tool_lists = st.lists(st.one_of(hostile, st.fixed_dictionaries({
+    "type": st.sampled_from(["function", "retrieval", None]),
+    "function": st.one_of(hostile, st.fixed_dictionaries({"name": names, "parameters": schemas}))})), max_size=3)
+tool_choices = st.one_of(hostile, st.sampled_from(["none", "auto", "required"]),
+                         st.fixed_dictionaries({"type": st.just("function"),
+                                                "function": st.fixed_dictionaries({"name": names})}))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tools_and_tool_choice_fuzz(client, stream):
+    """Tool lists and choices with hostile names and schemas: a 4xx naming the problem, or an answer
+    (forced choices compile the schemas into a grammar: a bad one is a 400, never a 500)."""
+    route = "/v1/chat/completions"
+
+    @FUZZ
+    @given(tools=tool_lists, choice=tool_choices, parallel=st.one_of(st.none(), st.booleans(), hostile))
+    def fuzz(tools, choice, parallel):
+        body = {**ROUTES[route], "tools": tools, "tool_choice": choice, "parallel_tool_calls": parallel,
+                "max_tokens": 4, "stream": stream}
+        check_answer(route, post(client, route, body))
 
     fuzz()
     still_serving(client)

@@ -289,7 +289,7 @@ def test_completion_suffix_is_refused(client):
 
 @pytest.mark.parametrize("route,field,value", [
     ("/api/generate", "format", "yaml"), ("/api/chat", "format", ["not", "a", "schema"]),
-    ("/api/chat", "tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("/api/chat", "tools", [{"type": "retrieval"}]),  # only function tools
     ("/api/generate", "images", ["aGk="]), ("/api/generate", "template", "{{ .Prompt }}"),
     ("/api/generate", "think", True),
 ])

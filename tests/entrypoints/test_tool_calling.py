@@ -48,11 +48,26 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def client():
+def server():
     process, base = start_server(free_port(), "--max-num-seqs", "32")
-    yield openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
+    yield base
     process.terminate()
     assert process.wait(timeout=60) == 0
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
+
+
+def test_ollama_client_with_tools(server):
+    ollama = pytest.importorskip("ollama")
+    response = ollama.Client(host=server).chat(
+        model=MODEL, messages=[{"role": "user", "content": "What's the weather in Paris?"}], tools=TOOLS,
+        options={"temperature": 0, "num_predict": 80})
+    assert response.done and response.message.role == "assistant"
+    for call in response.message.tool_calls or ():  # the model decides; whatever it calls must validate
+        _check_call(call.function.name, json.dumps(dict(call.function.arguments)))
 
 
 def _check_call(name: str, arguments: str) -> None:

@@ -106,3 +106,45 @@ def test_auto_can_be_switched_off(tiny_chat_llama):
         assert client.post("/v1/chat/completions", json={**body, "tool_choice": "none"}).status_code == 200
     finally:
         engine.shutdown()
+
+
+def script_ollama(monkeypatch, pieces: list[str]):
+    """The Ollama routes' engine answers with ``pieces`` (DELTA outputs, or one FINAL_ONLY)."""
+    from pagoda.entrypoints.ollama import routes
+
+    async def run_request(engine, config, prompt_ids, params, request_id, options=None):
+        parts = ["".join(pieces)] if params.output_kind == RequestOutputKind.FINAL_ONLY else pieces
+        for k, piece in enumerate(parts):
+            last = k == len(parts) - 1
+            yield RequestOutput(request_id, None, prompt_ids, [CompletionOutput(
+                0, piece, [7], None, None, "stop" if last else None)], finished=last)
+
+    monkeypatch.setattr(routes, "run_request", run_request)
+
+
+def test_ollama_client_tool_calls(tiny_chat_llama, monkeypatch):
+    ollama = pytest.importorskip("ollama")
+    from tests.entrypoints.tiny_server import live_server
+
+    script_ollama(monkeypatch, [TEXT[i:i + 4] for i in range(0, len(TEXT), 4)])
+    engine = make_engine(tiny_chat_llama)
+    try:
+        with live_server(engine) as base:
+            client = ollama.Client(host=base)
+            messages = [{"role": "user", "content": "weather?"}]
+            response = client.chat(model=MODEL, messages=messages, tools=TOOLS, stream=False)
+            calls = [(c.function.name, dict(c.function.arguments)) for c in response.message.tool_calls]
+            assert calls == [(name, json.loads(args)) for name, args in CALLS]
+            assert response.message.content == "Checking."
+            streamed = list(client.chat(model=MODEL, messages=messages, tools=TOOLS, stream=True))
+            content = "".join(chunk.message.content or "" for chunk in streamed)
+            got = [(c.function.name, dict(c.function.arguments)) for chunk in streamed
+                   for c in chunk.message.tool_calls or ()]
+            assert got == calls and content.strip() == "Checking." and streamed[-1].done
+            # The calls and their results go back into the conversation (Ollama's message shapes).
+            history = messages + [{"role": "assistant", "content": "", "tool_calls": [
+                {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+                {"role": "tool", "content": "18 degrees", "tool_name": "get_weather"}]
+            assert client.chat(model=MODEL, messages=history, tools=TOOLS, stream=False).message is not None
+    finally:
+        engine.shutdown()

@@ -42,7 +42,8 @@ constexpr int kItemsPerThread = 4;      // aim for this many items per thread (l
 // Rows of at most this many tokens (decodes; speculative verification of up to 7 drafts)
 // score each key with one dot product per query: a query's result then does not depend on
 // how many tokens share its row, so verifying drafts reproduces decoding bit for bit.
-// Longer tiles score a transposed block 8 queries at a time (faster, other rounding).
+// Longer rows (prefill chunks) score a transposed block 8 queries at a time (faster, other
+// rounding), in every tile, their last short one too.
 constexpr int64_t kMaxDotProductTokens = 8;
 constexpr int64_t kScoreTile = 8;  // queries scored together against a transposed block
 
@@ -321,7 +322,7 @@ void run_item(const WorkItem& item, int64_t kv_head, const T* q, const T* k_cach
   std::fill(run_max, run_max + M, -std::numeric_limits<float>::infinity());
   std::fill(run_sum, run_sum + M, 0.0f);
 
-  const bool transpose = item.q_len > kMaxDotProductTokens;
+  const bool transpose = q_len_row > kMaxDotProductTokens;
   const int32_t* table = block_tables + row * shape.max_blocks;
   const int64_t token_stride = KVH * D;  // between consecutive tokens of a block
   for (int64_t kb = item.kb_begin; kb < item.kb_end; ++kb) {

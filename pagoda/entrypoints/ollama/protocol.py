@@ -10,6 +10,8 @@ ignored with a logged warning, as Ollama does.
 
 from __future__ import annotations
 
+import json
+
 import logging
 from typing import Any
 
@@ -74,9 +76,9 @@ class OllamaMessage(_Strict):
     role: str
     content: str = ""
     thinking: str | None = None
-    tool_name: str | None = None
+    tool_name: str | None = None  # a tool result's function
     images: list | None = None  # refused when non-empty
-    tool_calls: list | None = None  # refused when non-empty
+    tool_calls: list | None = None  # an assistant turn's calls: [{"function": {"name", "arguments": {...}}}]
 
 
 class _OllamaRequest(_Strict):
@@ -129,12 +131,9 @@ def refuse_unsupported(body: GenerateRequest | ChatRequest) -> None:
             if getattr(body, name):
                 refuse(name)
     else:
-        if body.tools:
-            refuse("tools")
         for i, message in enumerate(body.messages):
-            for name in ("images", "tool_calls"):
-                if getattr(message, name):
-                    refuse(f"messages[{i}].{name}")
+            if message.images:
+                refuse(f"messages[{i}].images")
     options = body.options
     if options is not None:
         for name, neutral in _NEUTRAL_OPTIONS.items():
@@ -168,3 +167,28 @@ def constraint(body: GenerateRequest | ChatRequest):
     except StructuredOutputsError as error:
         raise APIError(400, f"format={value!r:.120} is invalid: {error.problem}", "format") from None
     return params
+
+
+def ollama_messages(messages: list[OllamaMessage]) -> list[dict]:
+    """Ollama chat messages as chat-template dicts in OpenAI's form (pagoda/tools/render.py): an
+    assistant's tool calls with JSON-string arguments, a tool result named by its function."""
+    out = []
+    for i, message in enumerate(messages):
+        entry: dict = {"role": message.role, "content": message.content}
+        if message.tool_calls:
+            calls = []
+            for j, call in enumerate(message.tool_calls):
+                function = call.get("function") if isinstance(call, dict) else None
+                if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                    raise APIError(400, f"messages[{i}].tool_calls[{j}] must be {{\"function\": {{\"name\", "
+                                        "\"arguments\"}}", f"messages[{i}].tool_calls[{j}]")
+                arguments = function.get("arguments") or {}
+                calls.append({"id": call.get("id") or f"call_{i}_{j}", "type": "function",
+                              "function": {"name": function["name"],
+                                           "arguments": arguments if isinstance(arguments, str)
+                                           else json.dumps(arguments, ensure_ascii=False)}})
+            entry["tool_calls"] = calls
+        if message.role == "tool" and message.tool_name:
+            entry["name"] = message.tool_name
+        out.append(entry)
+    return out

@@ -35,12 +35,16 @@ from pagoda.entrypoints.ollama.protocol import (
     PullRequest,
     ShowRequest,
     constraint,
+    ollama_messages,
     refuse_unsupported,
 )
 from pagoda.entrypoints.openai.errors import APIError
 from pagoda.entrypoints.openai.serving_common import ServerConfig, ending_well, off_loop, run_request
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import RequestOutputKind, SamplingParams, SamplingParamsError
+from pagoda.tools.choice import ToolPlan, ToolRequestError, plan_tools
+from pagoda.tools.parsers import ToolCallStream
+from pagoda.tools.render import render_chat
 
 
 def add_ollama_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig) -> None:
@@ -78,12 +82,11 @@ def add_ollama_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig) -> N
             raise APIError(400, f"options.{option}: {error}", f"options.{option}") from None
         return params
 
-    def encode_chat(messages: list[dict]) -> list[int]:
+    def encode_chat(messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         if tokenizer is None:
             raise APIError(400, "this model has no tokenizer")
         try:
-            text = tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
-                                                 add_generation_prompt=True)
+            text = render_chat(tokenizer, messages, tools, chat_template, add_generation_prompt=True)
         except Exception as error:  # a template that rejects the conversation
             raise APIError(400, f"chat template failed: {error}", "messages") from None
         return tokenizer.encode(text, add_special_tokens=False)
@@ -115,8 +118,10 @@ def add_ollama_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig) -> N
             "eval_duration": int(max(0.0, total - prompt_eval) * 1e9),
         }
 
-    async def respond(request: Request, body, prompt_ids: list[int], piece, with_context: bool):
-        """piece(text) -> the part of a line that carries text ("response" or "message")."""
+    async def respond(request: Request, body, prompt_ids: list[int], piece, with_context: bool,
+                      plan: ToolPlan | None = None):
+        """piece(text, calls) -> the part of a line that carries text ("response" or "message") and,
+        for /api/chat with tools, the tool calls read out of it (`plan`'s parser)."""
         started = time.monotonic()
         params = sampling_params(body.options, len(prompt_ids), constraint(body))
         # Streams get what is new each step; whole answers come once, at the end.
@@ -138,23 +143,36 @@ def add_ollama_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig) -> N
                 return final
 
             final = await wait_or_disconnect(request, last(first))
-            return {"model": body.model, "created_at": now(), **piece(final.outputs[0].text), **final_line(final)}
+            text, calls = final.outputs[0].text, []
+            if plan is not None and plan.parser is not None:
+                content, calls = plan.parser.extract(text)
+                text = content or ""
+            return {"model": body.model, "created_at": now(), **piece(text, calls), **final_line(final)}
 
         async def lines():
             output_ids: list[int] = []
+            # Tools: text that may be a call is held back; the calls go out in one line once the
+            # answer is complete (as Ollama sends a call when it has parsed it whole).
+            stream = ToolCallStream(plan.parser) if plan is not None and plan.parser is not None else None
             async for output in prepend(first, outputs):
                 text = output.outputs[0].text  # new since the last output (DELTA)
                 output_ids.extend(output.outputs[0].token_ids)
+                if stream is not None:
+                    text, _ = stream.feed(text, final=output.finished)
                 if text:
-                    yield json.dumps({"model": body.model, "created_at": now(), **piece(text),
+                    yield json.dumps({"model": body.model, "created_at": now(), **piece(text, []),
                                       "done": False}) + "\n"
                 if output.finished:
-                    yield json.dumps({"model": body.model, "created_at": now(), **piece(""),
+                    if stream is not None and stream.called:
+                        _, calls = plan.parser.extract(stream.text)
+                        yield json.dumps({"model": body.model, "created_at": now(), **piece("", calls),
+                                          "done": False}) + "\n"
+                    yield json.dumps({"model": body.model, "created_at": now(), **piece("", []),
                                       **final_line(output, output_ids)}) + "\n"
 
         def error_lines(error: APIError) -> str:
             return (json.dumps({"error": error.message}) + "\n"
-                    + json.dumps({"model": body.model, "created_at": now(), **piece(""), "done": True,
+                    + json.dumps({"model": body.model, "created_at": now(), **piece("", []), "done": True,
                                   "done_reason": "error"}) + "\n")
 
         return StreamingResponse(ending_well(lines(), error_lines, None), media_type="application/x-ndjson")
@@ -182,7 +200,7 @@ def add_ollama_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig) -> N
                 raise APIError(400, f"context: token id {bad} is invalid: must be in [0, {info.vocab_size})",
                                "context")
             prompt_ids = list(body.context) + prompt_ids
-        return await respond(request, body, prompt_ids, lambda text: {"response": text}, with_context=True)
+        return await respond(request, body, prompt_ids, lambda text, calls: {"response": text}, with_context=True)
 
     @app.post("/api/chat")
     async def chat(body: ChatRequest, request: Request):
@@ -190,10 +208,22 @@ def add_ollama_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig) -> N
         refuse_unsupported(body)
         if not body.messages:
             raise APIError(400, "messages must not be empty", "messages")
-        messages = [{"role": m.role, "content": m.content} for m in body.messages]
-        prompt_ids = await off_loop(encode_chat, messages)
-        return await respond(request, body, prompt_ids,
-                             lambda text: {"message": {"role": "assistant", "content": text}}, with_context=False)
+        plan = None
+        if body.tools:  # Ollama has no tool_choice: the model decides ("auto")
+            try:
+                plan = plan_tools(body.tools, "auto", None, config.tool_call_parser)
+            except ToolRequestError as error:
+                raise APIError(400, str(error), error.field) from None
+        messages = ollama_messages(body.messages)
+        prompt_ids = await off_loop(encode_chat, messages, plan.tools if plan is not None else None)
+
+        def message(text: str, calls: list) -> dict:
+            out = {"role": "assistant", "content": text}
+            if calls:
+                out["tool_calls"] = [{"function": {"name": c.name, "arguments": c.arguments_dict()}} for c in calls]
+            return {"message": out}
+
+        return await respond(request, body, prompt_ids, message, with_context=False, plan=plan)
 
     def details() -> dict:
         return {"format": info.source_kind, "family": getattr(hf_config, "model_type", ""),
