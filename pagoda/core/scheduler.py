@@ -278,13 +278,21 @@ class Scheduler:
             max_lora=self.max_loras,
         )
 
-    def _lora_fits(self, request: Request) -> bool:
-        """Running `request` keeps the running batch within `max_loras` distinct adapters."""
+    def _running_loras(self) -> set[int]:
+        return {r.lora_int_id for r in self.running if r.lora_int_id}
+
+    def _lora_fits(self, request: Request, active: set[int] | None = None) -> bool:
+        """Running `request` keeps the running batch within `max_loras` distinct adapters
+        (`active`: the running batch's adapter ids, if the caller has them)."""
         lora_id = request.lora_int_id
         if not lora_id:
             return True
-        active = {r.lora_int_id for r in self.running if r.lora_int_id}
+        active = self._running_loras() if active is None else active
         return lora_id in active or len(active) < self.max_loras
+
+    def lora_in_use(self, lora_int_id: int) -> bool:
+        """Some unfinished request (running or waiting) uses this adapter id."""
+        return any(r.lora_int_id == lora_int_id for r in self._requests.values() if not r.is_finished)
 
     def _offload_stats(self) -> dict[str, int]:
         offload = self.kv_cache.offload
@@ -337,8 +345,9 @@ class Scheduler:
             # Skip beams that have nothing to compute until their group picks their next token,
             # and requests whose grammar is still compiling (structured outputs).
             # And requests whose LoRA adapter would need a slot none is free for (vLLM's rule).
+            active = self._running_loras()
             request = next((r for r in self.waiting if r.beam_candidates is None and not r.waiting_for_grammar
-                            and self._lora_fits(r)), None)
+                            and self._lora_fits(r, active)), None)
             if request is None:
                 break
             try:

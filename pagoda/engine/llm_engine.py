@@ -435,8 +435,7 @@ class LLMEngine:
         known = self._lora_requests.get(lora_request.lora_int_id)
         if known == lora_request:
             return
-        if known is not None and any(not r.is_finished and r.lora_request == known
-                                     for r in self.scheduler._requests.values()):
+        if known is not None and self.scheduler.lora_in_use(lora_request.lora_int_id):
             raise AdapterError(f"lora_int_id={lora_request.lora_int_id} already names adapter "
                                f"{known.lora_name!r} ({known.lora_path}); give {lora_request.lora_name!r} another id.")
         load_adapter(lora_request.lora_path, ModelShape.from_hf_config(self.hf_config),
