@@ -27,7 +27,8 @@ def make_adapter(base: Path, folder: Path, targets: list[str], rank: int, seed: 
 
 
 def hf_greedy(base: Path, adapter: Path | None, prompt: list[int], new_tokens: int) -> list[int]:
-    """transformers (+ peft) greedy tokens, float32."""
+    """transformers (+ peft) greedy tokens, float32 (EOS neither stops nor is suppressed, as with
+    pagoda's ignore_eos)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
@@ -35,7 +36,19 @@ def hf_greedy(base: Path, adapter: Path | None, prompt: list[int], new_tokens: i
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter).eval()
+    return greedy_loop(model, prompt, new_tokens)
+
+
+def greedy_loop(model, prompt: list[int], new_tokens: int) -> list[int]:
+    """Argmax decoding with the KV cache, every token kept (generate's min_new_tokens would
+    instead forbid EOS, which ignore_eos does not)."""
+    tokens, past = [], None
+    inputs = torch.tensor([prompt])
     with torch.no_grad():
-        out = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             do_sample=False, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+        for _ in range(new_tokens):
+            out = model(input_ids=inputs, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            token = int(out.logits[0, -1].argmax())
+            tokens.append(token)
+            inputs = torch.tensor([[token]])
+    return tokens

@@ -36,15 +36,16 @@ def _llm(folder, **kwargs) -> LLM:
 PARAMS = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("combo", list(COMBOS))
-def test_each_target_combination_matches_peft_llama(combo, tmp_path):
-    base = make_tiny_checkpoint(tmp_path / "base", "llama")
+def test_each_target_combination_matches_peft(combo, arch, tmp_path):
+    base = make_tiny_checkpoint(tmp_path / "base", arch)
     adapter = make_adapter(base, tmp_path / "adapter", COMBOS[combo], rank=8, seed=3)
     llm = _llm(base, max_loras=1)
     prompt = _prompts(1)[0]
     lora = LoRARequest("a", 1, str(adapter))
     tokens = llm.generate([prompt], PARAMS, lora_request=lora)[0].outputs[0].token_ids
-    assert tokens == hf_greedy(base, adapter, prompt, NEW_TOKENS), combo
+    assert tokens == hf_greedy(base, adapter, prompt, NEW_TOKENS), (arch, combo)
     base_tokens = llm.generate([prompt], PARAMS)[0].outputs[0].token_ids
     assert base_tokens == hf_greedy(base, None, prompt, NEW_TOKENS)
     assert tokens != base_tokens, "the adapter should change the output"

@@ -10,6 +10,7 @@ import torch
 
 from pagoda import LLM, LoRARequest, SamplingParams
 from tests.conftest import requires_smollm2, smollm2_gguf_path
+from tests.lora.adapters import greedy_loop
 
 pytestmark = requires_smollm2
 NEW_TOKENS = 16
@@ -50,10 +51,7 @@ def _hf_greedy(hf_base, adapter, prompt_ids):
     model = hf_base
     if adapter is not None:
         model = PeftModel.from_pretrained(copy.deepcopy(hf_base), adapter).eval()
-    with torch.no_grad():
-        out = model.generate(input_ids=torch.tensor([prompt_ids]), max_new_tokens=NEW_TOKENS,
-                             min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
-    return out[0, len(prompt_ids):].tolist()
+    return greedy_loop(model, prompt_ids, NEW_TOKENS)
 
 
 def test_default_model_adapters_match_peft_alone_and_mixed(adapters, hf_base):
