@@ -19,12 +19,15 @@ _EXPORTS = {
     "StructuredOutputsParams": "pagoda.structured_output.params",
     "RequestOutput": "pagoda.outputs",
     "CompletionOutput": "pagoda.outputs",
+    "LoRARequest": "pagoda.model.lora.request",
 }
-__all__ = ["LLM", "LLMEngine", "SamplingParams", "StructuredOutputsParams", "RequestOutputKind", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "LLMEngine", "SamplingParams", "StructuredOutputsParams", "RequestOutputKind", "RequestOutput", "CompletionOutput",
+           "LoRARequest"]
 
 if TYPE_CHECKING:
     from pagoda.engine.llm import LLM
     from pagoda.engine.llm_engine import LLMEngine
+    from pagoda.model.lora.request import LoRARequest
     from pagoda.outputs import CompletionOutput, RequestOutput
     from pagoda.sampling_params import RequestOutputKind, SamplingParams
     from pagoda.structured_output.params import StructuredOutputsParams

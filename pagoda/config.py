@@ -165,6 +165,25 @@ class CacheConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """Multi-LoRA serving (docs/lora.md): `max_loras` adapters at once in a batch (device
+    slots), each of rank <= `max_lora_rank`; `max_cpu_loras` read adapters kept in host memory
+    (default: max_loras)."""
+
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_loras < 1:
+            raise ConfigError("max_loras", self.max_loras, "must be >= 1")
+        if self.max_lora_rank < 1:
+            raise ConfigError("max_lora_rank", self.max_lora_rank, "must be >= 1")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ConfigError("max_cpu_loras", self.max_cpu_loras, f"must be >= max_loras={self.max_loras}")
+
+
+@dataclass
 class EngineConfig:
     model: str = DEFAULT_MODEL
     tokenizer: str | None = None
@@ -187,6 +206,8 @@ class EngineConfig:
     # Speculative decoding (engine/spec_decode): vLLM's dict, e.g. {"method": "ngram",
     # "num_speculative_tokens": 4}, a JSON string of it, or a SpeculativeConfig; None: off.
     speculative_config: object = None
+    # Multi-LoRA serving (model/lora/); None: off (requests with an adapter are refused).
+    lora: LoRAConfig | None = None
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
 
@@ -215,4 +236,10 @@ def engine_config_from_kwargs(model: str, **kwargs) -> EngineConfig:
     cache_keys = CacheConfig.__dataclass_fields__.keys()
     scheduler = SchedulerConfig(**{k: kwargs.pop(k) for k in list(kwargs) if k in scheduler_keys})
     cache = CacheConfig(**{k: kwargs.pop(k) for k in list(kwargs) if k in cache_keys})
+    lora_keys = LoRAConfig.__dataclass_fields__.keys()
+    lora_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in lora_keys}
+    if kwargs.pop("enable_lora", False):
+        kwargs["lora"] = LoRAConfig(**lora_kwargs)
+    elif any(v is not None for v in lora_kwargs.values()) and "lora" not in kwargs:
+        raise ConfigError("enable_lora", False, f"must be True to use {sorted(lora_kwargs)}")
     return EngineConfig(model=model, scheduler=scheduler, cache=cache, **kwargs)

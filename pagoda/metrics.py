@@ -8,6 +8,7 @@ time) come from prometheus_client's ProcessCollector.
 
 from __future__ import annotations
 
+import time
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
@@ -65,6 +66,12 @@ class _EngineCollector(Collector):
                                   stats.kv_offload_host_hits_total)
         yield CounterMetricFamily("pagoda:kv_offload_disk_hits", "Prefix blocks brought back from disk.",
                                   stats.kv_offload_disk_hits_total)
+        if stats.max_lora:  # vLLM's info gauge: the labels carry the figures, the value is the time
+            info = GaugeMetricFamily("pagoda:lora_requests_info", "Running and waiting LoRA adapters.",
+                                     labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"])
+            info.add_metric([",".join(stats.running_lora_adapters), ",".join(stats.waiting_lora_adapters),
+                             str(stats.max_lora)], time.time())
+            yield info
         # Speculative decoding (vLLM's names under pagoda:).
         yield CounterMetricFamily("pagoda:spec_decode_num_drafts", "Drafts verified (one per request and step).",
                                   stats.spec_decode_num_drafts_total)

@@ -16,6 +16,7 @@ from typing import Protocol
 
 import torch
 
+from pagoda.model.lora.request import LoRARequest
 from pagoda.sampling_params import SamplingParams
 
 
@@ -121,6 +122,8 @@ class Request:
     priority: int = 0
     # Mixed into the prefix-cache hashes: requests with different salts never share blocks.
     cache_salt: str | None = None
+    # Multi-LoRA: the adapter this request runs with (None: the base model). Joins cache_keys.
+    lora_request: LoRARequest | None = None
     # Prompt tokens found in the prefix cache when the request was (last) admitted.
     num_cached_tokens: int = 0
     # Beam search: this beam's most likely next tokens, (token id, log-probability) best
@@ -151,8 +154,15 @@ class Request:
 
     @property
     def cache_keys(self) -> tuple:
-        """Extra keys of this request's prefix-cache hashes (a LoRA id would join here)."""
-        return () if self.cache_salt is None else (self.cache_salt,)
+        """Extra keys of this request's prefix-cache hashes: its salt and its LoRA adapter
+        (two adapters, or an adapter and the base model, never share KV blocks)."""
+        keys = () if self.cache_salt is None else (self.cache_salt,)
+        return keys if self.lora_request is None else keys + self.lora_request.cache_key
+
+    @property
+    def lora_int_id(self) -> int:
+        """The adapter's id, 0 for the base model."""
+        return 0 if self.lora_request is None else self.lora_request.lora_int_id
 
     @functools.cached_property
     def stop_token_set(self) -> frozenset[int]:

@@ -123,6 +123,10 @@ class SchedulerStats:
     spec_decode_num_draft_tokens_total: int = 0
     spec_decode_num_accepted_tokens_total: int = 0
     spec_decode_accepted_per_position: tuple[int, ...] = ()
+    # Multi-LoRA: names of the adapters of running and of waiting requests; max_loras (0: LoRA off).
+    running_lora_adapters: tuple[str, ...] = ()
+    waiting_lora_adapters: tuple[str, ...] = ()
+    max_lora: int = 0
 
     @property
     def kv_token_efficiency(self) -> float:
@@ -157,10 +161,13 @@ class SpecDecodeStats:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager, max_model_len: int,
-                 swap_space: SwapSpace | None = None):
+                 swap_space: SwapSpace | None = None, max_loras: int = 0):
         """`swap_space`: host blocks for preemption_mode "swap" (its KV cache manager must be
-        `kv_cache`); without it, or with no blocks, every preemption is by recompute."""
+        `kv_cache`); without it, or with no blocks, every preemption is by recompute.
+        `max_loras`: the most distinct LoRA adapters the running batch may hold (the worker's
+        slots): a waiting request whose adapter would be one too many keeps waiting."""
         self.config = config
+        self.max_loras = max_loras
         self.kv_cache = kv_cache
         self.max_model_len = max_model_len
         self.swap_space = swap_space
@@ -269,7 +276,26 @@ class Scheduler:
             spec_decode_num_draft_tokens_total=self.spec_stats.num_draft_tokens,
             spec_decode_num_accepted_tokens_total=self.spec_stats.num_accepted_tokens,
             spec_decode_accepted_per_position=tuple(self.spec_stats.accepted_per_position),
+            running_lora_adapters=_adapter_names(self.running),
+            waiting_lora_adapters=_adapter_names(self.waiting),
+            max_lora=self.max_loras,
         )
+
+    def _running_loras(self) -> set[int]:
+        return {r.lora_int_id for r in self.running if r.lora_int_id}
+
+    def _lora_fits(self, request: Request, active: set[int] | None = None) -> bool:
+        """Running `request` keeps the running batch within `max_loras` distinct adapters
+        (`active`: the running batch's adapter ids, if the caller has them)."""
+        lora_id = request.lora_int_id
+        if not lora_id:
+            return True
+        active = self._running_loras() if active is None else active
+        return lora_id in active or len(active) < self.max_loras
+
+    def lora_in_use(self, lora_int_id: int) -> bool:
+        """Some unfinished request (running or waiting) uses this adapter id."""
+        return any(r.lora_int_id == lora_int_id for r in self._requests.values() if not r.is_finished)
 
     def _offload_stats(self) -> dict[str, int]:
         offload = self.kv_cache.offload
@@ -321,8 +347,10 @@ class Scheduler:
         while self.waiting and budget > 0 and not running_preempted:
             # Skip beams that have nothing to compute until their group picks their next token,
             # and requests whose grammar is still compiling (structured outputs).
-            request = next((r for r in self.waiting if r.beam_candidates is None and not r.waiting_for_grammar),
-                           None)
+            # And requests whose LoRA adapter would need a slot none is free for (vLLM's rule).
+            active = self._running_loras()
+            request = next((r for r in self.waiting if r.beam_candidates is None and not r.waiting_for_grammar
+                            and self._lora_fits(r, active)), None)
             if request is None:
                 break
             try:
@@ -427,7 +455,7 @@ class Scheduler:
                 num_new = min(request.num_tokens - num_cached, budget)
             else:
                 num_new = 0  # an idle beam: nothing to compute until its group chooses
-            if num_new == 0:
+            if num_new == 0 or (num_cached is not None and not self._lora_fits(request)):
                 return self._complete_plan(out)
             while num_cached is not None and len(self.running) >= self.config.max_num_seqs:
                 if not self._preempt_youngest_but(request, out):
@@ -753,3 +781,8 @@ class Scheduler:
         if finished:
             self._remove(request)
         return RequestUpdate(request, tokens, new_logprobs, [], finished)
+
+
+def _adapter_names(requests) -> tuple[str, ...]:
+    """The distinct LoRA adapter names of `requests`, sorted."""
+    return tuple(sorted({r.lora_request.lora_name for r in requests if r.lora_request is not None}))

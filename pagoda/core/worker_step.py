@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pagoda.core.scheduler_output import SchedulerOutput
+from pagoda.model.lora.request import LoRARequest
 from pagoda.request import Request
 from pagoda.sampling_params import SamplingParams
 
@@ -41,6 +42,8 @@ class NewRequestData:
     sampling_params: SamplingParams
     eos_token_ids: frozenset[int]
     block_ids: list[int]
+    # Multi-LoRA: the adapter (name, id, path) the worker loads into a slot for this row; None: base.
+    lora_request: LoRARequest | None = None
 
 
 @dataclass
@@ -143,7 +146,8 @@ class WorkerStepBuilder:
             if known is None or known.stale:
                 step.new_requests.append(NewRequestData(
                     request_id, list(request.all_token_ids), request.num_prompt_tokens,
-                    request.sampling_params, request.eos_token_ids, list(item.block_table)))
+                    request.sampling_params, request.eos_token_ids, list(item.block_table),
+                    request.lora_request))
                 self._known[request_id] = _Known(request, request.num_tokens, list(item.block_table))
             else:
                 if request.num_tokens > known.num_tokens:

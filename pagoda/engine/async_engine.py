@@ -49,6 +49,7 @@ from pagoda.engine.engine_loop import (
     run_engine_loop,
 )
 from pagoda.engine.llm_engine import LLMEngine, PromptInput
+from pagoda.model.lora.request import LoRARequest
 from pagoda.outputs import RequestOutput, merge_delta
 from pagoda.sampling_params import RequestOutputKind, SamplingParams
 
@@ -265,7 +266,7 @@ class AsyncLLM:
 
     async def generate(
         self, prompt: PromptInput, params: SamplingParams, request_id: str, cache_salt: str | None = None,
-        priority: int = 0,
+        priority: int = 0, lora_request: LoRARequest | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yields outputs (as `params.output_kind` says) until the request finishes.
 
@@ -285,7 +286,7 @@ class AsyncLLM:
                                  "finished; use a unique id.")
             self._streams[request_id] = stream
             self._accepting[request_id] = accepted
-        self._loop.send(AddRequest(request_id, prompt, params, cache_salt, priority))
+        self._loop.send(AddRequest(request_id, prompt, params, cache_salt, priority, lora_request))
         finished = False  # True once the engine holds nothing of this request: no abort to send
         try:
             try:

@@ -23,6 +23,7 @@ from typing import Any
 
 from pagoda.core.scheduler import SchedulerStats
 from pagoda.engine.llm_engine import LLMEngine, PromptInput
+from pagoda.model.lora.request import LoRARequest
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams
 
@@ -38,6 +39,7 @@ class AddRequest:
     params: SamplingParams
     cache_salt: str | None = None
     priority: int = 0
+    lora_request: LoRARequest | None = None
 
 
 @dataclass
@@ -154,7 +156,7 @@ def run_engine_loop(
             else:
                 try:
                     engine.add_request(command.prompt, command.params, command.request_id, command.cache_salt,
-                                       command.priority)
+                                       command.priority, command.lora_request)
                 except ValueError as error:
                     emit(Rejected(command.request_id, str(error)))
                 except Exception as error:  # the engine's fault, not the request's: not a 400

@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from pagoda.config import DEFAULT_MODEL, engine_config_from_kwargs
 from pagoda.engine.llm_engine import LLMEngine, PromptInput
+from pagoda.model.lora.request import LoRARequest
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import RequestOutputKind, SamplingParams
 from pagoda.tools.choice import validate_tools
@@ -23,7 +24,8 @@ class LLM:
     Keyword arguments map onto `EngineConfig`, `SchedulerConfig` and
     `CacheConfig` fields (e.g. `dtype`, `max_model_len`, `max_num_seqs`,
     `max_num_batched_tokens`, `block_size`, `kv_cache_memory`, `num_blocks`,
-    `attention_backend`: "auto", "torch", "cpu" or "triton"; `enforce_eager`: no CUDA graphs).
+    `attention_backend`: "auto", "torch", "cpu" or "triton"; `enforce_eager`: no CUDA graphs;
+    multi-LoRA: `enable_lora`, `max_loras`, `max_lora_rank`, `max_cpu_loras`).
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, show_progress: bool = True, **kwargs):
@@ -48,9 +50,12 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = False,
         priority: Sequence[int] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Runs all prompts to completion; outputs come back in prompt order.
 
+        `lora_request`: one LoRA adapter for every prompt, or one per prompt (None: the base model);
+        needs `LLM(..., enable_lora=True)`.
         `priority`: one per prompt, for the "priority" scheduling policy (lower first).
         A request the engine failed (an exception while serving it; the others go on) comes
         back finished with `output.error` set and finish_reason "error" on its completions.
@@ -75,13 +80,20 @@ class LLM:
         if priority is not None and len(priority) != len(prompts):
             raise ValueError(f"priority has {len(priority)} entries but there are {len(prompts)} prompts")
         priorities = list(priority) if priority is not None else [0] * len(prompts)
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            loras = [lora_request] * len(prompts)
+        else:
+            loras = list(lora_request)
+            if len(loras) != len(prompts):
+                raise ValueError(f"lora_request has {len(loras)} entries but there are {len(prompts)} prompts; "
+                                 "give one per prompt or a single one.")
         # Only finished outputs are returned: the engine builds nothing before the end.
         final_only = {id(p): replace(p, output_kind=RequestOutputKind.FINAL_ONLY) for p in params_list}
         params_list = [final_only[id(p)] for p in params_list]
         request_ids = []
         try:
-            for prompt, params, urgency in zip(prompts, params_list, priorities):
-                request_ids.append(self.engine.add_request(prompt, params, priority=urgency))
+            for prompt, params, urgency, lora in zip(prompts, params_list, priorities, loras):
+                request_ids.append(self.engine.add_request(prompt, params, priority=urgency, lora_request=lora))
         except Exception:
             for request_id in request_ids:
                 self.engine.abort_request(request_id)
@@ -96,8 +108,10 @@ class LLM:
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
         tools: list[dict] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        """Applies the tokenizer's chat template to each conversation, then generates.
+        """Applies the tokenizer's chat template to each conversation, then generates
+        (`lora_request` as in `generate`).
 
         ``tools``: OpenAI function tools shown to the model (pagoda/tools/render.py); read the
         calls out of a reply with ``pagoda.tools.parsers.get_tool_parser(name).extract(text)``.
@@ -109,7 +123,7 @@ class LLM:
                                      tools=tools)
             for conv in conversations
         ]
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
 
     def apply_chat_template(
         self, messages: list[Message], chat_template: str | None = None, add_generation_prompt: bool = True,

@@ -75,6 +75,9 @@ from pagoda.engine.beam_search import BeamSearch, BeamStep
 from pagoda.engine.detokenizer import IncrementalDetokenizer
 from pagoda.engine.spec_decode.speculator import Speculator
 from pagoda.executor import Executor, InProcessExecutor
+from pagoda.model.lora.adapter import AdapterError, ModelShape, load_adapter
+from pagoda.model.lora.manager import LoRAManager
+from pagoda.model.lora.request import LoRARequest
 from pagoda.model.loader.loader import build_model, load_hf_config, load_tokenizer
 from pagoda.model.loader.resolve import resolve_model
 from pagoda.model.quant.methods import resolve_quantization
@@ -209,7 +212,14 @@ class LLMEngine:
             self.host_kv_caches = allocate_host_kv_caches(self.hf_config, num_swap_blocks, block_size,
                                                           self.dtype, self.device)
             self.swap_space = SwapSpace(self.kv_cache_manager, num_swap_blocks)
-        self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager, self.max_model_len, self.swap_space)
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager, self.max_model_len, self.swap_space,
+                                   max_loras=config.lora.max_loras if config.lora is not None else 0)
+        # Multi-LoRA (model/lora/): the worker's adapter slots; the engine checks each adapter once.
+        lora_manager = None
+        self._lora_requests: dict[int, LoRARequest] = {}
+        if config.lora is not None:
+            lora_manager = LoRAManager(self.model, config.lora.max_loras, config.lora.max_lora_rank,
+                                       config.lora.max_cpu_loras, self.dtype, self.device)
         self.runner = ModelRunner(
             self.model, self.kv_caches, block_size, Sampler(self.vocab_size, config.seed), self.device,
             self.max_model_len,
@@ -218,6 +228,7 @@ class LLMEngine:
             attention_backend=config.attention_backend,
             # Verifying drafts must reproduce decoding: no decode row's keys split across threads.
             split_decodes=config.speculative_config is None,
+            lora_manager=lora_manager,
         )
         # CUDA: decode-only steps replay graphs captured now (None on CPU, or with enforce_eager).
         self.runner.cuda_graphs = capture_decode_graphs(self.runner, config.scheduler.max_num_seqs,
@@ -367,10 +378,14 @@ class LLMEngine:
         raise PromptError(f"prompt={prompt!r:.80} is invalid: must be a string or a list of token ids.")
 
     def add_request(self, prompt: PromptInput, params: SamplingParams | None = None, request_id: str | None = None,
-                    cache_salt: str | None = None, priority: int = 0) -> str:
+                    cache_salt: str | None = None, priority: int = 0,
+                    lora_request: LoRARequest | None = None) -> str:
         """Queues a request. `cache_salt`: only requests with the same salt share prefix-cache blocks.
-        `priority`: with the "priority" scheduling policy, lower values are served first."""
+        `priority`: with the "priority" scheduling policy, lower values are served first.
+        `lora_request`: the LoRA adapter to run it with (None: the base model)."""
         params = params or SamplingParams()
+        if lora_request is not None:
+            self.check_lora(lora_request)
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self._parents:
             raise ValueError(f"request_id={request_id!r} is already in use.")
@@ -397,7 +412,7 @@ class LLMEngine:
                     child_params = replace(params, seed=params.seed + index)
                 fork_of = parent.sequences[0].request if index and not beams else None
                 request = Request(seq_id, token_ids, child_params, self.eos_token_ids, cache_salt=cache_salt,
-                                  priority=priority, fork_of=fork_of)
+                                  priority=priority, fork_of=fork_of, lora_request=lora_request)
                 detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, child_params)
                 if not beams:  # Request.check_stop feeds it and matches stop strings (beams keep their rules)
                     request.text = detokenizer
@@ -418,6 +433,23 @@ class LLMEngine:
             self._forget(parent)
             raise
         return request_id
+
+    def check_lora(self, lora_request: LoRARequest) -> None:
+        """Refuses (AdapterError, a ValueError) an adapter this engine cannot serve: LoRA off, an
+        id already naming another adapter, or an adapter folder that adapter.py refuses. Each
+        adapter is read once here; the worker reads it again when a step needs it."""
+        if self.config.lora is None:
+            raise AdapterError(f"LoRA adapter {lora_request.lora_name!r}: this engine was started without LoRA "
+                               "(enable_lora=True / --enable-lora).")
+        known = self._lora_requests.get(lora_request.lora_int_id)
+        if known == lora_request:
+            return
+        if known is not None and self.scheduler.lora_in_use(lora_request.lora_int_id):
+            raise AdapterError(f"lora_int_id={lora_request.lora_int_id} already names adapter "
+                               f"{known.lora_name!r} ({known.lora_path}); give {lora_request.lora_name!r} another id.")
+        load_adapter(lora_request.lora_path, ModelShape.from_hf_config(self.hf_config),
+                     self.config.lora.max_lora_rank, lora_request.lora_name)
+        self._lora_requests[lora_request.lora_int_id] = lora_request
 
     def _validate_prompt(self, token_ids: list[int]) -> None:
         if not token_ids:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sys
 import time
 
@@ -105,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "connection is closed, or 408) (default: 30)")
     serve.add_argument("--keep-alive-timeout", type=float, default=5.0, metavar="SECONDS",
                        help="close an idle keep-alive connection after this long (default: 5)")
+    serve.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
+                       help="LoRA adapters to serve (with --enable-lora): requests pick one by `model`=NAME")
+    serve.add_argument("--lora-dir", default=None, metavar="DIR",
+                       help="allow POST /v1/load_lora_adapter, for adapter folders under DIR only "
+                            "(default: runtime loading is refused)")
     _add_engine_args(serve)
     serve.set_defaults(handler=_serve)
 
@@ -268,6 +274,35 @@ def _chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lora_registry(args: argparse.Namespace):
+    """--lora-modules NAME=PATH ... and --lora-dir, checked before the model loads."""
+    from pagoda.entrypoints.openai.serving_lora import LoRARegistry
+
+    modules = {}
+    for item in args.lora_modules:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"pagoda serve: --lora-modules {item!r} is invalid: give NAME=PATH")
+        modules[name] = path
+    if (modules or args.lora_dir) and not args.enable_lora:
+        raise SystemExit("pagoda serve: --lora-modules and --lora-dir need --enable-lora")
+    if args.lora_dir is not None and not os.path.isdir(args.lora_dir):
+        raise SystemExit(f"pagoda serve: --lora-dir {args.lora_dir!r} is not a folder")
+    return LoRARegistry(args.enable_lora, args.max_lora_rank, args.lora_dir, modules)
+
+
+def _check_lora_modules(loras, hf_config, engine) -> None:
+    """Refuses to start with an adapter of --lora-modules that the engine could not serve."""
+    from pagoda.model.lora.adapter import AdapterError, ModelShape, load_adapter
+
+    for lora in loras.adapters.values():
+        try:
+            load_adapter(lora.lora_path, ModelShape.from_hf_config(hf_config), loras.max_lora_rank, lora.lora_name)
+        except AdapterError as error:
+            engine.shutdown()
+            raise SystemExit(f"pagoda serve: --lora-modules: {error}") from None
+
+
 def _serve(args: argparse.Namespace) -> int:
 
     from pagoda.config import engine_config_from_kwargs
@@ -280,6 +315,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.chat_template is not None:
         with open(args.chat_template) as f:
             chat_template = f.read()
+    loras = _lora_registry(args)
     engine_config = engine_config_from_kwargs(args.model, **_engine_kwargs(args))
     if args.engine_loop == "process":
         engine = AsyncLLM.in_child_process(engine_config)
@@ -291,10 +327,11 @@ def _serve(args: argparse.Namespace) -> int:
     server_config = ServerConfig(served_model_name=name, api_key=args.api_key,
                                  max_queued_requests=args.max_queued_requests, chat_template=chat_template,
                                  max_request_bytes=args.max_request_bytes, request_timeout=args.request_timeout,
-                                 scheduling_policy=args.policy,
+                                 scheduling_policy=args.policy, loras=loras,
                                  tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None)
     app = build_app(engine, server_config, metrics)
     info = engine.model_info
+    _check_lora_modules(loras, info.hf_config, engine)
     print(f"pagoda {name!r} listening on http://{args.host}:{args.port}/v1 (max_model_len="
           f"{info.max_model_len}, dtype={info.dtype}, engine loop: {args.engine_loop})",
           file=sys.stderr, flush=True)

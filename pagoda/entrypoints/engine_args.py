@@ -53,6 +53,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--speculative-config", default=None, metavar="JSON",
                        help="speculative decoding, as in vLLM: '{\"method\": \"ngram\", \"num_speculative_tokens\": 4, "
                             "\"prompt_lookup_min\": 2, \"prompt_lookup_max\": 5}' (default: off; docs/spec_decode.md)")
+    group.add_argument("--enable-lora", action="store_true",
+                       help="serve LoRA adapters (PEFT format) mixed in one batch (docs/lora.md)")
+    group.add_argument("--max-loras", type=int, default=1,
+                       help="LoRA adapters a batch may hold at once; requests for more wait (default: 1)")
+    group.add_argument("--max-lora-rank", type=int, default=16, help="largest LoRA rank accepted (default: 16)")
+    group.add_argument("--max-cpu-loras", type=int, default=None,
+                       help="adapters kept read in host memory (default: --max-loras)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -76,4 +83,12 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         preemption_mode=args.preemption_mode,
         swap_space=args.swap_space,
         speculative_config=args.speculative_config,
+        **lora_kwargs(args),
     )
+
+
+def lora_kwargs(args: argparse.Namespace) -> dict:
+    if not getattr(args, "enable_lora", False):
+        return {}
+    return dict(enable_lora=True, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+                max_cpu_loras=args.max_cpu_loras)

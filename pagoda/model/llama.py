@@ -161,10 +161,15 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = Linear(hf_config.hidden_size, hf_config.vocab_size, bias=False)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        # Multi-LoRA: the step's adapter context (model/lora/layers.py), set by the worker's
+        # LoRAManager; None when LoRA is off.
+        self.lora_context = None
 
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
         embed = self.model.embed_tokens
-        if CompiledDecoderStack.applies(input_ids, self.model.norm.weight.dtype, meta):
+        # The compiled stack knows no LoRA: a step where any token uses an adapter runs the modules.
+        lora_active = self.lora_context is not None and self.lora_context.active
+        if not lora_active and CompiledDecoderStack.applies(input_ids, self.model.norm.weight.dtype, meta):
             stack = self._decoder_stack()
             if stack is not None:
                 return stack(embed(input_ids), positions, kv_caches, meta)

@@ -69,6 +69,8 @@ class StepTensors:
     input_ids: torch.Tensor  # [num_tokens] int64
     positions: torch.Tensor  # [num_tokens] int64
     layout: StepLayout  # what the attention backend builds its metadata from
+    # Multi-LoRA: each token's adapter id (0: base), gathered from the rows like positions.
+    lora_ids: np.ndarray | None = None
 
 
 class InputBatch:
@@ -92,6 +94,10 @@ class InputBatch:
         self.always_processed = np.zeros(initial_rows, dtype=bool)  # logit bias or penalties
         self.num_prompt = np.zeros(initial_rows, dtype=np.int64)
         self.min_tokens = np.zeros(initial_rows, dtype=np.int64)  # 0 unless min_tokens bans a stop token
+        # Multi-LoRA: each row's adapter id (0: base model). Ids, not slots: an adapter may move
+        # to another slot while its request is not scheduled; the LoRAManager maps ids to the
+        # step's slots (one lookup per distinct adapter, not per row).
+        self.lora_id = np.zeros(initial_rows, dtype=np.int64)
         self.states: dict[str, RowState] = {}
         self._free_rows = list(range(initial_rows - 1, -1, -1))
         # Seeded requests' generators outlive a resync of their row (`add`), not their end.
@@ -137,6 +143,7 @@ class InputBatch:
         self._append_tokens(row, data.token_ids)
         self._set_blocks(row, data.block_ids)
         self._set_sampling(row, state)
+        self.lora_id[row] = data.lora_request.lora_int_id if data.lora_request is not None else 0
         return state
 
     def _set_sampling(self, row: int, state: RowState) -> None:
@@ -187,6 +194,7 @@ class InputBatch:
         self.block_table[row, :self.num_blocks[row]] = 0
         self.num_blocks[row] = 0
         self.num_tokens[row] = 0
+        self.lora_id[row] = 0
         self._free_rows.append(row)
 
     def _grow_rows(self, rows: int) -> None:
@@ -196,7 +204,7 @@ class InputBatch:
             return bigger
         for name in ("token_ids", "num_tokens", "block_table", "num_blocks", "temperature", "top_k", "top_p",
                      "min_p", "is_random", "is_beam", "wants_logprobs", "always_processed", "num_prompt",
-                     "min_tokens"):
+                     "min_tokens", "lora_id"):
             setattr(self, name, grown(getattr(self, name)))
 
     def _append_tokens(self, row: int, token_ids: list[int]) -> None:
@@ -241,5 +249,7 @@ class InputBatch:
             counts.tolist(), seq_lens.tolist(), num_decodes,
             torch.from_numpy(np.ascontiguousarray(tables)).to(device), bs,
             slot_mapping=torch.from_numpy(slots).to(device))
+        row_lora = self.lora_id[index]
+        lora_ids = row_lora[token_row] if row_lora.any() else None
         return StepTensors(rows, torch.from_numpy(input_ids).to(device), torch.from_numpy(positions).to(device),
-                           layout)
+                           layout, lora_ids)

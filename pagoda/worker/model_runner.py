@@ -43,6 +43,7 @@ class ModelRunner:
         num_threads: int | None = None,
         attention_backend: str = "auto",
         split_decodes: bool = True,
+        lora_manager=None,
     ):
         if device.type == "cpu":
             bound_onednn_caches()  # before the first matmul: flat memory under varying batch shapes
@@ -62,6 +63,8 @@ class ModelRunner:
         self.num_threads = num_threads
         # Every live request's tokens, block table and sampling state, across steps.
         self.input_batch = InputBatch(block_size, max_model_len)
+        # Multi-LoRA (model/lora/manager.py): adapter slots; None when LoRA is off.
+        self.lora_manager = lora_manager
         config = model.config
         self.vocab_size: int | None = getattr(config, "vocab_size", None)
         num_heads = config.num_attention_heads
@@ -118,6 +121,10 @@ class ModelRunner:
             bind_model_threads(self.num_threads)
         self.apply_block_copies(step)
         self.input_batch.apply(step)
+        if self.lora_manager is not None:
+            for data in step.new_requests:
+                if data.lora_request is not None:
+                    self.lora_manager.register(data.lora_request)
         out = ModelRunnerOutput()
         decodes, prefills = [], []
         for row in step.rows:
@@ -132,7 +139,16 @@ class ModelRunner:
             return out
         # Decodes first, then prefill chunks (StepLayout's promise; backends sort further if they want).
         batch = self.input_batch.prepare(decodes + prefills, len(decodes), self.device)
-        if self.cuda_graphs is not None and self.cuda_graphs.covers(batch):
+        if batch.lora_ids is not None:
+            if self.lora_manager is None:
+                raise RuntimeError("a row uses a LoRA adapter but this worker has LoRA off")
+            meta = self.attention.build_metadata(batch.layout)
+            self.lora_manager.begin_step(batch.lora_ids)  # LoRA path for this forward pass only
+            try:
+                hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, meta)
+            finally:
+                self.lora_manager.end_step()
+        elif self.cuda_graphs is not None and self.cuda_graphs.covers(batch):  # CUDA graphs: no LoRA rows
             hidden = self.cuda_graphs.replay(batch)
         else:
             meta = self.attention.build_metadata(batch.layout)

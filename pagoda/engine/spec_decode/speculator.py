@@ -36,7 +36,8 @@ class Speculator:
 
     def eligible(self, request: Request) -> bool:
         params = request.sampling_params
-        return (not request.spec_disabled and request.structured_output is None
+        # Requests with a LoRA adapter are not drafted for (verification would need the adapter too).
+        return (not request.spec_disabled and request.structured_output is None and request.lora_request is None
                 and request.num_tokens - request.num_computed_tokens == 1 and not params.use_beam_search)
 
     def propose(self, requests: Iterable[Request]) -> None:

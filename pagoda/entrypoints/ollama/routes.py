@@ -62,7 +62,7 @@ def add_ollama_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig, gram
     served_model_name, chat_template = config.served_model_name, config.chat_template
 
     def check_model(name: str) -> None:
-        if name not in (served_model_name, f"{served_model_name}:latest"):
+        if name not in (served_model_name, f"{served_model_name}:latest") and config.loras.lookup(name) is None:
             raise APIError(404, f"model '{name}' not found, try pulling it first", "model")
 
     def sampling_params(options: OllamaOptions | None, prompt_len: int, structured=None) -> SamplingParams:
@@ -103,9 +103,11 @@ def add_ollama_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig, gram
     def now() -> str:
         return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
 
-    async def start(request: Request, prompt_ids: list[int], params: SamplingParams
+    async def start(request: Request, prompt_ids: list[int], params: SamplingParams, model: str | None = None
                     ) -> tuple[RequestOutput, AsyncIterator[RequestOutput]]:
-        outputs = run_request(engine, config, prompt_ids, params, f"ollama-{uuid.uuid4().hex}")
+        lora = config.loras.lookup(model)  # `model` may name a LoRA adapter of the served model
+        outputs = run_request(engine, config, prompt_ids, params, f"ollama-{uuid.uuid4().hex}",
+                              {"lora_request": lora} if lora is not None else None)
         first = await wait_or_disconnect(request, outputs.__anext__())
         return first, outputs
 
@@ -139,7 +141,7 @@ def add_ollama_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig, gram
         params = sampling_params(body.options, len(prompt_ids), structured)
         # Streams get what is new each step; whole answers come once, at the end.
         params = replace(params, output_kind=RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY)
-        first, outputs = await start(request, prompt_ids, params)
+        first, outputs = await start(request, prompt_ids, params, body.model)
 
         def final_line(output: RequestOutput, output_ids: list[int] | None = None) -> dict:
             """`output_ids`: every generated token, for streams (their outputs are DELTAs)."""

@@ -15,7 +15,7 @@ import time
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -28,7 +28,9 @@ from pagoda.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    LoadLoRAAdapterRequest,
     TokenizeRequest,
+    UnloadLoRAAdapterRequest,
     message_dicts,
     refuse_unsupported_messages,
 )
@@ -133,16 +135,32 @@ def build_app(engine: AsyncLLM, config: ServerConfig, metrics: EngineMetrics | N
         return {"id": config.served_model_name, "object": "model", "created": created, "owned_by": "pagoda",
                 "root": info.model, "max_model_len": info.max_model_len}
 
+    def adapter_card(lora) -> dict:  # vLLM's shape: the adapter's parent is the served model
+        return {"id": lora.lora_name, "object": "model", "created": created, "owned_by": "pagoda",
+                "root": lora.lora_path, "parent": config.served_model_name, "max_model_len": info.max_model_len}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card()] + [adapter_card(a) for a in config.loras.adapters.values()]}
 
     @app.get("/v1/models/{model_id:path}")
     async def retrieve_model(model_id: str):
+        if model_id in config.loras.adapters:
+            return adapter_card(config.loras.adapters[model_id])
         if model_id != config.served_model_name:
             raise APIError(404, f"model {model_id!r} does not exist; this server serves "
                                 f"{config.served_model_name!r}", "model", "not_found_error", "model_not_found")
         return model_card()
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(body: LoadLoRAAdapterRequest):
+        await off_loop(config.loras.load, body.lora_name, body.lora_path, info.hf_config, config.served_model_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(body: UnloadLoRAAdapterRequest):
+        config.loras.unload(body.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):

@@ -243,3 +243,15 @@ class TokenizeRequest(_Strict):
 class DetokenizeRequest(_Strict):
     model: str | None = None
     tokens: list[int]
+
+
+class LoadLoRAAdapterRequest(_Strict):
+    """vLLM's `POST /v1/load_lora_adapter` body; `lora_path` must be under the server's --lora-dir."""
+
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoRAAdapterRequest(_Strict):
+    lora_name: str
+    lora_int_id: int | None = None  # accepted for vLLM clients; the name decides

@@ -9,10 +9,11 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pagoda.engine.async_engine import AsyncLLM, EngineDeadError, RequestFailedError
 from pagoda.entrypoints.openai.errors import APIError
+from pagoda.entrypoints.openai.serving_lora import LoRARegistry
 from pagoda.entrypoints.openai.structured_outputs import (
     Constraint,
     check_compiles,
@@ -46,6 +47,8 @@ class ServerConfig:
     request_timeout: float = 30.0
     # The engine's scheduling policy: a request's `priority` means something only with "priority".
     scheduling_policy: str = "fcfs"
+    # LoRA adapters clients may name in `model` (--enable-lora, --lora-modules, --lora-dir).
+    loras: LoRARegistry = field(default_factory=LoRARegistry)
 
 
 def edge_grammars(engine: AsyncLLM):
@@ -80,7 +83,7 @@ class OpenAIServing:
         return constraint
 
     def check_model(self, name: str) -> None:
-        if name != self.config.served_model_name:
+        if name != self.config.served_model_name and self.config.loras.lookup(name) is None:
             raise APIError(404, f"model {name!r} does not exist; this server serves "
                                 f"{self.config.served_model_name!r}", "model", "not_found_error")
 
@@ -131,7 +134,14 @@ class OpenAIServing:
         if body.priority != 0 and self.config.scheduling_policy != "priority":
             raise APIError(400, f"priority={body.priority} needs the server started with --scheduling-policy "
                                 "priority", "priority")
-        return {"cache_salt": body.cache_salt, "priority": body.priority}
+        options = {"cache_salt": body.cache_salt, "priority": body.priority}
+        model = getattr(body, "model", None)
+        lora = self.config.loras.lookup(model)
+        if lora is not None:  # `model` names a LoRA adapter of the served model
+            options["lora_request"] = lora
+        elif model is not None:  # checked again: the adapter may have been unloaded since check_model
+            self.check_model(model)
+        return options
 
     async def start(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
                     options: dict | None = None) -> tuple[RequestOutput, AsyncIterator[RequestOutput]]:

@@ -44,6 +44,9 @@ class Linear(nn.Module):
         self.packed: PackedWeight | None = None
         # shard index -> the checkpoint's quantized blocks, until the method packs them.
         self.gguf_shards: dict[int, GGUFBlocks] = {}
+        # Multi-LoRA (model/lora/layers.py): this layer's adapter slots, or None. The delta is
+        # added only while the step's LoRA context is active (some token of the step has an adapter).
+        self.lora = None
 
     def shard_rows(self, shard: int) -> tuple[int, int]:
         """(first row, number of rows) of shard ``shard`` in the fused weight."""
@@ -62,9 +65,14 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
-            return F.linear(x, self.weight, self.bias)
-        y = self.packed.matmul(x)
-        return y if self.bias is None else y + self.bias
+            y = F.linear(x, self.weight, self.bias)
+        else:
+            y = self.packed.matmul(x)
+            y = y if self.bias is None else y + self.bias
+        lora = self.lora
+        if lora is not None and lora.context.active:
+            y = lora.apply(x, y)
+        return y
 
     def extra_repr(self) -> str:
         kind = type(self.packed).__name__ if self.packed is not None else "float"
