@@ -17,7 +17,9 @@ from pagoda.engine.spec_decode.speculator import Speculator
 from pagoda.request import Request
 from tests.conftest import TINY_VOCAB, make_tiny_checkpoint, requires_smollm2, smollm2_gguf_path
 
-NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+# A step of up to 16 tokens may carry drafts: the batched tests verify drafts of several rows at once.
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3,
+         "max_tokens_per_step": 16}
 
 
 def repetitive_prompts(seed: int = 0) -> list[list[int]]:
