@@ -190,10 +190,12 @@ def test_invalid_constraints_are_a_400_naming_the_field(client, route, extra, pa
     assert error["param"] == param and param.split(".")[0] in error["message"], error
 
 
-def test_tools_stay_refused(client):
-    with pytest.raises(openai.BadRequestError, match="tools"):
-        client.chat.completions.create(model=MODEL, messages=_chat("hi"), max_tokens=5,
-                                       tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+def test_a_forced_tool_choice_and_a_response_format_are_refused_together(client):
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    with pytest.raises(openai.BadRequestError, match="response_format") as error:
+        client.chat.completions.create(model=MODEL, messages=_chat("hi"), max_tokens=5, tools=tools,
+                                       tool_choice="required", response_format={"type": "json_object"})
+    assert error.value.body["param"] == "response_format"
 
 
 def test_the_ollama_client_with_a_schema_and_with_json(server):
