@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from soak import cpu_model  # the benchmarks' one CPU-name helper
 
 from pagoda.model.attention.cpu_paged import CpuAttentionBackend, load_cpu_attention_op
 from pagoda.model.attention.metadata import StepLayout
@@ -189,7 +190,7 @@ def main() -> None:
     e2e = (run_e2e(list(backends), args.e2e_repeats, args.batch_prompt_len, args.batch_output_len, args.e2e_threads)
            if args.e2e else [])
     result = dict(
-        machine=dict(cpu=_cpu_name(), cpus=os.cpu_count(), load_average=os.getloadavg(), torch=torch.__version__,
+        machine=dict(cpu=cpu_model(), cpus=os.cpu_count(), load_average=os.getloadavg(), torch=torch.__version__,
                      python=platform.python_version()),
         shape=dict(heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, block_size=BLOCK_SIZE),
         micro=micro, e2e=e2e,
@@ -197,17 +198,6 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

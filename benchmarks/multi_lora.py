@@ -18,12 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from soak import cpu_model  # the benchmarks' one CPU-name helper
 
 from pagoda import LLM, LoRARequest, SamplingParams
 from pagoda.model.lora.adapter import ModelShape
@@ -50,17 +50,6 @@ def write_adapter(folder: Path, shape: ModelShape, rank: int, targets: list[str]
         "peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": targets, "bias": "none",
         "use_rslora": False, "use_dora": False, "modules_to_save": None}))
     return folder
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def main() -> None:

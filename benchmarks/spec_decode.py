@@ -17,26 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
+from soak import cpu_model  # the benchmarks' one CPU-name helper
 
 from pagoda import LLM, SamplingParams
 
 DATA = Path(__file__).resolve().parent / "data" / "spec_decode_tasks.json"
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def run(llm: LLM, chats: list, params: SamplingParams, concurrent: bool) -> tuple[float, int, list]:

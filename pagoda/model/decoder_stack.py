@@ -15,9 +15,7 @@ else runs the Python modules.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -34,15 +32,9 @@ logger = logging.getLogger(__name__)
 _switch = {"enabled": True}
 
 
-@contextlib.contextmanager
-def decoder_stack_disabled() -> Iterator[None]:
+def decoder_stack_disabled():
     """Within the block, decoder layers run as Python modules (tests and side-by-side benchmarks)."""
-    before = _switch["enabled"]
-    _switch["enabled"] = False
-    try:
-        yield
-    finally:
-        _switch["enabled"] = before
+    return fused.switched_off(_switch)
 
 
 # Linear kinds of decoder_stack.cpp.

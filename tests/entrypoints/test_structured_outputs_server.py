@@ -154,7 +154,7 @@ def test_a_mixed_batch_of_constrained_and_free_requests(server):
         free = [client.chat.completions.create(model=MODEL, messages=_chat(f"Tell me a fact about the number {i}."),
                                                max_tokens=40, temperature=0) for i in range(6)]
         constrained = [client.chat.completions.create(
-            model=MODEL, messages=_chat(f"Describe person {i}."), max_tokens=80,
+            model=MODEL, messages=_chat(f"Describe person {i}."), max_tokens=80, seed=i,  # sampled, reproducibly
             extra_body={"guided_json": PERSON_SCHEMA}) for i in range(6)]
         return await asyncio.gather(*free), await asyncio.gather(*constrained)
 
@@ -202,13 +202,13 @@ def test_the_ollama_client_with_a_schema_and_with_json(server):
     ollama = pytest.importorskip("ollama")
     client = ollama.Client(host=server)
     response = client.chat(model=MODEL, messages=_chat("Describe a person."), format=PERSON_SCHEMA,
-                           options={"num_predict": 80})
+                           options={"num_predict": 80, "seed": 1})  # sampled, reproducibly
     assert response.done_reason == "stop" and _person(response.message.content)
     response = client.generate(model=MODEL, prompt="A JSON object about dogs:", format="json",
                                options={"num_predict": 120, "temperature": 0})
     assert response.done_reason != "stop" or isinstance(json.loads(response.response), dict)
     stream = client.chat(model=MODEL, messages=_chat("Describe a person."), format=PERSON_SCHEMA, stream=True,
-                         options={"num_predict": 80})
+                         options={"num_predict": 80, "seed": 1})
     assert _person("".join(part.message.content for part in stream))
     with pytest.raises(ollama.ResponseError) as info:
         client.chat(model=MODEL, messages=_chat("hi"), format={"type": "objec"})

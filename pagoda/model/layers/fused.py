@@ -36,11 +36,16 @@ def fused_enabled() -> bool:
 
 
 @contextlib.contextmanager
-def fused_ops_disabled() -> Iterator[None]:
-    """Within the block, norm / rotary / SwiGLU run their torch code (not thread-scoped)."""
-    before = _switch["enabled"]
-    _switch["enabled"] = False
+def switched_off(switch: dict) -> Iterator[None]:
+    """Within the block, ``switch["enabled"]`` is False (not thread-scoped); restored after."""
+    before = switch["enabled"]
+    switch["enabled"] = False
     try:
         yield
     finally:
-        _switch["enabled"] = before
+        switch["enabled"] = before
+
+
+def fused_ops_disabled():
+    """Within the block, norm / rotary / SwiGLU run their torch code (not thread-scoped)."""
+    return switched_off(_switch)
