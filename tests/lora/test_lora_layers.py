@@ -3,6 +3,8 @@ token of a step has an adapter (and the compiled decoder stack stays usable)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -35,29 +37,75 @@ def _reference(x, slots, adapters, shards, base):
     return out
 
 
+def _paths():
+    """The compiled op (where the extension builds) and the torch path."""
+    from pagoda.kernels import cpu_ext
+
+    return ["kernel", "torch"] if cpu_ext.cpu_ops() is not None else ["torch"]
+
+
+@contextlib.contextmanager
+def _path(name):
+    with (layers.lora_kernel_disabled() if name == "torch" else contextlib.nullcontext()):
+        yield
+
+
+@pytest.mark.parametrize("path", _paths())
 @pytest.mark.parametrize("num_tokens", [1, 5, 40, 300])  # dense (few tokens) and segment paths
-def test_mixed_slots_match_per_token_reference(num_tokens):
+def test_mixed_slots_match_per_token_reference(num_tokens, path):
     ctx, weights, adapters, shards = _setup()
     gen = torch.Generator().manual_seed(num_tokens)
     x = torch.randn(num_tokens, 24, generator=gen)
     slots = torch.randint(-1, 3, (num_tokens,), generator=gen).numpy()
     slots[0] = 1
     base = torch.randn(num_tokens, sum(shards), generator=gen)
-    ctx.set_step(slots.astype(np.int64))
-    assert ctx.active and ctx.dense == (num_tokens <= layers.DENSE_MAX_TOKENS)
-    out = weights.apply(x, base.clone())
+    with _path(path):
+        ctx.set_step(slots.astype(np.int64))
+        assert ctx.active and ctx.dense == (num_tokens <= layers.DENSE_MAX_TOKENS)
+        assert (ctx.ops is not None) == (path == "kernel")
+        out = weights.apply(x, base.clone())
     torch.testing.assert_close(out, _reference(x, slots, adapters, shards, base), rtol=1e-5, atol=1e-4)
 
 
-def test_slot_range_and_cleared_slots():
+@pytest.mark.parametrize("path", _paths())
+def test_slot_range_and_cleared_slots(path):
     ctx, weights, adapters, shards = _setup()
     x = torch.randn(4, 24)
     base = torch.zeros(4, sum(shards))
-    ctx.set_step(np.array([2, -1, 2, 2]))  # one slot only: range 2..2
-    assert (ctx.lo, ctx.hi) == (2, 2)
-    torch.testing.assert_close(weights.apply(x, base.clone()), _reference(x, [2, -1, 2, 2], adapters, shards, base))
-    weights.clear_slot(2)
-    assert torch.equal(weights.apply(x, base.clone()), base)
+    with _path(path):
+        ctx.set_step(np.array([2, -1, 2, 2]))  # one slot only: range 2..2
+        assert ctx.slots() == {2} and (ctx.plan().lo, ctx.plan().hi) == (2, 2)
+        torch.testing.assert_close(weights.apply(x, base.clone()),
+                                   _reference(x, [2, -1, 2, 2], adapters, shards, base))
+        weights.clear_slot(2)
+        assert torch.equal(weights.apply(x, base.clone()), base)
+
+
+@pytest.mark.parametrize("num_tokens", [3, 32, 200])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernel_and_torch_paths_agree_in_16_bit(num_tokens, dtype):
+    """Realistic widths (vector loops and their tails: 72 = 64 + 8 columns, 100 inputs)."""
+    if "kernel" not in _paths():
+        pytest.skip("compiled CPU kernels unavailable")
+    gen = torch.Generator().manual_seed(7)
+    shards, in_features, max_rank = (128, 72, 72), 100, 8
+    ctx = LoRAStepContext(torch.device("cpu"), 4)
+    weights = LoRALinearWeights(ctx, 4, max_rank, in_features, shards, dtype, torch.device("cpu"))
+    for slot, rank in enumerate([8, 4, 0, 7]):
+        if rank:
+            weights.set_slot(slot, {s: (torch.randn(rank, in_features, generator=gen) * 0.1,
+                                        torch.randn(size, rank, generator=gen) * 0.1)
+                                    for s, size in enumerate(shards) if (s + slot) % 3})
+    x = torch.randn(num_tokens, in_features, generator=gen).to(dtype)
+    base = torch.randn(num_tokens, sum(shards), generator=gen).to(dtype)
+    slots = torch.randint(-1, 4, (num_tokens,), generator=gen).numpy().astype(np.int64)
+    ctx.set_step(slots)
+    fast = weights.apply(x, base.clone())
+    with layers.lora_kernel_disabled():
+        ctx.set_step(slots)
+        slow = weights.apply(x, base.clone())
+    assert not torch.equal(fast, base)
+    torch.testing.assert_close(fast.float(), slow.float(), rtol=2e-2, atol=2e-2)
 
 
 def test_no_adapter_tokens_leave_the_context_inactive():
