@@ -81,17 +81,18 @@ def test_slot_range_and_cleared_slots(path):
         assert torch.equal(weights.apply(x, base.clone()), base)
 
 
+@pytest.mark.parametrize("max_rank", [8, 5])
 @pytest.mark.parametrize("num_tokens", [3, 32, 200])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_kernel_and_torch_paths_agree_in_16_bit(num_tokens, dtype):
-    """Realistic widths (vector loops and their tails: 72 = 64 + 8 columns, 100 inputs)."""
+def test_kernel_and_torch_paths_agree_in_16_bit(num_tokens, dtype, max_rank):
+    """Realistic widths (vector loops and their tails: 72 = 64 + 8 columns, 100 inputs), odd ranks."""
     if "kernel" not in _paths():
         pytest.skip("compiled CPU kernels unavailable")
     gen = torch.Generator().manual_seed(7)
-    shards, in_features, max_rank = (128, 72, 72), 100, 8
+    shards, in_features = (128, 72, 72), 100
     ctx = LoRAStepContext(torch.device("cpu"), 4)
     weights = LoRALinearWeights(ctx, 4, max_rank, in_features, shards, dtype, torch.device("cpu"))
-    for slot, rank in enumerate([8, 4, 0, 7]):
+    for slot, rank in enumerate([max_rank, 4, 0, max_rank - 1]):
         if rank:
             weights.set_slot(slot, {s: (torch.randn(rank, in_features, generator=gen) * 0.1,
                                         torch.randn(size, rank, generator=gen) * 0.1)
