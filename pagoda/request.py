@@ -122,8 +122,10 @@ class Request:
     priority: int = 0
     # Mixed into the prefix-cache hashes: requests with different salts never share blocks.
     cache_salt: str | None = None
-    # Multi-LoRA: the adapter this request runs with (None: the base model). Joins cache_keys.
+    # Multi-LoRA: the adapter this request runs with (None: the base model), and the digest of
+    # the adapter's contents the engine read (model/lora/adapter.py). Both join cache_keys.
     lora_request: LoRARequest | None = None
+    lora_digest: str | None = None
     # Prompt tokens found in the prefix cache when the request was (last) admitted.
     num_cached_tokens: int = 0
     # Beam search: this beam's most likely next tokens, (token id, log-probability) best
@@ -155,9 +157,13 @@ class Request:
     @property
     def cache_keys(self) -> tuple:
         """Extra keys of this request's prefix-cache hashes: its salt and its LoRA adapter
-        (two adapters, or an adapter and the base model, never share KV blocks)."""
+        (two adapters, or an adapter and the base model, never share KV blocks). The adapter is
+        keyed by its contents' digest when the engine set one (an adapter folder rewritten in
+        place never reuses the KV of its old contents), else by its name and path."""
         keys = () if self.cache_salt is None else (self.cache_salt,)
-        return keys if self.lora_request is None else keys + self.lora_request.cache_key
+        if self.lora_request is None:
+            return keys
+        return keys + (("lora-sha256", self.lora_digest) if self.lora_digest else self.lora_request.cache_key)
 
     @property
     def lora_int_id(self) -> int:

@@ -43,7 +43,9 @@ class NewRequestData:
     eos_token_ids: frozenset[int]
     block_ids: list[int]
     # Multi-LoRA: the adapter (name, id, path) the worker loads into a slot for this row; None: base.
+    # lora_digest: the digest of the contents the engine checked (the worker refuses other contents).
     lora_request: LoRARequest | None = None
+    lora_digest: str | None = None
 
 
 @dataclass
@@ -102,6 +104,9 @@ class WorkerStep:
     blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
     # Structured outputs: which tokens the constrained rows that sample may take (None: no such row).
     grammar_bitmask: GrammarBitmask | None = None
+    # Multi-LoRA: adapter ids the engine will never send again (unloaded): the worker drops their
+    # slot, host copy and path once no row of its batch uses them. Each id is named once.
+    removed_lora_ids: list[int] = field(default_factory=list)
 
     @property
     def total_num_tokens(self) -> int:
@@ -123,6 +128,7 @@ class WorkerStepBuilder:
 
     def __init__(self) -> None:
         self._known: dict[str, _Known] = {}
+        self._removed_lora_ids: list[int] = []
 
     @property
     def num_known(self) -> int:
@@ -135,6 +141,7 @@ class WorkerStepBuilder:
             blocks_to_swap_in=out.blocks_to_swap_in,
         )
         step.finished_request_ids = self._sweep_finished()
+        step.removed_lora_ids, self._removed_lora_ids = self._removed_lora_ids, []
         for item in out.scheduled:
             request = item.request
             request_id = request.request_id
@@ -147,7 +154,7 @@ class WorkerStepBuilder:
                 step.new_requests.append(NewRequestData(
                     request_id, list(request.all_token_ids), request.num_prompt_tokens,
                     request.sampling_params, request.eos_token_ids, list(item.block_table),
-                    request.lora_request))
+                    request.lora_request, request.lora_digest))
                 self._known[request_id] = _Known(request, request.num_tokens, list(item.block_table))
             else:
                 if request.num_tokens > known.num_tokens:
@@ -163,6 +170,14 @@ class WorkerStepBuilder:
                     known.block_ids = list(table)
             step.rows.append(row)
         return step
+
+    def remove_lora(self, lora_int_id: int) -> None:
+        """The next step tells the worker that this adapter id is gone (see WorkerStep)."""
+        self._removed_lora_ids.append(lora_int_id)
+
+    @property
+    def has_removals(self) -> bool:
+        return bool(self._removed_lora_ids)
 
     def forget(self, request_ids) -> None:
         """The worker's copy of these requests may be stale (a failed step, a beam fork):

@@ -43,6 +43,7 @@ from pagoda.engine.engine_loop import (
     LoopUpdate,
     ModelInfo,
     Rejected,
+    RemoveLoRA,
     RequestFailed,
     Shutdown,
     StepUpdate,
@@ -329,6 +330,11 @@ class AsyncLLM:
             if live:
                 self.num_aborted_total += 1
         self._loop.send(AbortRequest(request_id))
+
+    def remove_lora(self, lora_int_id: int) -> None:
+        """An unloaded LoRA adapter: the engine and its worker drop it (slot, host copy) once the
+        requests still running with it have finished."""
+        self._loop.send(RemoveLoRA(lora_int_id))
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Stops the engine loop (it aborts every request first). Every open generate() ends

@@ -1,7 +1,7 @@
 """The engine's step loop and the messages it exchanges with its front end.
 
 The loop owns an `LLMEngine` and is the only code that touches it: it applies
-commands (add, abort), steps while there is work, and emits one `LoopUpdate`
+commands (add, abort, remove a LoRA adapter), steps while there is work, and emits one `LoopUpdate`
 per step. It runs either on a thread of the serving process or in a child
 process (`engine/core_process.py`); every message here is picklable so both
 placements share this code.
@@ -48,11 +48,18 @@ class AbortRequest:
 
 
 @dataclass
+class RemoveLoRA:
+    """An adapter unloaded from the server: the engine and its worker forget this id."""
+
+    lora_int_id: int
+
+
+@dataclass
 class Shutdown:
     pass
 
 
-Command = AddRequest | AbortRequest | Shutdown
+Command = AddRequest | AbortRequest | RemoveLoRA | Shutdown
 
 # -- updates: loop -> front end --------------------------------------------------
 
@@ -153,6 +160,11 @@ def run_engine_loop(
                     engine.abort_request(command.request_id)
                 except Exception:  # best effort: the front end has already let the request go
                     logger.exception("aborting request %r failed", command.request_id)
+            elif isinstance(command, RemoveLoRA):
+                try:
+                    engine.remove_lora(command.lora_int_id)
+                except Exception:  # best effort: the adapter is already gone from the front end
+                    logger.exception("removing LoRA adapter id %d failed", command.lora_int_id)
             else:
                 try:
                     engine.add_request(command.prompt, command.params, command.request_id, command.cache_salt,

@@ -99,6 +99,9 @@ logger = logging.getLogger(__name__)
 
 PromptInput = str | list[int] | dict
 
+# Checked LoRA adapters no live request uses that the engine keeps (skipping a re-read when named again).
+_MAX_IDLE_LORAS = 64
+
 
 class PromptError(ValueError):
     """A prompt the engine cannot take (empty, too long, unknown token ids)."""
@@ -216,7 +219,10 @@ class LLMEngine:
                                    max_loras=config.lora.max_loras if config.lora is not None else 0)
         # Multi-LoRA (model/lora/): the worker's adapter slots; the engine checks each adapter once.
         lora_manager = None
-        self._lora_requests: dict[int, LoRARequest] = {}
+        # Adapters the engine checked: id -> (request, content digest). Bounded: ids no live request
+        # uses are dropped beyond _MAX_IDLE_LORAS (they are read again if named again), and at unload.
+        self._lora_requests: dict[int, tuple[LoRARequest, str]] = {}
+        self._lora_removals: set[int] = set()  # removed ids some unfinished request still uses
         if config.lora is not None:
             lora_manager = LoRAManager(self.model, config.lora.max_loras, config.lora.max_lora_rank,
                                        config.lora.max_cpu_loras, self.dtype, self.device)
@@ -384,8 +390,7 @@ class LLMEngine:
         `priority`: with the "priority" scheduling policy, lower values are served first.
         `lora_request`: the LoRA adapter to run it with (None: the base model)."""
         params = params or SamplingParams()
-        if lora_request is not None:
-            self.check_lora(lora_request)
+        lora_digest = self.check_lora(lora_request) if lora_request is not None else None
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self._parents:
             raise ValueError(f"request_id={request_id!r} is already in use.")
@@ -412,7 +417,8 @@ class LLMEngine:
                     child_params = replace(params, seed=params.seed + index)
                 fork_of = parent.sequences[0].request if index and not beams else None
                 request = Request(seq_id, token_ids, child_params, self.eos_token_ids, cache_salt=cache_salt,
-                                  priority=priority, fork_of=fork_of, lora_request=lora_request)
+                                  priority=priority, fork_of=fork_of, lora_request=lora_request,
+                                  lora_digest=lora_digest)
                 detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, child_params)
                 if not beams:  # Request.check_stop feeds it and matches stop strings (beams keep their rules)
                     request.text = detokenizer
@@ -434,22 +440,53 @@ class LLMEngine:
             raise
         return request_id
 
-    def check_lora(self, lora_request: LoRARequest) -> None:
+    def check_lora(self, lora_request: LoRARequest) -> str:
         """Refuses (AdapterError, a ValueError) an adapter this engine cannot serve: LoRA off, an
-        id already naming another adapter, or an adapter folder that adapter.py refuses. Each
-        adapter is read once here; the worker reads it again when a step needs it."""
+        id already naming another adapter, or an adapter folder that adapter.py refuses; returns
+        the digest of its contents (the prefix-cache key of its KV blocks). Each adapter is read
+        once here; the worker reads it again when a step needs it, and refuses other contents."""
         if self.config.lora is None:
             raise AdapterError(f"LoRA adapter {lora_request.lora_name!r}: this engine was started without LoRA "
                                "(enable_lora=True / --enable-lora).")
-        known = self._lora_requests.get(lora_request.lora_int_id)
-        if known == lora_request:
+        lora_id = lora_request.lora_int_id
+        known = self._lora_requests.get(lora_id)
+        if known is not None and known[0] == lora_request:
+            return known[1]
+        if known is not None and self.scheduler.lora_in_use(lora_id):
+            raise AdapterError(f"lora_int_id={lora_id} already names adapter {known[0].lora_name!r} "
+                               f"({known[0].lora_path}); give {lora_request.lora_name!r} another id.")
+        adapter = load_adapter(lora_request.lora_path, ModelShape.from_hf_config(self.hf_config),
+                               self.config.lora.max_lora_rank, lora_request.lora_name)
+        self._lora_requests[lora_id] = (lora_request, adapter.digest)
+        if len(self._lora_requests) > _MAX_IDLE_LORAS:
+            live = {seq.request.lora_int_id for parent in self._parents.values() for seq in parent.sequences}
+            for idle in [i for i in self._lora_requests if i not in live and i != lora_id]:
+                del self._lora_requests[idle]
+        return adapter.digest
+
+    def remove_lora(self, lora_int_id: int) -> None:
+        """The adapter with this id will not be named again (unloaded from the server): the engine
+        forgets it, and the worker drops its device slot, host copy and path once the requests
+        still running with it have finished (at once when none is)."""
+        if self.config.lora is None:
             return
-        if known is not None and self.scheduler.lora_in_use(lora_request.lora_int_id):
-            raise AdapterError(f"lora_int_id={lora_request.lora_int_id} already names adapter "
-                               f"{known.lora_name!r} ({known.lora_path}); give {lora_request.lora_name!r} another id.")
-        load_adapter(lora_request.lora_path, ModelShape.from_hf_config(self.hf_config),
-                     self.config.lora.max_lora_rank, lora_request.lora_name)
-        self._lora_requests[lora_request.lora_int_id] = lora_request
+        self._lora_requests.pop(lora_int_id, None)
+        self._lora_removals.add(lora_int_id)
+        if not self.has_unfinished_requests():  # no step is coming soon: tell the worker now
+            self._flush_lora_removals()
+
+    def _flush_lora_removals(self) -> None:
+        """An idle engine tells its worker of removed adapters in a step without rows."""
+        self._send_lora_removals()
+        if self._worker_steps.has_removals:
+            self.executor.execute_model(self._worker_steps.build(SchedulerOutput()))
+
+    def _send_lora_removals(self) -> None:
+        """Removed adapter ids no unfinished request uses go to the worker with the next step
+        (requests accepted before the unload, running or waiting, finish with their adapter)."""
+        for lora_id in [i for i in self._lora_removals if not self.scheduler.lora_in_use(i)]:
+            self._lora_removals.discard(lora_id)
+            self._worker_steps.remove_lora(lora_id)
 
     def _validate_prompt(self, token_ids: list[int]) -> None:
         if not token_ids:
@@ -516,13 +553,19 @@ class LLMEngine:
             if not failed and self.structured_output.has_pending:  # only grammars compiling: wait, don't spin
                 self.structured_output.wait_for_compiles(timeout=0.05)
             return self._fail_parents(failed)
+        if self._lora_removals:
+            self._send_lora_removals()
+        worker_step = None
         try:
             worker_step = self._worker_steps.build(scheduler_output)
             worker_step.grammar_bitmask = self.structured_output.grammar_bitmask(scheduler_output.scheduled)
             runner_output = self.executor.execute_model(worker_step)
         except BaseException as error:  # noqa: BLE001 - undone, then blamed or isolated; non-Exceptions re-raised
-            # The worker may have stopped anywhere: its copy of these requests is suspect too.
+            # The worker may have stopped anywhere: its copy of these requests is suspect too,
+            # and it may not have seen the removed adapters (removing one twice is harmless).
             self._worker_steps.forget(item.request_id for item in scheduler_output.scheduled)
+            for lora_id in worker_step.removed_lora_ids if worker_step is not None else ():
+                self._worker_steps.remove_lora(lora_id)
             self._recover_from_failed_step(scheduler_output, error, failed)  # re-raises when it must
             return self._fail_parents(failed)
         if self.offload is not None:
@@ -570,7 +613,10 @@ class LLMEngine:
             outputs.append(output)
             if parent.finished:
                 self._forget(parent)
-        return outputs + self._fail_parents(failed)
+        outputs += self._fail_parents(failed)
+        if self._lora_removals and not self.has_unfinished_requests():  # the last user of an unloaded adapter
+            self._flush_lora_removals()
+        return outputs
 
     # -- failures (module docstring) ----------------------------------------
 

@@ -121,10 +121,8 @@ class ModelRunner:
             bind_model_threads(self.num_threads)
         self.apply_block_copies(step)
         self.input_batch.apply(step)
-        if self.lora_manager is not None:
-            for data in step.new_requests:
-                if data.lora_request is not None:
-                    self.lora_manager.register(data.lora_request)
+        if self.lora_manager is not None:  # new adapters, removed ones; drops what no row uses
+            self.lora_manager.apply(step, self.input_batch.lora_id)
         out = ModelRunnerOutput()
         decodes, prefills = [], []
         for row in step.rows:

@@ -124,3 +124,62 @@ def test_chat_takes_lora_request(tiny_chat_llama, tmp_path):
     prompt_ids = chat_llm.apply_chat_template(messages)
     assert output.outputs[0].token_ids == hf_greedy(tiny_chat_llama, adapter, prompt_ids, PARAMS.max_tokens)
     assert chat_llm.chat(messages, PARAMS)[0].outputs[0].token_ids != output.outputs[0].token_ids
+
+
+def _manager(llm):
+    return llm.engine.runner.lora_manager
+
+
+def test_worker_adapter_table_stays_bounded(llm, base, tmp_path):
+    """Ids no row uses leave the worker's tables: only those in a slot or in host memory stay."""
+    path = str(make_adapter(base, tmp_path / "many", ["q_proj"], rank=4, seed=3))
+    for i in range(5):  # one id per load, as the server gives
+        llm.generate([_prompt(seed=i)], PARAMS, lora_request=LoRARequest(f"m{i}", 200 + i, path))
+    manager = _manager(llm)
+    held = set(manager.host) | {i for i in manager.slot_ids if i is not None}
+    assert set(manager.requests) <= held and len(held) <= manager.max_loras + manager.max_cpu_loras
+    assert 204 in manager.requests and 200 not in manager.requests
+
+
+def test_removed_adapter_leaves_its_slot_and_host_copy_once_its_requests_finish(llm, base, tmp_path):
+    engine, manager = llm.engine, _manager(llm)
+    lora = LoRARequest("gone", 300, str(make_adapter(base, tmp_path / "gone", ["v_proj"], rank=4, seed=4)))
+    request_id = engine.add_request(_prompt(), PARAMS, lora_request=lora)
+    engine.step()
+    assert 300 in manager.slot_ids and 300 in manager.host
+    engine.remove_lora(300)  # unloaded while it runs: it finishes with its adapter
+    outputs = {}
+    while engine.has_unfinished_requests():
+        outputs.update({o.request_id: o for o in engine.step() if o.finished})
+    assert outputs[request_id].outputs[0].token_ids == hf_greedy(base, lora.lora_path, _prompt(), PARAMS.max_tokens)
+    assert 300 not in manager.slot_ids and 300 not in manager.host and 300 not in manager.requests
+    # Idle: removed at once.
+    llm.generate([_prompt()], PARAMS, lora_request=LoRARequest("idle", 301, lora.lora_path))
+    assert 301 in manager.slot_ids
+    engine.remove_lora(301)
+    assert 301 not in manager.slot_ids and 301 not in manager.host and 301 not in manager.requests
+    assert all(not w.filled_bits for layer in manager.layers for w in layer.values())  # slot cleared
+
+
+def test_adapter_rewritten_in_place_never_reuses_its_old_kv(llm, base, tmp_path):
+    """Same name and path, new contents (unload, rewrite, load: a new id): no prefix hit."""
+    folder = tmp_path / "same"
+    make_adapter(base, folder, ["k_proj", "v_proj"], rank=4, seed=11)
+    prompt = _prompt(40, seed=8)
+    first = llm.generate([prompt], PARAMS, lora_request=LoRARequest("same", 400, str(folder)))[0]
+    assert llm.generate([prompt], PARAMS, lora_request=LoRARequest("same", 400, str(folder)))[0].num_cached_tokens
+    llm.engine.remove_lora(400)
+    make_adapter(base, folder, ["k_proj", "v_proj"], rank=4, seed=12)
+    second = llm.generate([prompt], PARAMS, lora_request=LoRARequest("same", 401, str(folder)))[0]
+    assert second.num_cached_tokens == 0
+    assert second.outputs[0].token_ids == hf_greedy(base, folder, prompt, PARAMS.max_tokens)
+    assert second.outputs[0].token_ids != first.outputs[0].token_ids
+
+
+def test_worker_refuses_contents_other_than_the_engine_checked(llm, base, tmp_path):
+    manager = _manager(llm)
+    path = str(make_adapter(base, tmp_path / "moved", ["q_proj"], rank=4, seed=13))
+    manager.register(LoRARequest("moved", 500, path), digest="0" * 64)
+    with pytest.raises(AdapterError, match="changed after the engine read them"):
+        manager.slots_for([500])
+    manager._forget(500)

@@ -154,3 +154,47 @@ def test_without_lora_dir_runtime_loading_is_refused(tmp_path):
     with pytest.raises(APIError) as error:
         registry.load("x", str(tmp_path), None, MODEL)
     assert error.value.status == 400 and "--lora-dir" in error.value.message
+
+
+def test_unload_frees_the_worker_slot_and_a_folder_rewritten_in_place_serves_its_new_contents(
+        tiny_chat_llama, tmp_path):
+    import time
+
+    from tests.entrypoints.tiny_server import client_for
+
+    folder = tmp_path / "allowed" / "x"
+    make_adapter(tiny_chat_llama, folder, ["k_proj", "v_proj"], rank=4, seed=21)
+    config = EngineConfig(model=str(tiny_chat_llama), dtype="float32", lora=LoRAConfig(max_loras=1, max_lora_rank=8),
+                          cache=CacheConfig(kv_cache_memory=32 * 1024**2))
+    llm_engine = LLMEngine(config, show_progress=False)
+    engine = AsyncLLM(llm_engine)
+    registry = LoRARegistry(True, 8, str(folder.parent))
+    manager = llm_engine.runner.lora_manager
+    prompt = _prompt(40) * 6  # several full KV blocks
+
+    def complete_x():
+        response = client.post("/v1/completions", json={
+            "model": "x", "prompt": prompt, "max_tokens": NEW, "temperature": 0, "ignore_eos": True})
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    try:
+        client = client_for(engine, loras=registry)
+        assert client.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "x"}).status_code == 200
+        old_id = registry.adapters["x"].lora_int_id
+        first = complete_x()
+        assert first["choices"][0]["text"] == _text(tiny_chat_llama, hf_greedy(tiny_chat_llama, folder, prompt, NEW))
+        assert complete_x()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+        assert old_id in manager.slot_ids and old_id in manager.host
+        assert client.post("/v1/unload_lora_adapter", json={"lora_name": "x"}).status_code == 200
+        deadline = time.monotonic() + 30  # the engine loop applies the removal
+        while (old_id in manager.slot_ids or old_id in manager.host) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert old_id not in manager.slot_ids and old_id not in manager.host and old_id not in manager.requests
+        make_adapter(tiny_chat_llama, folder, ["k_proj", "v_proj"], rank=4, seed=22)  # same folder, new weights
+        assert client.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "x"}).status_code == 200
+        second = complete_x()
+        assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # no stale KV of the old contents
+        assert second["choices"][0]["text"] == _text(tiny_chat_llama, hf_greedy(tiny_chat_llama, folder, prompt, NEW))
+    finally:
+        engine.shutdown()

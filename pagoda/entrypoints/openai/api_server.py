@@ -159,7 +159,7 @@ def build_app(engine: AsyncLLM, config: ServerConfig, metrics: EngineMetrics | N
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(body: UnloadLoRAAdapterRequest):
-        config.loras.unload(body.lora_name)
+        engine.remove_lora(config.loras.unload(body.lora_name).lora_int_id)  # frees its slot and host copy
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     @app.post("/v1/chat/completions")

@@ -70,7 +70,9 @@ class LoRARegistry:
         self.adapters[name] = request
         return request
 
-    def unload(self, name: str) -> None:
+    def unload(self, name: str) -> LoRARequest:
+        """Forgets the adapter `name` (404 if not loaded) and returns it: the caller tells the
+        engine (`AsyncLLM.remove_lora`), which drops its device slot and host copy."""
         if name not in self.adapters:
             raise APIError(404, f"LoRA adapter {name!r} is not loaded", "lora_name", "not_found_error")
-        del self.adapters[name]
+        return self.adapters.pop(name)

@@ -10,10 +10,15 @@ biases, ``alpha_pattern``, fan_in_fan_out, a rank above ``max_lora_rank``, shape
 indices that do not fit the base model.
 
 The scaling is folded into B, so a slot holds ``A`` [r, in] and ``B * scaling`` [out, r].
+
+Each loaded adapter carries ``digest``, a SHA-256 of the exact bytes it was read from (config
+and tensors): the prefix cache keys an adapter's KV blocks by it, so a folder rewritten in
+place never meets the KV blocks of its old contents.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -68,13 +73,14 @@ class LoRAAdapter:
     path: str
     rank: int  # the largest rank of its modules
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+    digest: str = ""  # SHA-256 (hex) of the config and tensor file bytes this was read from
 
     @property
     def target_modules(self) -> list[str]:
         return sorted({module for _, module in self.weights})
 
 
-def read_adapter_config(path: str | Path, name: str = "adapter") -> dict:
+def _read_config_bytes(path: str | Path, name: str) -> bytes:
     folder = Path(path)
     config_file = folder / "adapter_config.json"
     if not folder.is_dir():
@@ -83,8 +89,15 @@ def read_adapter_config(path: str | Path, name: str = "adapter") -> dict:
         raise AdapterError(f"LoRA adapter {name!r}: {str(config_file)!r} does not exist (a PEFT adapter "
                            "folder holds adapter_config.json and adapter_model.safetensors).")
     try:
-        config = json.loads(config_file.read_text())
-    except (OSError, ValueError) as error:
+        return config_file.read_bytes()
+    except OSError as error:
+        raise AdapterError(f"LoRA adapter {name!r}: cannot read {str(config_file)!r}: {error}") from None
+
+
+def _parse_config(data: bytes, config_file: Path, name: str) -> dict:
+    try:
+        config = json.loads(data)
+    except ValueError as error:
         raise AdapterError(f"LoRA adapter {name!r}: cannot read {str(config_file)!r}: {error}") from None
     if not isinstance(config, dict):
         raise AdapterError(f"LoRA adapter {name!r}: {str(config_file)!r} is not a JSON object.")
@@ -121,16 +134,18 @@ def check_config(config: dict, name: str) -> None:
 def load_adapter(path: str | Path, shape: ModelShape, max_rank: int, name: str = "adapter",
                  dtype: torch.dtype = torch.float32) -> LoRAAdapter:
     """The adapter at `path`, checked against the base model's `shape` and `max_rank`."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load as load_safetensors
 
-    config = read_adapter_config(path, name)
+    config_bytes = _read_config_bytes(path, name)
+    config = _parse_config(config_bytes, Path(path) / "adapter_config.json", name)
     check_config(config, name)
     tensor_file = Path(path) / "adapter_model.safetensors"
     if not tensor_file.is_file():
         raise AdapterError(f"LoRA adapter {name!r}: {str(tensor_file)!r} does not exist (only the safetensors "
                            "format is read).")
-    try:
-        tensors = load_file(str(tensor_file))
+    try:  # parsed from the very bytes the digest covers: the digest names what was loaded
+        tensor_bytes = tensor_file.read_bytes()
+        tensors = load_safetensors(tensor_bytes)
     except Exception as error:  # noqa: BLE001 - safetensors raises its own error types for bad files
         raise AdapterError(f"LoRA adapter {name!r}: cannot read {str(tensor_file)!r}: {error}") from None
     alpha = float(config.get("lora_alpha", config.get("r", 8)))
@@ -173,4 +188,13 @@ def load_adapter(path: str | Path, shape: ModelShape, max_rank: int, name: str =
         scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
         weights[(layer, module)] = (a.to(dtype).contiguous(), (b.float() * scaling).to(dtype).contiguous())
         top_rank = max(top_rank, rank)
-    return LoRAAdapter(name, str(path), top_rank, weights)
+    return LoRAAdapter(name, str(path), top_rank, weights, content_digest(config_bytes, tensor_bytes))
+
+
+def content_digest(config_bytes: bytes, tensor_bytes: bytes) -> str:
+    """SHA-256 of an adapter's two files, length-prefixed so that no two pairs collide by concatenation."""
+    h = hashlib.sha256()
+    for part in (config_bytes, tensor_bytes):
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    return h.hexdigest()
