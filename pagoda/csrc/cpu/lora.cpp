@@ -45,8 +45,11 @@ constexpr int kTokenBlock = 4;                   // tokens sharing each weight l
 constexpr int kVecs = 4;                         // float vectors per output column block
 constexpr int64_t kColBlock = kVecs * fVec::size();
 
-// Multiply-adds below which the op runs on the calling thread (~50-100 us of work).
-constexpr int64_t kMinParallelMacs = int64_t{1} << 21;
+// Multiply-adds per thread below which the op runs on the calling thread (~5-10 us of work).
+// A decode step's call (32 tokens: 0.3-1.1 M) splits over 2 threads: measured with
+// benchmarks/multi_lora.py (2 threads, load ~4.5), mixed/base was 86.7% split vs 70.2% with
+// the LoRA on the calling thread alone (its core does the LoRA while the other one idles).
+constexpr int64_t kMinParallelMacs = int64_t{1} << 17;
 
 // ---- shrink: xa[j, r] = x_j . a_row for NT tokens of one slot ----
 
