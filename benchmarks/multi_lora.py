@@ -8,7 +8,9 @@ greedy with `--max-tokens` tokens (ignore_eos, so both produce the same token co
 Adapters are PEFT-format folders with random weights (rank `--rank` on every target
 module), written by this script. Prompts differ per request (no prefix-cache sharing).
 Rounds alternate between the workloads; the best round of each is kept (the machine is
-shared). Target: mixed >= 80% of base.
+shared), and each round's own mixed / base is printed too (a round's two runs are
+neighbours in time, so their ratio is the least disturbed by other load). Target: mixed
+>= 80% of base.
 
     python benchmarks/multi_lora.py [--rounds 2] [--concurrency 32] [--max-tokens 64] [--rank 8]
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -65,6 +68,7 @@ def main() -> None:
                         default=Path(__file__).resolve().parent / "results" / "multi_lora.json")
     args = parser.parse_args()
 
+    load_at_start = os.getloadavg()  # `uptime`'s 1 / 5 / 15-minute load averages: the machine is shared
     llm = LLM(args.model, show_progress=False, enable_lora=True, max_loras=args.num_adapters,
               max_lora_rank=args.rank, num_threads=args.threads)
     shape = ModelShape.from_hf_config(llm.engine.hf_config)
@@ -82,29 +86,37 @@ def main() -> None:
                  "mixed": [loras[i % len(loras)] for i in range(args.concurrency)]}
     llm.generate(prompts(-1)[:4], SamplingParams(max_tokens=4), lora_request=loras[:1] * 4)  # warm-up
     best: dict[str, float] = {}
+    paired: list[float] = []  # mixed / base within each round (neighbours in time: the fairest pairs)
     for round_index in range(args.rounds):
+        rates = {}
         for name, lora_requests in workloads.items():
             t0 = time.perf_counter()
             outputs = llm.generate(prompts(round_index * 10 + len(name)), params, lora_request=lora_requests)
             wall = time.perf_counter() - t0
             tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
             rate = tokens / wall
+            rates[name] = rate
             best[name] = max(best.get(name, 0.0), rate)
             print(f"round {round_index} {name:5s}: {tokens} tokens in {wall:.2f}s = {rate:.1f} tok/s", flush=True)
+        paired.append(rates["mixed"] / rates["base"])
     ratio = best["mixed"] / best["base"]
+    median_paired = statistics.median(paired)
     print()
     print(f"| workload ({args.concurrency} requests, {args.max_tokens} tokens each) | output tok/s |")
     print("|---|---|")
     print(f"| base model only | {best['base']:.1f} |")
     print(f"| {args.num_adapters} adapters (rank {args.rank}, all 7 projections) round-robin | {best['mixed']:.1f} |")
     print(f"| mixed / base | {ratio:.1%} (target >= 80%) |")
+    print(f"round by round: {', '.join(f'{p:.1%}' for p in paired)} (median {median_paired:.1%})")
     load = os.getloadavg()
     result = {
         "benchmark": "multi_lora", "model": args.model, "concurrency": args.concurrency,
         "max_tokens": args.max_tokens, "rank": args.rank, "num_adapters": args.num_adapters,
         "target_modules": TARGETS, "rounds": args.rounds, "base_tok_s": round(best["base"], 2),
         "mixed_tok_s": round(best["mixed"], 2), "mixed_over_base": round(ratio, 4),
-        "cpu": cpu_model(), "threads": torch.get_num_threads(), "load_average_at_end": load,
+        "mixed_over_base_per_round": [round(p, 4) for p in paired], "median_per_round": round(median_paired, 4),
+        "cpu": cpu_model(), "threads": torch.get_num_threads(), "load_average_at_start": load_at_start,
+        "load_average_at_end": load,
         "quantization": llm.engine.config.quantization, "dtype": str(llm.engine.dtype),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
