@@ -10,8 +10,9 @@ class LoRARequest:
     """vLLM's shape: ``LoRARequest(lora_name, lora_int_id, lora_path)``.
 
     ``lora_int_id`` (>= 1) identifies the adapter inside the engine (slots, caches); two
-    requests with the same id must name the same adapter. ``lora_name`` + ``lora_path``
-    join the prefix-cache hashes, so two adapters never share KV blocks.
+    requests with the same id must name the same adapter. The engine keys the prefix cache
+    by a digest of the adapter's files (`Request.lora_digest`); ``cache_key`` (name + path)
+    is the fallback for a `Request` made without an engine (scheduler tests).
     """
 
     lora_name: str
