@@ -46,6 +46,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-tokens-per-step", type=int, default=None,
+                        help="speculative_config.max_tokens_per_step (default: the engine's)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "spec_decode.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -57,6 +59,8 @@ def main() -> None:
         kwargs["model"] = args.model
     spec_config = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_min": 2,
                    "prompt_lookup_max": 5}
+    if args.max_tokens_per_step is not None:
+        spec_config["max_tokens_per_step"] = args.max_tokens_per_step
     engines = {"plain": LLM(**kwargs), "ngram": LLM(speculative_config=spec_config, **kwargs)}
     # Decode rows unsplit in both, as speculation requires: the same arithmetic, so the same tokens.
     engines["plain"].engine.runner.attention.num_splits = 1
@@ -96,6 +100,7 @@ def main() -> None:
               f"| {r['mean_acceptance_length']:.2f} | {'yes' if r['identical_tokens'] else 'no'} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"cpu": cpu_model(), "threads": args.threads, "k": args.k,
+                                    "max_tokens_per_step": spec_config.get("max_tokens_per_step"),
                                     "max_tokens": args.max_tokens, "rounds": args.rounds,
                                     "torch": torch.__version__, "results": results}, indent=2))
     print(f"\nwrote {args.out}")

@@ -28,11 +28,11 @@ class SpeculativeConfig:
     disable_below_acceptance: float = 0.2
     disable_after_drafts: int = 8
     # Drafts are proposed only while a step's tokens (one per running request) plus its drafts
-    # stay within this many: on a CPU the packed weight kernels take rows 4 at a time, so a
-    # step of up to 4 tokens costs about what one token does (int4 GEMV on the default model:
-    # 34 us at 1 row, 48 us at 4, 91 us at 5; the int8 lm_head 1.0 ms at 1-4 rows, 1.8 at 5),
-    # and drafts there are nearly free; beyond, each extra row costs and drafts slow everyone.
-    max_tokens_per_step: int = 4
+    # stay within this many: on a CPU pagoda's int4/int8 GEMV reads the weights once for up to
+    # 8 rows (576->3072 int4 from DRAM: 46.6 us at 1 row, 55.6 at 4, 90.0 at 8; the lm_head
+    # 1.30 / 1.45 / 2.18 ms), so drafts there are cheap; beyond, a step becomes a
+    # compute-bound batch where each extra row costs and drafts slow everyone.
+    max_tokens_per_step: int = 8
 
     def __post_init__(self) -> None:
         where = "speculative_config"
