@@ -184,6 +184,31 @@ def test_stats_count_draft_model_drafts(tmp_path):
     assert stats.spec_decode_accepted_per_position[0] == stats.spec_decode_num_drafts_total
 
 
+def test_server_metrics_and_bench_read_draft_model_acceptance(tmp_path):
+    import httpx
+
+    from pagoda.bench.serve import spec_decode_counters
+    from pagoda.config import CacheConfig, EngineConfig
+    from pagoda.engine.async_engine import AsyncLLM
+    from pagoda.engine.llm_engine import LLMEngine
+    from tests.entrypoints.tiny_server import live_server
+
+    folder = make_tiny_checkpoint(tmp_path, "llama")
+    config = EngineConfig(model=str(folder), dtype="float32", cache=CacheConfig(kv_cache_memory=16 * 1024**2),
+                          speculative_config='{"method": "draft_model", "quantization": "none", '
+                                             '"num_speculative_tokens": 3}')  # as --speculative-config gives it
+    engine = AsyncLLM(LLMEngine(config, show_progress=False))
+    try:
+        with live_server(engine) as base:
+            body = {"model": "tiny", "prompt": repetitive_prompts()[0], "max_tokens": 30, "temperature": 0,
+                    "ignore_eos": True}
+            assert httpx.post(f"{base}/v1/completions", json=body, timeout=60).status_code == 200
+            drafts, accepted = spec_decode_counters(base, {})
+            assert drafts > 3 and accepted > 2 * drafts  # acceptance length > 3 with k = 3: the self-draft
+    finally:
+        engine.shutdown()
+
+
 CHATS = [
     [{"role": "user", "content": "Repeat this text exactly:\n\nThe quick brown fox jumps over the lazy dog. "
                                  "Pack my box with five dozen liquor jugs."}],
