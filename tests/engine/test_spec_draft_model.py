@@ -148,6 +148,25 @@ def test_rows_with_and_without_drafts_share_a_batch(tmp_path):
     assert spec_stats(spec).num_accepted_tokens > 20
 
 
+def test_lora_rows_run_undrafted_next_to_drafted_rows(tmp_path):
+    from pagoda import LoRARequest
+    from tests.lora.adapters import make_adapter
+
+    folder = make_tiny_checkpoint(tmp_path / "base", "llama")
+    adapter = make_adapter(folder, tmp_path / "adapter", ["q_proj", "v_proj"], rank=4, seed=1)
+    prompts = repetitive_prompts()
+    loras = [None, LoRARequest("a", 1, str(adapter)), None, LoRARequest("a", 1, str(adapter))]
+    lora = dict(dtype="float32", enable_lora=True, max_loras=1, max_lora_rank=8)
+    plain = llm_for(folder, None, **lora)
+    plain.engine.runner.attention.num_splits = 1
+    expected = [list(o.outputs[0].token_ids) for o in plain.generate(prompts, GREEDY, lora_request=loras)]
+    spec = llm_for(folder, draft_spec(quantization="none"), **lora)
+    outs = spec.generate(prompts, GREEDY, lora_request=loras)
+    assert [list(o.outputs[0].token_ids) for o in outs] == expected
+    assert expected[1] != tokens(plain, [prompts[1]], GREEDY)[0]  # the adapter changes the output
+    assert_all_accepted(spec)  # base rows only: the LoRA rows were never drafted for
+
+
 def test_config_errors_name_the_key(tmp_path, other_draft):
     folder = make_tiny_checkpoint(tmp_path / "target", "llama")
     wrong_vocab = make_tiny_checkpoint(tmp_path / "wrong", "llama", vocab_size=300)
