@@ -197,7 +197,8 @@ class LLMEngine:
         spec = config.speculative_config
         if spec is not None and spec.method == "draft_model":
             self.draft_model = load_draft_model(
-                spec, target_name=config.model, target_vocab_size=self.vocab_size, load_format=config.load_format,
+                spec, target_name=config.model, target_vocab_size=self.vocab_size,
+                target_quantization=self.linear_method.name, load_format=config.load_format,
                 dtype=self.dtype, device=self.device, max_model_len=self.max_model_len, seed=config.seed,
                 show_progress=show_progress)
 

@@ -9,6 +9,7 @@ loads it, and sizes its KV per token for the engine's KV memory budget.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,8 @@ from pagoda.model.loader.loader import build_model, load_hf_config
 from pagoda.model.loader.resolve import ModelNotFoundError, resolve_model
 from pagoda.model.quant.methods import resolve_quantization
 from pagoda.worker.kv_cache import kv_bytes_per_token
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -33,8 +36,8 @@ class DraftModel:
         return kv_bytes_per_token(self.hf_config, dtype)
 
 
-def load_draft_model(spec: SpeculativeConfig, *, target_name: str, target_vocab_size: int, load_format: str,
-                     dtype: torch.dtype, device: torch.device, max_model_len: int, seed: int,
+def load_draft_model(spec: SpeculativeConfig, *, target_name: str, target_vocab_size: int, target_quantization: str,
+                     load_format: str, dtype: torch.dtype, device: torch.device, max_model_len: int, seed: int,
                      show_progress: bool) -> DraftModel:
     """The draft model, checked against the target; errors name the speculative_config key."""
     name = spec.model or target_name
@@ -57,6 +60,10 @@ def load_draft_model(spec: SpeculativeConfig, *, target_name: str, target_vocab_
     except ConfigError as error:
         limit = str(error).split(" is invalid: ", 1)[-1].rstrip(".")
         raise ConfigError("speculative_config.quantization", spec.quantization, limit) from None
+    if same_checkpoint and method.name == target_quantization:
+        logger.warning("speculative_config: the draft model is the target itself (%s, quantization=%s): every "
+                       "draft is accepted but each costs a full forward pass; give the draft another "
+                       "`quantization` (int4, int8) or a smaller `model`", name, method.name)
     model = build_model(hf_config, source, load_format=draft_format, dtype=dtype, device=device,
                         max_position=max(max_model_len, getattr(hf_config, "max_position_embeddings", 0) or 0),
                         seed=seed, show_progress=show_progress, linear_method=method)
