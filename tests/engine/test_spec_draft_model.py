@@ -57,8 +57,12 @@ def test_self_draft_is_identical_and_fully_accepted(tmp_path, arch, dtype):
     assert spec_stats(spec).mean_acceptance_length > 3.5
 
 
-def test_other_draft_model_low_acceptance_same_tokens(tmp_path, other_draft):
+@pytest.mark.parametrize("draft_arch", ["llama", "qwen3"])
+def test_other_draft_model_low_acceptance_same_tokens(tmp_path, other_draft, draft_arch):
     folder = make_tiny_checkpoint(tmp_path / "target", "llama")
+    if draft_arch != "llama":  # another architecture with the same vocabulary drafts as well
+        other_draft = make_tiny_checkpoint(tmp_path / "draft_qwen3", draft_arch, num_hidden_layers=1,
+                                           hidden_size=48, head_dim=12, num_key_value_heads=4)
     prompts = repetitive_prompts()
     expected = plain_tokens(folder, prompts, GREEDY, dtype="float32")
     spec = llm_for(folder, draft_spec(str(other_draft), disable_after_drafts=1000), dtype="float32")
