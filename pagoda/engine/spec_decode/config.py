@@ -2,7 +2,15 @@
 
 ``{"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": a, "prompt_lookup_max": b}``
 proposes the k tokens that followed the longest earlier match of the sequence's last
-a..b tokens (prompt lookup). Errors name the key, its value and the limit.
+a..b tokens (prompt lookup).
+
+``{"method": "draft_model", "model": m, "num_speculative_tokens": k, "quantization": q}``
+proposes k tokens greedily with a smaller model `m` that shares the target's tokenizer (the
+same vocab_size), or with the target itself quantized (`m` omitted or the target's name, `q`
+"int4" or "int8": self-speculation). The draft runs in the worker with its own paged KV
+cache on the target's block ids (engine/spec_decode/draft_model.py, worker/draft_runner.py).
+
+Errors name the key, its value and the limit.
 """
 
 from __future__ import annotations
@@ -10,9 +18,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from pagoda.config import ConfigError
+from pagoda.config import QUANTIZATION_CHOICES, ConfigError
 
-METHODS = ("ngram",)
+METHODS = ("ngram", "draft_model")
 # Tokens a step verifies per request at most (k + 1): the compiled decoder stack's batch.
 MAX_SPECULATIVE_TOKENS = 7
 
@@ -33,12 +41,25 @@ class SpeculativeConfig:
     # 1.30 / 1.45 / 2.18 ms), so drafts there are cheap; beyond, a step becomes a
     # compute-bound batch where each extra row costs and drafts slow everyone.
     max_tokens_per_step: int = 8
+    # method "draft_model": the draft's checkpoint (a path or an alias; None: the target's own),
+    # and how its linear layers store weights (the engine's `quantization` values; None: "auto").
+    model: str | None = None
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         where = "speculative_config"
         if self.method not in METHODS:
-            hint = " (draft_model is not built yet)" if self.method == "draft_model" else ""
-            raise ConfigError(f"{where}.method", self.method, f"must be one of {', '.join(METHODS)}{hint}")
+            raise ConfigError(f"{where}.method", self.method, f"must be one of {', '.join(METHODS)}")
+        if self.method != "draft_model":
+            for name in ("model", "quantization"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"{where}.{name}", getattr(self, name),
+                                      f"is a key of method 'draft_model', not of method {self.method!r}")
+        if self.model is not None and (not isinstance(self.model, str) or not self.model):
+            raise ConfigError(f"{where}.model", self.model, "must be a model path or alias")
+        if self.quantization is not None and self.quantization not in QUANTIZATION_CHOICES:
+            raise ConfigError(f"{where}.quantization", self.quantization,
+                              f"must be one of {', '.join(QUANTIZATION_CHOICES)} (or null)")
         k = self.num_speculative_tokens
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
             raise ConfigError(f"{where}.num_speculative_tokens", k, f"must be an integer in [1, {MAX_SPECULATIVE_TOKENS}]")
