@@ -145,6 +145,7 @@ class Request:
     spec_num_drafts: int = 0
     spec_num_proposed: int = 0
     spec_num_accepted: int = 0
+    spec_num_rejections: int = 0  # verified drafts in which a token was rejected
     spec_disabled: bool = False
     # Draft-model speculation: the tokens the worker's draft model proposed after the step that
     # made this sequence `spec_proposal_at` tokens long (stale once it is any other length), and

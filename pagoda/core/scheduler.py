@@ -777,6 +777,7 @@ class Scheduler:
         request.spec_num_drafts += 1
         request.spec_num_proposed += num_drafts
         request.spec_num_accepted += num_accepted
+        request.spec_num_rejections += num_accepted < num_drafts
         self.spec_stats.record(num_drafts, num_accepted)
         request.spec_token_ids = []
         tokens, new_logprobs, finished = [], [], False

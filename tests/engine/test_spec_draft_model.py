@@ -21,9 +21,10 @@ from tests.engine.test_spec_decode import GREEDY, llm_for, repetitive_prompts, s
 
 
 def draft_spec(model=None, k=4, **extra) -> dict:
-    # A step of up to 16 tokens may carry drafts: the batched tests verify drafts of several rows at once.
+    # A step of up to 16 tokens may carry drafts, and drafts cost nothing (every proposal is
+    # verified): the batched tests verify drafts of several rows at once.
     return {"method": "draft_model", "model": model, "num_speculative_tokens": k, "max_tokens_per_step": 16,
-            **extra}
+            "step_cost": [1.0], **extra}
 
 
 def plain_tokens(folder, prompts, params, **kwargs) -> list[list[int]]:
@@ -252,7 +253,8 @@ def test_default_model_self_speculation(draft_quantization):
     plain = LLM(path, **kwargs)
     plain.engine.runner.attention.num_splits = 1
     spec = LLM(path, speculative_config={"method": "draft_model", "quantization": draft_quantization,
-                                         "num_speculative_tokens": 3, "max_tokens_per_step": 8}, **kwargs)
+                                         "num_speculative_tokens": 3, "max_tokens_per_step": 8,
+                                         "step_cost": [1.0]}, **kwargs)
     # bf16: a batch's prefill rounds differently from a lone one's (batch-shaped matmuls), so each
     # way of running is compared with the same way without speculation.
     batched = [o.outputs[0].token_ids for o in plain.chat(CHATS, params)]
@@ -274,7 +276,8 @@ def test_default_model_preemption_and_prefix_hit():
     plain = LLM(path, **tight)
     plain.engine.runner.attention.num_splits = 1
     spec = LLM(path, speculative_config={"method": "draft_model", "quantization": "int8",
-                                         "num_speculative_tokens": 3, "max_tokens_per_step": 8}, **tight)
+                                         "num_speculative_tokens": 3, "max_tokens_per_step": 8,
+                                         "step_cost": [1.0]}, **tight)
     # Alone: each chat once (prefill, then decode), and again (its prompt blocks are prefix hits).
     for chat in CHATS[:2]:
         for _ in range(2):

@@ -65,7 +65,7 @@ def test_lookahead_never_preempts_and_stops_at_max_model_len():
 
 def test_speculator_uses_a_proposal_only_for_the_length_it_was_made_for():
     speculator = Speculator(SpeculativeConfig(method="draft_model", num_speculative_tokens=3,
-                                              max_tokens_per_step=8))
+                                              max_tokens_per_step=8, step_cost=(1.0,)))  # drafts free: all used
     request = make_request("r", 6, max_tokens=50)
     request.num_computed_tokens = request.num_tokens - 1
     request.spec_proposal, request.spec_proposal_at = [4, 5, 6], request.num_tokens

@@ -25,6 +25,9 @@ METHODS = ("ngram", "draft_model")
 MAX_SPECULATIVE_TOKENS = 7
 
 
+DEFAULT_STEP_COST = (1.0, 1.09, 1.20, 1.36, 1.53, 1.72, 2.02, 2.19)
+
+
 @dataclass(frozen=True)
 class SpeculativeConfig:
     method: str = "ngram"
@@ -41,6 +44,11 @@ class SpeculativeConfig:
     # 1.30 / 1.45 / 2.18 ms), so drafts there are cheap; beyond, a step becomes a
     # compute-bound batch where each extra row costs and drafts slow everyone.
     max_tokens_per_step: int = 8
+    # Relative cost of a step of 1, 2, ... tokens (engine/spec_decode/budget.py spends drafts
+    # where expected tokens per unit of cost rise). None: DEFAULT_STEP_COST, measured on the
+    # CPU (a step of M decode rows of the default model, busy Zen 5, 1 thread); extended
+    # linearly past its end and cut to max_tokens_per_step.
+    step_cost: tuple[float, ...] | None = None
     # method "draft_model": the draft's checkpoint (a path or an alias; None: the target's own),
     # and how its linear layers store weights (the engine's `quantization` values; None: "auto").
     model: str | None = None
@@ -73,6 +81,21 @@ class SpeculativeConfig:
             raise ConfigError(f"{where}.disable_below_acceptance", self.disable_below_acceptance, "must be in [0, 1]")
         if self.max_tokens_per_step < 2:
             raise ConfigError(f"{where}.max_tokens_per_step", self.max_tokens_per_step, "must be >= 2")
+        if self.step_cost is not None:
+            cost = self.step_cost
+            if (not isinstance(cost, (list, tuple)) or not cost
+                    or not all(isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0 for c in cost)
+                    or any(b < a for a, b in zip(cost, cost[1:]))):
+                raise ConfigError(f"{where}.step_cost", cost, "must be a nonempty list of positive, nondecreasing numbers")
+            object.__setattr__(self, "step_cost", tuple(float(c) for c in cost))
+
+    def step_costs(self) -> tuple[float, ...]:
+        """The relative cost of a step of 1 .. max_tokens_per_step tokens."""
+        cost = list(self.step_cost or DEFAULT_STEP_COST)
+        slope = cost[-1] - cost[-2] if len(cost) > 1 else 0.0
+        while len(cost) < self.max_tokens_per_step:
+            cost.append(cost[-1] + slope)
+        return tuple(cost[:self.max_tokens_per_step])
         if self.disable_after_drafts < 1:
             raise ConfigError(f"{where}.disable_after_drafts", self.disable_after_drafts, "must be >= 1")
 

@@ -34,6 +34,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from pagoda.core.scheduler_output import SchedulerOutput
+from pagoda.engine.spec_decode.budget import DraftCandidate, allocate_drafts
 from pagoda.engine.spec_decode.config import SpeculativeConfig
 from pagoda.engine.spec_decode.ngram import NgramConfig, NgramProposer
 from pagoda.request import Request
@@ -42,6 +43,7 @@ from pagoda.request import Request
 class Speculator:
     def __init__(self, config: SpeculativeConfig):
         self.config = config
+        self.step_cost = config.step_costs()
         self.proposer = None  # "draft_model": the worker proposes (receive)
         if config.method == "ngram":
             self.proposer = NgramProposer(NgramConfig(config.num_speculative_tokens, config.prompt_lookup_max,
@@ -64,6 +66,7 @@ class Speculator:
         # Draft tokens this step may add: the running requests take one token each first.
         budget = config.max_tokens_per_step - len(requests)
         lookahead_budget = budget  # the same rule for the next step's drafts (draft model)
+        drafting: list[tuple[Request, list[int]]] = []  # eligible requests and their proposals
         for request in requests:
             request.spec_token_ids = []
             request.spec_lookahead = 0
@@ -76,13 +79,17 @@ class Speculator:
                 if lookahead > 0:
                     request.spec_lookahead = lookahead
                     lookahead_budget -= lookahead
-            if not self.eligible(request):
-                continue
-            k = min(self._room(request, 1), budget)
-            if k < 1:
-                continue
-            request.spec_token_ids = self._drafts(request, k)
-            budget -= len(request.spec_token_ids)
+            if self.eligible(request):
+                k = min(self._room(request, 1), budget)
+                if k >= 1:
+                    drafting.append((request, self._drafts(request, k)))
+        # Proposals are cut to the drafts that pay (budget.py): deep for a lone stream whose
+        # drafts keep matching, few or none in a busy step.
+        counts = allocate_drafts(len(requests), [
+            DraftCandidate(len(drafts), request.spec_num_accepted, request.spec_num_rejections)
+            for request, drafts in drafting], self.step_cost)
+        for (request, drafts), count in zip(drafting, counts):
+            request.spec_token_ids = drafts[:count]
 
     def _room(self, request: Request, reserved: int) -> int:
         """Drafts allowed by num_speculative_tokens and by max_tokens, `reserved` tokens kept."""
