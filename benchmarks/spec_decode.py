@@ -56,6 +56,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-tokens-per-step", type=int, default=None,
                         help="speculative_config.max_tokens_per_step (default: the engine's)")
+    parser.add_argument("--step-cost", type=float, nargs="+", default=None,
+                        help="speculative_config.step_cost: relative cost of a step of 1, 2, ... tokens "
+                             "(default: the engine's; 1 = drafts are free: every proposal is verified)")
     parser.add_argument("--method", choices=("ngram", "draft_model"), default="ngram")
     parser.add_argument("--target-quantization", default=None,
                         help="draft_model: the target's quantization (default none: float weights)")
@@ -76,6 +79,8 @@ def main() -> None:
         kwargs["model"] = args.model
     method = args.method
     tokens_per_step = {} if args.max_tokens_per_step is None else {"max_tokens_per_step": args.max_tokens_per_step}
+    if args.step_cost is not None:
+        tokens_per_step["step_cost"] = args.step_cost
     if method == "ngram":
         spec_config = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_min": 2,
                        "prompt_lookup_max": 5, **tokens_per_step}
