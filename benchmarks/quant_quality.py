@@ -7,9 +7,11 @@ windows of ``--window`` tokens:
 - top-1 agreement: how often the method's most likely next token equals the
   reference's. The reference is the float model: the GGUF dequantized, in float32.
 
-A prefill runs the large-M kernels, decode the small-M ones; they differ only for
-``int8`` (W8A8 above SMALL_M_MAX rows), so ``int8@small-M`` forces its weight-only
-kernel at every row count to measure decode's quality too.
+A prefill runs the large-M kernels, decode the small-M ones, and they differ: above
+SMALL_M_MAX rows ``int8`` runs W8A8 and the small model's 4-bit forms a bf16 copy of
+their weights, while up to it the packed weight-only kernels run (pagoda's int4/int8
+GEMV where built). ``int8@small-M`` and ``gguf@small-M`` force the small-M kernels at
+every row count, to measure what decode computes too.
 
 Speed (``--speed``): every configuration is loaded once, then rounds run round-robin
 (single stream: 128 greedy tokens; batch: 64 requests x 64 tokens at once), and the
@@ -52,6 +54,7 @@ CONFIGS = [
     Config("reference (float32)", "float32", "none"),
     Config("none (bf16)", "bfloat16", "none"),
     Config("gguf", "bfloat16", "gguf"),
+    Config("gguf@small-M", "bfloat16", "gguf", True),
     Config("int8", "bfloat16", "int8"),
     Config("int8@small-M", "bfloat16", "int8", True),
     Config("int4", "bfloat16", "int4"),

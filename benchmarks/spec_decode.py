@@ -1,4 +1,4 @@
-"""Speculative decoding (n-gram prompt lookup) against plain decoding, on the default model.
+"""Speculative decoding (n-gram prompt lookup, or a draft model) against plain decoding, on the default model.
 
 Two prompt sets (benchmarks/data/spec_decode_tasks.json): "grounded" tasks whose answer
 copies the input (spelling fixes, rewrites, code edits), where prompt lookup drafts well,
@@ -10,13 +10,21 @@ them and the best round of each is kept (the machine is shared with whatever els
 Reported: output tok/s, speedup, mean acceptance length (tokens a verifying step emits:
 accepted drafts + 1), and whether greedy tokens were identical to plain decoding.
 
+`--method draft_model`: self-speculation, the target with float weights
+(`--target-quantization`, default none: bf16 on a CPU with native bf16) drafted for by its
+own weights packed (`--draft-quantization`, default int4); plain is the same float target
+without drafts, and the default engine (GGUF blocks packed, no drafts) runs alongside as
+the reference ("default" column).
+
     python benchmarks/spec_decode.py [--rounds 3] [--max-tokens 128] [--k 4] [--out benchmarks/results/spec_decode.json]
+    python benchmarks/spec_decode.py --method draft_model --k 3 [--draft-quantization int4]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -46,20 +54,47 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "spec_decode.json")
+    parser.add_argument("--max-tokens-per-step", type=int, default=None,
+                        help="speculative_config.max_tokens_per_step (default: the engine's)")
+    parser.add_argument("--step-cost", type=float, nargs="+", default=None,
+                        help="speculative_config.step_cost: relative cost of a step of 1, 2, ... tokens "
+                             "(default: the engine's; 1 = drafts are free: every proposal is verified)")
+    parser.add_argument("--method", choices=("ngram", "draft_model"), default="ngram")
+    parser.add_argument("--target-quantization", default=None,
+                        help="draft_model: the target's quantization (default none: float weights)")
+    parser.add_argument("--draft-quantization", default="int4", help="draft_model: the draft's quantization")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: benchmarks/results/spec_decode.json (ngram), spec_decode_draft_model.json")
     args = parser.parse_args()
+    results_dir = Path(__file__).resolve().parent / "results"
+    if args.out is None:
+        args.out = results_dir / ("spec_decode.json" if args.method == "ngram" else "spec_decode_draft_model.json")
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
     data = json.loads(DATA.read_text())
     sets = {name: [[{"role": "user", "content": p}] for p in data[name]] for name in ("grounded", "chat")}
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
     kwargs = {"num_threads": args.threads, "show_progress": False}
     if args.model:
         kwargs["model"] = args.model
-    spec_config = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_min": 2,
-                   "prompt_lookup_max": 5}
-    engines = {"plain": LLM(**kwargs), "ngram": LLM(speculative_config=spec_config, **kwargs)}
+    method = args.method
+    tokens_per_step = {} if args.max_tokens_per_step is None else {"max_tokens_per_step": args.max_tokens_per_step}
+    if args.step_cost is not None:
+        tokens_per_step["step_cost"] = args.step_cost
+    if method == "ngram":
+        spec_config = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_min": 2,
+                       "prompt_lookup_max": 5, **tokens_per_step}
+        engines = {"plain": LLM(**kwargs), "ngram": LLM(speculative_config=spec_config, **kwargs)}
+    else:
+        target = {**kwargs, "quantization": args.target_quantization or "none"}
+        spec_config = {"method": "draft_model", "num_speculative_tokens": args.k,
+                       "quantization": args.draft_quantization, **tokens_per_step}
+        engines = {"plain": LLM(**target), "draft_model": LLM(speculative_config=spec_config, **target),
+                   "default": LLM(**kwargs)}
     # Decode rows unsplit in both, as speculation requires: the same arithmetic, so the same tokens.
     engines["plain"].engine.runner.attention.num_splits = 1
+    if "default" in engines:
+        engines["default"].engine.runner.attention.num_splits = 1
     for llm in engines.values():  # warm up (kernels, caches)
         llm.chat(sets["chat"][0], SamplingParams(temperature=0, max_tokens=8))
     results = []
@@ -75,29 +110,43 @@ def main() -> None:
                     accepted = stats.num_accepted_tokens - before[1]
                     if name not in best or wall < best[name][0]:
                         best[name] = (wall, count, tokens, drafts, accepted)
-            plain, spec = best["plain"], best["ngram"]
+            plain, spec = best["plain"], best[method]
             row = {
                 "set": set_name, "mode": mode,
-                "plain_tok_s": plain[1] / plain[0], "ngram_tok_s": spec[1] / spec[0],
+                "plain_tok_s": plain[1] / plain[0], f"{method}_tok_s": spec[1] / spec[0],
                 "speedup": (spec[1] / spec[0]) / (plain[1] / plain[0]),
                 "mean_acceptance_length": 1 + spec[4] / spec[3] if spec[3] else 1.0,
                 "drafts": spec[3], "identical_tokens": plain[2] == spec[2],
                 "output_tokens": spec[1],
             }
+            if "default" in best:
+                row["default_tok_s"] = best["default"][1] / best["default"][0]
             results.append(row)
-            print(f"{set_name:9s} {mode:14s} plain {row['plain_tok_s']:7.1f} tok/s  ngram {row['ngram_tok_s']:7.1f} "
-                  f"tok/s  x{row['speedup']:.2f}  acceptance length {row['mean_acceptance_length']:.2f}  "
-                  f"identical {row['identical_tokens']}", flush=True)
+            default = f"  default {row['default_tok_s']:7.1f} tok/s" if "default" in best else ""
+            print(f"{set_name:9s} {mode:14s} plain {row['plain_tok_s']:7.1f} tok/s  {method} "
+                  f"{row[f'{method}_tok_s']:7.1f} tok/s  x{row['speedup']:.2f}  acceptance length "
+                  f"{row['mean_acceptance_length']:.2f}  identical {row['identical_tokens']}{default}", flush=True)
     print()
-    print("| prompts | mode | plain tok/s | n-gram tok/s | speedup | mean acceptance length | same tokens |")
-    print("|---|---|---:|---:|---:|---:|---|")
+    label = {"ngram": "n-gram", "draft_model": "draft model"}[method]
+    extra = " default (packed, no drafts) tok/s |" if method == "draft_model" else ""
+    print(f"| prompts | mode | plain tok/s | {label} tok/s | speedup | mean acceptance length | same tokens |{extra}")
+    print("|---|---|---:|---:|---:|---:|---|" + ("---:|" if extra else ""))
     for r in results:
-        print(f"| {r['set']} | {r['mode']} | {r['plain_tok_s']:.1f} | {r['ngram_tok_s']:.1f} | {r['speedup']:.2f}x "
-              f"| {r['mean_acceptance_length']:.2f} | {'yes' if r['identical_tokens'] else 'no'} |")
+        tail = f" {r['default_tok_s']:.1f} |" if extra else ""
+        print(f"| {r['set']} | {r['mode']} | {r['plain_tok_s']:.1f} | {r[f'{method}_tok_s']:.1f} | "
+              f"{r['speedup']:.2f}x | {r['mean_acceptance_length']:.2f} | "
+              f"{'yes' if r['identical_tokens'] else 'no'} |{tail}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    # The machine is shared: the load average (1, 5, 15 minutes) next to the numbers.
+    setup = {"method": method, "speculative_config": spec_config,
+             "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
+    if method == "draft_model":
+        setup["target_quantization"] = args.target_quantization or "none"
+        setup["target_dtype"] = str(engines["plain"].engine.dtype).removeprefix("torch.")
     args.out.write_text(json.dumps({"cpu": cpu_model(), "threads": args.threads, "k": args.k,
+                                    "max_tokens_per_step": spec_config.get("max_tokens_per_step"),
                                     "max_tokens": args.max_tokens, "rounds": args.rounds,
-                                    "torch": torch.__version__, "results": results}, indent=2))
+                                    "torch": torch.__version__, **setup, "results": results}, indent=2))
     print(f"\nwrote {args.out}")
 
 

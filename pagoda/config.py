@@ -224,6 +224,13 @@ class EngineConfig:
         from pagoda.engine.spec_decode.config import SpeculativeConfig  # imports this module
 
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
+        if self.speculative_config is not None and self.speculative_config.method == "draft_model" \
+                and self.cache.offload_host_bytes:
+            # The tiers keep the target's KV only (in host memory and on disk, keyed by the target).
+            raise ConfigError("kv_offload_cpu_gb" if self.cache.kv_offload_cpu_gb else "kv_offload_disk",
+                              self.cache.kv_offload_cpu_gb or self.cache.kv_offload_disk,
+                              "KV offload tiers do not carry a draft model's KV cache: turn them off with "
+                              "speculative_config.method='draft_model'")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ConfigError("attention_backend", self.attention_backend,
                               f"must be one of {', '.join(ATTENTION_BACKENDS)}")

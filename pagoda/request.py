@@ -147,7 +147,15 @@ class Request:
     spec_num_drafts: int = 0
     spec_num_proposed: int = 0
     spec_num_accepted: int = 0
+    spec_num_rejections: int = 0  # verified drafts in which a token was rejected
     spec_disabled: bool = False
+    # Draft-model speculation: the tokens the worker's draft model proposed after the step that
+    # made this sequence `spec_proposal_at` tokens long (stale once it is any other length), and
+    # how many tokens the draft should propose after this step (0: none; the scheduler gives the
+    # step that many lookahead KV slots for them, or none at all).
+    spec_proposal: list[int] = field(default_factory=list, repr=False)
+    spec_proposal_at: int = -1
+    spec_lookahead: int = 0
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)

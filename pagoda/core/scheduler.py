@@ -324,14 +324,15 @@ class Scheduler:
                 i += 1
                 continue
             drafts = self._drafts_to_verify(request, num_new, budget)
+            lookahead = self._lookahead(request, num_new, len(drafts))
             try:
-                if drafts and not self.kv_cache.allocate_slots(
-                        request.request_id, request.num_computed_tokens + num_new + len(drafts),
+                if (drafts or lookahead) and not self.kv_cache.allocate_slots(
+                        request.request_id, request.num_computed_tokens + num_new + len(drafts) + lookahead,
                         first_write=request.num_computed_tokens):
-                    drafts = []  # drafts are a bet: they never preempt anyone
+                    drafts, lookahead = [], 0  # drafts are a bet: they never preempt anyone
                 if not self._make_room(request, num_new, out):
                     break  # `request` itself was preempted; everything after it too.
-                item = self._scheduled(request, num_new, drafts)
+                item = self._scheduled(request, num_new, drafts, lookahead)
                 num_new += len(drafts)
             except Exception as error:  # noqa: BLE001 - one request's planning failed: it fails alone
                 self._fail(request, error, out)  # out of `running`: `i` is the next one already
@@ -620,7 +621,20 @@ class Scheduler:
         room = min(budget - num_new, self.max_model_len - request.num_tokens)
         return list(drafts[:max(room, 0)])
 
-    def _scheduled(self, request: Request, num_new: int, drafts: list[int] | None = None) -> ScheduledRequest:
+    def _lookahead(self, request: Request, num_new: int, num_drafts: int) -> int:
+        """Draft-model speculation: slots past this step's `num_new` tokens for the tokens the
+        draft model proposes after it (`Request.spec_lookahead`, set by the speculator). The
+        token the step emits last lands at position `end` at most (every draft accepted); the
+        draft writes its KV and that of its first k - 1 proposals: k slots past `end`. Only for
+        a chunk that samples, and never past max_model_len. They hold nothing but the draft's
+        scratch KV within the step: `_update_one`/`_update_verified` free them after it."""
+        if not request.spec_lookahead or request.num_computed_tokens + num_new < request.num_tokens:
+            return 0
+        end = request.num_computed_tokens + num_new + num_drafts
+        return max(0, min(request.spec_lookahead, self.max_model_len - end))
+
+    def _scheduled(self, request: Request, num_new: int, drafts: list[int] | None = None,
+                   lookahead: int = 0) -> ScheduledRequest:
         drafts = drafts or []
         return ScheduledRequest(
             request=request,
@@ -629,6 +643,7 @@ class Scheduler:
             # A copy: the plan of this step must not change when the table grows.
             block_table=list(self.kv_cache.block_table(request.request_id)),
             spec_token_ids=drafts,
+            num_lookahead_tokens=lookahead,
         )
 
     # -- results -----------------------------------------------------------
@@ -720,6 +735,8 @@ class Scheduler:
         if item.spec_token_ids:
             return self._update_verified(item, runner_output, now)
         request.num_computed_tokens = item.end
+        if item.num_lookahead_tokens:  # the draft's lookahead slots: keep room for the next token only
+            self.kv_cache.truncate(request.request_id, item.end + 1)
         self.kv_cache.cache_full_blocks(request)
         new_prompt_logprobs = runner_output.prompt_logprobs.get(request.request_id, [])
         request.prompt_logprobs.extend(new_prompt_logprobs)
@@ -760,6 +777,7 @@ class Scheduler:
         request.spec_num_drafts += 1
         request.spec_num_proposed += num_drafts
         request.spec_num_accepted += num_accepted
+        request.spec_num_rejections += num_accepted < num_drafts
         self.spec_stats.record(num_drafts, num_accepted)
         request.spec_token_ids = []
         tokens, new_logprobs, finished = [], [], False

@@ -33,6 +33,10 @@ class ScheduledRequest:
     # Speculative decoding: draft tokens verified in this step, after the pending token; they
     # are the last len(spec_token_ids) of the num_new_tokens (and not in request.all_token_ids).
     spec_token_ids: list[int] = field(default_factory=list)
+    # Draft-model speculation: tokens the worker's draft model proposes after this step, from
+    # the token the step emits last. The block table has slots for them past `end` (lookahead
+    # slots, only scratch for the draft's KV within the step). 0 unless the chunk samples.
+    num_lookahead_tokens: int = 0
 
     @property
     def request_id(self) -> str:
@@ -112,6 +116,10 @@ class ModelRunnerOutput:
     # Such rows have no entry in sampled_token_ids.
     spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
     spec_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
+    # Draft-model speculation: for rows with lookahead tokens, the draft model's greedy proposal
+    # for the next step, made from the last token this step emitted (at most
+    # num_lookahead_tokens tokens; fewer or none where it could not draft).
+    draft_token_ids: dict[str, list[int]] = field(default_factory=dict)
     # Rows that failed on their own (their input, their sampling): request id -> the error, as
     # text. The rest of the batch ran; nothing else of a failed row's output is to be used.
     failed: dict[str, str] = field(default_factory=dict)

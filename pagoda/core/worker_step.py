@@ -71,6 +71,9 @@ class StepRow:
     # len(draft_token_ids) of the num_new_tokens and not part of the sequence (the worker
     # writes them past its tokens, where the next step's accepted tokens overwrite them).
     draft_token_ids: list[int] = field(default_factory=list)
+    # Draft-model speculation: tokens the draft model proposes after this step (0: none); the
+    # block table reaches num_lookahead_tokens positions past `end` (ScheduledRequest).
+    num_lookahead_tokens: int = 0
 
     @property
     def end(self) -> int:
@@ -148,7 +151,8 @@ class WorkerStepBuilder:
             positions = item.prompt_logprob_positions
             row = StepRow(request_id, item.start, item.num_new_tokens, item.samples,
                           prompt_logprob_range=(positions.start, positions.stop),
-                          draft_token_ids=list(item.spec_token_ids))
+                          draft_token_ids=list(item.spec_token_ids),
+                          num_lookahead_tokens=item.num_lookahead_tokens)
             known = self._known.get(request_id)
             if known is None or known.stale:
                 step.new_requests.append(NewRequestData(

@@ -73,6 +73,7 @@ from pagoda.core.swap_space import SwapSpace
 from pagoda.core.worker_step import WorkerStep, WorkerStepBuilder
 from pagoda.engine.beam_search import BeamSearch, BeamStep
 from pagoda.engine.detokenizer import IncrementalDetokenizer
+from pagoda.engine.spec_decode.draft_model import load_draft_model
 from pagoda.engine.spec_decode.speculator import Speculator
 from pagoda.executor import Executor, InProcessExecutor
 from pagoda.model.lora.adapter import AdapterError, ModelShape, load_adapter
@@ -92,6 +93,7 @@ from pagoda.worker.kv_cache import (
     num_blocks_for_budget,
 )
 from pagoda.worker.cuda_graphs import capture_decode_graphs
+from pagoda.worker.draft_runner import DraftRunner
 from pagoda.worker.model_runner import ModelRunner
 from pagoda.worker.sampler import Sampler
 
@@ -192,6 +194,16 @@ class LLMEngine:
             bar.update(1)
         self.vocab_size = self.hf_config.vocab_size
         self.eos_token_ids = self._eos_token_ids()
+        # Draft-model speculation: the draft is loaded next to the target, before the KV budget
+        # is split into blocks (its KV cache takes a share of it).
+        self.draft_model = None
+        spec = config.speculative_config
+        if spec is not None and spec.method == "draft_model":
+            self.draft_model = load_draft_model(
+                spec, target_name=config.model, target_vocab_size=self.vocab_size,
+                target_quantization=self.linear_method.name, load_format=config.load_format,
+                dtype=self.dtype, device=self.device, max_model_len=self.max_model_len, seed=config.seed,
+                show_progress=show_progress)
 
         block_size = config.cache.block_size
         num_blocks = self._num_kv_blocks()
@@ -204,6 +216,11 @@ class LLMEngine:
                 "lower max_model_len or give the cache more memory (kv_cache_memory)",
             )
         self.kv_caches = allocate_kv_caches(self.hf_config, num_blocks, block_size, self.dtype, self.device)
+        draft_runner = None
+        if self.draft_model is not None:  # the draft's own KV cache, on the same block ids
+            draft_kv_caches = allocate_kv_caches(self.draft_model.hf_config, num_blocks, block_size, self.dtype,
+                                                 self.device)
+            draft_runner = DraftRunner(self.draft_model.model, draft_kv_caches, self.device, config.attention_backend)
         self.offload = self._make_offload_tiers()
         self.kv_cache_manager = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching,
                                                config.cache.enable_fork_sharing, self.offload)
@@ -214,6 +231,9 @@ class LLMEngine:
         if num_swap_blocks:
             self.host_kv_caches = allocate_host_kv_caches(self.hf_config, num_swap_blocks, block_size,
                                                           self.dtype, self.device)
+            if self.draft_model is not None:  # swapped with the target's: the runner's block_caches order
+                self.host_kv_caches += allocate_host_kv_caches(self.draft_model.hf_config, num_swap_blocks,
+                                                               block_size, self.dtype, self.device)
             self.swap_space = SwapSpace(self.kv_cache_manager, num_swap_blocks)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager, self.max_model_len, self.swap_space,
                                    max_loras=config.lora.max_loras if config.lora is not None else 0)
@@ -235,6 +255,7 @@ class LLMEngine:
             # Verifying drafts must reproduce decoding: no decode row's keys split across threads.
             split_decodes=config.speculative_config is None,
             lora_manager=lora_manager,
+            draft=draft_runner,
         )
         # CUDA: decode-only steps replay graphs captured now (None on CPU, or with enforce_eager).
         self.runner.cuda_graphs = capture_decode_graphs(self.runner, config.scheduler.max_num_seqs,
@@ -278,7 +299,7 @@ class LLMEngine:
         cache = self.config.cache
         if cache.num_blocks is not None:
             return cache.num_blocks
-        per_token = kv_bytes_per_token(self.hf_config, self.dtype)
+        per_token = self._kv_bytes_per_token()
         budget = cache.kv_cache_memory
         if budget is None:
             if self.device.type == "cuda":
@@ -315,9 +336,16 @@ class LLMEngine:
         return KVOffloadManager(host, fingerprint, cache.kv_offload_disk,
                                 disk_max_bytes=int(cache.kv_offload_disk_gb * 1024**3))
 
+    def _kv_bytes_per_token(self) -> int:
+        """K and V of every layer per token: the target's, plus the draft model's (same blocks)."""
+        per_token = kv_bytes_per_token(self.hf_config, self.dtype)
+        if self.draft_model is not None:
+            per_token += self.draft_model.kv_bytes_per_token(self.dtype)
+        return per_token
+
     def _block_bytes(self) -> int:
-        """Bytes of one KV block: K and V of every layer for block_size tokens."""
-        return self.config.cache.block_size * kv_bytes_per_token(self.hf_config, self.dtype)
+        """Bytes of one KV block: K and V of every layer (the draft's too) for block_size tokens."""
+        return self.config.cache.block_size * self._kv_bytes_per_token()
 
     def close(self) -> None:
         """Saves what the offload disk tier should keep across a restart: every prefix-cache
@@ -572,6 +600,8 @@ class LLMEngine:
             self.offload.after_step()
         self._consecutive_failed_steps = 0
         updates = self.scheduler.update_from_output(scheduler_output, runner_output)
+        if self.speculator is not None and self.speculator.proposer is None:  # the draft model's proposals
+            self.speculator.receive(scheduler_output, runner_output.draft_token_ids)
         self.num_steps += 1
         self._clear_suspects(scheduler_output)
         changed: dict[str, _ParentRequest] = {}

@@ -52,7 +52,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     group.add_argument("--speculative-config", default=None, metavar="JSON",
                        help="speculative decoding, as in vLLM: '{\"method\": \"ngram\", \"num_speculative_tokens\": 4, "
-                            "\"prompt_lookup_min\": 2, \"prompt_lookup_max\": 5}' (default: off; docs/spec_decode.md)")
+                            "\"prompt_lookup_min\": 2, \"prompt_lookup_max\": 5}', or a draft model: "
+                            "'{\"method\": \"draft_model\", \"quantization\": \"int4\", \"num_speculative_tokens\": 3}' "
+                            "(default: off; docs/spec_decode.md)")
     group.add_argument("--enable-lora", action="store_true",
                        help="serve LoRA adapters (PEFT format) mixed in one batch (docs/lora.md)")
     group.add_argument("--max-loras", type=int, default=1,

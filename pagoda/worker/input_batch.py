@@ -235,12 +235,23 @@ class InputBatch:
         index = np.fromiter((self.states[r.request_id].row for r in rows), dtype=np.int64, count=len(rows))
         starts = np.fromiter((r.start for r in rows), dtype=np.int64, count=len(rows))
         counts = np.fromiter((r.num_new_tokens for r in rows), dtype=np.int64, count=len(rows))
+        token_row, positions, layout = self.layout(index, starts, counts, num_decodes, device)
+        input_ids = self.token_ids[index[token_row], positions]
+        row_lora = self.lora_id[index]
+        lora_ids = row_lora[token_row] if row_lora.any() else None
+        return StepTensors(rows, torch.from_numpy(input_ids).to(device), torch.from_numpy(positions).to(device),
+                           layout, lora_ids)
+
+    def layout(self, index: np.ndarray, starts: np.ndarray, counts: np.ndarray, num_decodes: int,
+               device: torch.device) -> tuple[np.ndarray, np.ndarray, StepLayout]:
+        """Rows `index` (batch rows) writing counts[i] positions from starts[i]: each token's row
+        (0..len(index)-1), each token's position, and the attention layout over the rows'
+        block tables. The draft model (worker/draft_runner.py) lays out its passes with it."""
         seq_lens = starts + counts
         total = int(counts.sum())
-        token_row = np.repeat(np.arange(len(rows)), counts)
+        token_row = np.repeat(np.arange(len(index)), counts)
         first_token = np.cumsum(counts) - counts
         positions = np.repeat(starts - first_token, counts) + np.arange(total)
-        input_ids = self.token_ids[index[token_row], positions]
         max_blocks = int(-(-seq_lens.max() // self.block_size))
         tables = self.block_table[index, :max_blocks]
         bs = self.block_size
@@ -249,7 +260,4 @@ class InputBatch:
             counts.tolist(), seq_lens.tolist(), num_decodes,
             torch.from_numpy(np.ascontiguousarray(tables)).to(device), bs,
             slot_mapping=torch.from_numpy(slots).to(device))
-        row_lora = self.lora_id[index]
-        lora_ids = row_lora[token_row] if row_lora.any() else None
-        return StepTensors(rows, torch.from_numpy(input_ids).to(device), torch.from_numpy(positions).to(device),
-                           layout, lora_ids)
+        return token_row, positions, layout

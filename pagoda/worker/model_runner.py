@@ -23,6 +23,7 @@ from pagoda.core.worker_step import StepRow, WorkerStep
 from pagoda.engine.spec_decode.rejection_sampler import RejectionSampler
 from pagoda.model.attention.backend import select_attention_backend
 from pagoda.worker.cpu_threads import bind_model_threads
+from pagoda.worker.draft_runner import DraftRow, DraftRunner
 from pagoda.worker.input_batch import InputBatch, RowState
 from pagoda.worker.kv_cache import move_blocks
 from pagoda.worker.onednn_caches import bound_onednn_caches
@@ -44,6 +45,7 @@ class ModelRunner:
         attention_backend: str = "auto",
         split_decodes: bool = True,
         lora_manager=None,
+        draft: DraftRunner | None = None,
     ):
         if device.type == "cpu":
             bound_onednn_caches()  # before the first matmul: flat memory under varying batch shapes
@@ -76,6 +78,10 @@ class ModelRunner:
             # them, so both round alike (csrc/cpu/attention.cpp) and verification equals decoding.
             self.attention.num_splits = 1
         self.cuda_graphs = None  # CUDA: decode-only steps replay captured graphs (worker/cuda_graphs.py)
+        # Draft-model speculation (worker/draft_runner.py): its KV cache sits on the target's block
+        # ids, so every block move moves its layers too (host_kv_caches then holds both, target first).
+        self.draft = draft
+        self.block_caches = kv_caches + (draft.kv_caches if draft is not None else [])
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy on write: each (source, destination) block, K and V of every layer, in order."""
@@ -84,7 +90,7 @@ class ModelRunner:
         sources = torch.tensor([s for s, _ in copies], device=self.device)
         targets = torch.tensor([d for _, d in copies], device=self.device)
         chained = len(set(targets.tolist()) & set(sources.tolist())) > 0
-        for k_cache, v_cache in self.kv_caches:
+        for k_cache, v_cache in self.block_caches:
             for cache in (k_cache, v_cache):
                 if chained:  # a copy reads another's destination: keep the order
                     for source, target in copies:
@@ -108,8 +114,8 @@ class ModelRunner:
         if out.blocks_to_swap_out or out.blocks_to_swap_in:
             if self.host_kv_caches is None:
                 raise RuntimeError("the scheduler asked for swaps, but this runner has no swap space")
-            move_blocks(self.kv_caches, self.host_kv_caches, out.blocks_to_swap_out)
-            move_blocks(self.host_kv_caches, self.kv_caches, out.blocks_to_swap_in)
+            move_blocks(self.block_caches, self.host_kv_caches, out.blocks_to_swap_out)
+            move_blocks(self.host_kv_caches, self.block_caches, out.blocks_to_swap_in)
         self._copy_blocks(out.blocks_to_copy)
         if out.blocks_to_load:
             move_blocks(self.offload_host, self.kv_caches, out.blocks_to_load)
@@ -216,11 +222,33 @@ class ModelRunner:
                     out.failed[state.request_id] = describe_error(error)
                     continue
                 out.prompt_logprobs.setdefault(state.request_id, []).append(entry)
+        if self.draft is not None:  # mirror the kept tokens into the draft's KV; propose for the next step
+            out.draft_token_ids = self.draft.run(self._draft_rows(batch.rows, out), self.input_batch)
         for request_id in out.failed:  # nothing of a failed row is reported but the failure
             for results in (out.sampled_token_ids, out.logprobs, out.prompt_logprobs, out.beam_candidates,
-                            out.spec_token_ids, out.spec_logprobs):
+                            out.spec_token_ids, out.spec_logprobs, out.draft_token_ids):
                 results.pop(request_id, None)
         return out
+
+    @staticmethod
+    def _draft_rows(rows: list[StepRow], out: ModelRunnerOutput) -> list[DraftRow]:
+        """The step's rows as the draft mirrors them: the tokens kept (a verifying row's rejected
+        drafts are not) and, for rows with lookahead slots, the token emitted last."""
+        draft_rows = []
+        for row in rows:
+            request_id = row.request_id
+            if request_id in out.failed:
+                continue
+            num_kept, last = row.num_new_tokens, None
+            if row.draft_token_ids:
+                emitted = out.spec_token_ids[request_id]
+                num_kept += len(emitted) - 1 - len(row.draft_token_ids)
+                last = emitted[-1]
+            elif row.samples:
+                last = out.sampled_token_ids.get(request_id)  # None for a beam's candidates
+            draft_rows.append(DraftRow(request_id, row.start, num_kept,
+                                       last if row.num_lookahead_tokens else None, row.num_lookahead_tokens))
+        return draft_rows
 
     def _check_row(self, row: StepRow) -> str | None:
         """Why this row cannot run (its input would break the batch), or None."""

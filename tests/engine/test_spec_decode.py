@@ -17,9 +17,10 @@ from pagoda.engine.spec_decode.speculator import Speculator
 from pagoda.request import Request
 from tests.conftest import TINY_VOCAB, make_tiny_checkpoint, requires_smollm2, smollm2_gguf_path
 
-# A step of up to 16 tokens may carry drafts: the batched tests verify drafts of several rows at once.
+# A step of up to 16 tokens may carry drafts, and drafts cost nothing (a flat step cost: every
+# proposal is verified): the batched tests verify drafts of several rows at once.
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3,
-         "max_tokens_per_step": 16}
+         "max_tokens_per_step": 16, "step_cost": [1.0]}
 
 
 def repetitive_prompts(seed: int = 0) -> list[list[int]]:
@@ -151,7 +152,7 @@ def test_beam_search_is_refused_and_config_errors_name_the_key(tmp_path):
 def test_a_request_whose_drafts_keep_failing_stops_drafting():
     from pagoda.sampling_params import SamplingParams as Params
 
-    speculator = Speculator(SpeculativeConfig(num_speculative_tokens=3, prompt_lookup_min=1,
+    speculator = Speculator(SpeculativeConfig(num_speculative_tokens=3, prompt_lookup_min=1, step_cost=(1.0,),
                                               disable_after_drafts=4, disable_below_acceptance=0.25))
     request = Request("r", [1, 2, 3, 1, 2, 3, 1, 2], Params(max_tokens=50), frozenset())
     request.num_computed_tokens = request.num_tokens - 1
@@ -166,6 +167,32 @@ def test_a_request_whose_drafts_keep_failing_stops_drafting():
     near_end.num_computed_tokens = near_end.num_tokens - 1
     speculator.propose([near_end])
     assert near_end.spec_token_ids == []
+
+
+def test_drafts_are_cut_to_what_pays():
+    """A lone stream whose drafts keep matching drafts deep; a fresh one a little; a busy step
+    only for the request that matches (budget.py's rule, with the config's step cost)."""
+    from pagoda.sampling_params import SamplingParams as Params
+
+    cost = (1.0, 1.03, 1.07, 1.13, 1.25, 1.38, 1.5, 1.65)
+    speculator = Speculator(SpeculativeConfig(num_speculative_tokens=7, prompt_lookup_min=1, step_cost=cost))
+
+    def decoding(name: str, accepted: int = 0, rejections: int = 0) -> Request:
+        request = Request(name, [1, 2, 3, 4, 5, 6, 7, 8, 9] * 2 + [1, 2], Params(max_tokens=50), frozenset())
+        request.num_computed_tokens = request.num_tokens - 1
+        request.spec_num_accepted, request.spec_num_rejections = accepted, rejections
+        request.spec_num_drafts = accepted + rejections
+        request.spec_num_proposed = accepted + 3 * rejections
+        return request
+
+    good, fresh = decoding("good", 90, 5), decoding("fresh")
+    speculator.propose([good])
+    assert good.spec_token_ids == [3, 4, 5, 6, 7, 8, 9]
+    speculator.propose([fresh])
+    assert fresh.spec_token_ids == [3, 4, 5]  # b = 0.5: 0.5, 0.25, 0.125 pay; 0.06 does not
+    busy = [decoding(f"chat{i}", 5, 15) for i in range(3)] + [decoding("grounded", 200, 4)]
+    speculator.propose(busy)
+    assert [len(r.spec_token_ids) for r in busy[:3]] == [0, 0, 0] and len(busy[3].spec_token_ids) == 4
 
 
 @requires_smollm2

@@ -120,7 +120,11 @@ def test_preemption_keeps_each_matcher_in_step_with_its_tokens(reference_fp32, m
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in expected]
 
 
-def test_a_cached_prefix_and_a_cached_grammar_give_the_same_answer(llm):
+def test_a_cached_prefix_and_a_cached_grammar_give_the_same_answer(reference_fp32):
+    # float32: greedy tokens do not depend on how the batch was cut (a cached prefix leaves a
+    # tail of a few tokens; in bf16 a step of <= 8 rows takes the packed int4 kernel and a
+    # longer one the bf16 copy, which may flip a near-tie).
+    llm = reference_fp32
     params = SamplingParams(temperature=0, max_tokens=80, structured_outputs=StructuredOutputsParams(json=PERSON))
     compiles = llm.engine.structured_output.num_compiles
     first = llm.chat([_chat("Describe a gardener in one JSON object, please.")], params)[0]

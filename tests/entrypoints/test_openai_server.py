@@ -55,8 +55,12 @@ def test_chat_answers(client):
 def test_chat_stream_matches_non_stream_for_same_seed(client):
     args = dict(model=MODEL, messages=[{"role": "user", "content": "Tell me a fact about owls."}],
                 temperature=0.8, seed=11, max_tokens=40)
-    full = client.chat.completions.create(**args).choices[0].message.content
-    chunks = list(client.chat.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+    # Different cache salts: the second request must not start from the first one's cached
+    # prefix (a few-token tail runs the packed int4 kernel, a whole prompt the bf16 copy,
+    # and bf16 numerics that differ in the last bits can flip a sampled token).
+    full = client.chat.completions.create(**args, extra_body={"cache_salt": "a"}).choices[0].message.content
+    chunks = list(client.chat.completions.create(**args, stream=True, stream_options={"include_usage": True},
+                                                 extra_body={"cache_salt": "b"}))
     assert chunks[0].choices[0].delta.role == "assistant"
     content_chunks = [c for c in chunks if c.choices]
     finishes = [c.choices[0].finish_reason for c in content_chunks if c.choices[0].finish_reason]

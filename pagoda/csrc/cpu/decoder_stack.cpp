@@ -14,6 +14,8 @@
 //   0 float:  at::linear(x, a)                              (a: [N, K] in the activation dtype)
 //   1 int4:   at::_weight_int4pack_mm_for_cpu(x, a, group, b) (a: packed codes, b: scales_zeros)
 //   2 int8:   at::_weight_int8pack_mm(x, a, b)              (a: int8 [N, K], b: bf16 scales)
+//   3 int4:   pagoda's int4_gemv(x, a, b, group)            (int4_gemv.cpp's layout: a codes, b fp16 scales)
+//   4 int8:   pagoda's int8_gemv(x, a, b, group)            (the same file's 8-bit layout)
 // Packed kinds take bf16 activations: other dtypes are cast in and the result back.
 #include "ops_common.h"
 
@@ -22,6 +24,13 @@
 
 #include <optional>
 #include <vector>
+
+namespace pagoda {
+at::Tensor int4_gemv_direct(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                            int64_t group_size);  // int4_gemv.cpp
+at::Tensor int8_gemv_direct(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                            int64_t group_size);  // int4_gemv.cpp
+}  // namespace pagoda
 
 namespace {
 
@@ -38,7 +47,15 @@ struct LinearSpec {
     } else {
       const bool cast = x.scalar_type() != at::kBFloat16;
       const at::Tensor xk = cast ? x.to(at::kBFloat16) : x;
-      y = kind == 1 ? at::_weight_int4pack_mm_for_cpu(xk, a, group_size, b) : at::_weight_int8pack_mm(xk, a, b);
+      if (kind == 1) {
+        y = at::_weight_int4pack_mm_for_cpu(xk, a, group_size, b);
+      } else if (kind == 2) {
+        y = at::_weight_int8pack_mm(xk, a, b);
+      } else if (kind == 3) {
+        y = pagoda::int4_gemv_direct(xk, a, b, group_size);
+      } else {
+        y = pagoda::int8_gemv_direct(xk, a, b, group_size);
+      }
       if (cast) y = y.to(x.scalar_type());
     }
     return bias.has_value() ? y + *bias : y;
@@ -102,7 +119,7 @@ struct DecoderStack : torch::CustomClassHolder {
   void add_linear(int64_t kind, at::Tensor a, std::optional<at::Tensor> b, int64_t group_size,
                   std::optional<at::Tensor> bias) {
     TORCH_CHECK(!layers.empty(), "DecoderStack: add_layer before add_linear");
-    TORCH_CHECK(kind >= 0 && kind <= 2, "DecoderStack: linear kind ", kind, " is not 0, 1 or 2");
+    TORCH_CHECK(kind >= 0 && kind <= 4, "DecoderStack: linear kind ", kind, " is not 0 to 4");
     TORCH_CHECK(kind == 0 || b.has_value(), "DecoderStack: packed linear kinds need their scales");
     auto& linears = layers.back().linears;
     TORCH_CHECK(linears.size() < 4, "DecoderStack: a layer has four linears (qkv, o, gate_up, down)");

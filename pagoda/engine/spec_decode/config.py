@@ -2,7 +2,15 @@
 
 ``{"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": a, "prompt_lookup_max": b}``
 proposes the k tokens that followed the longest earlier match of the sequence's last
-a..b tokens (prompt lookup). Errors name the key, its value and the limit.
+a..b tokens (prompt lookup).
+
+``{"method": "draft_model", "model": m, "num_speculative_tokens": k, "quantization": q}``
+proposes k tokens greedily with a smaller model `m` that shares the target's tokenizer (the
+same vocab_size), or with the target itself quantized (`m` omitted or the target's name, `q`
+"int4" or "int8": self-speculation). The draft runs in the worker with its own paged KV
+cache on the target's block ids (engine/spec_decode/draft_model.py, worker/draft_runner.py).
+
+Errors name the key, its value and the limit.
 """
 
 from __future__ import annotations
@@ -10,11 +18,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from pagoda.config import ConfigError
+from pagoda.config import QUANTIZATION_CHOICES, ConfigError
 
-METHODS = ("ngram",)
+METHODS = ("ngram", "draft_model")
 # Tokens a step verifies per request at most (k + 1): the compiled decoder stack's batch.
 MAX_SPECULATIVE_TOKENS = 7
+
+
+DEFAULT_STEP_COST = (1.0, 1.09, 1.20, 1.36, 1.53, 1.72, 2.02, 2.19)
 
 
 @dataclass(frozen=True)
@@ -28,17 +39,35 @@ class SpeculativeConfig:
     disable_below_acceptance: float = 0.2
     disable_after_drafts: int = 8
     # Drafts are proposed only while a step's tokens (one per running request) plus its drafts
-    # stay within this many: on a CPU the packed weight kernels take rows 4 at a time, so a
-    # step of up to 4 tokens costs about what one token does (int4 GEMV on the default model:
-    # 34 us at 1 row, 48 us at 4, 91 us at 5; the int8 lm_head 1.0 ms at 1-4 rows, 1.8 at 5),
-    # and drafts there are nearly free; beyond, each extra row costs and drafts slow everyone.
-    max_tokens_per_step: int = 4
+    # stay within this many: on a CPU pagoda's int4/int8 GEMV reads the weights once for up to
+    # 8 rows (576->3072 int4 from DRAM: 46.6 us at 1 row, 55.6 at 4, 90.0 at 8; the lm_head
+    # 1.30 / 1.45 / 2.18 ms), so drafts there are cheap; beyond, a step becomes a
+    # compute-bound batch where each extra row costs and drafts slow everyone.
+    max_tokens_per_step: int = 8
+    # Relative cost of a step of 1, 2, ... tokens (engine/spec_decode/budget.py spends drafts
+    # where expected tokens per unit of cost rise). None: DEFAULT_STEP_COST, measured on the
+    # CPU (a step of M decode rows of the default model, busy Zen 5, 1 thread); extended
+    # linearly past its end and cut to max_tokens_per_step.
+    step_cost: tuple[float, ...] | None = None
+    # method "draft_model": the draft's checkpoint (a path or an alias; None: the target's own),
+    # and how its linear layers store weights (the engine's `quantization` values; None: "auto").
+    model: str | None = None
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         where = "speculative_config"
         if self.method not in METHODS:
-            hint = " (draft_model is not built yet)" if self.method == "draft_model" else ""
-            raise ConfigError(f"{where}.method", self.method, f"must be one of {', '.join(METHODS)}{hint}")
+            raise ConfigError(f"{where}.method", self.method, f"must be one of {', '.join(METHODS)}")
+        if self.method != "draft_model":
+            for name in ("model", "quantization"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"{where}.{name}", getattr(self, name),
+                                      f"is a key of method 'draft_model', not of method {self.method!r}")
+        if self.model is not None and (not isinstance(self.model, str) or not self.model):
+            raise ConfigError(f"{where}.model", self.model, "must be a model path or alias")
+        if self.quantization is not None and self.quantization not in QUANTIZATION_CHOICES:
+            raise ConfigError(f"{where}.quantization", self.quantization,
+                              f"must be one of {', '.join(QUANTIZATION_CHOICES)} (or null)")
         k = self.num_speculative_tokens
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
             raise ConfigError(f"{where}.num_speculative_tokens", k, f"must be an integer in [1, {MAX_SPECULATIVE_TOKENS}]")
@@ -52,6 +81,21 @@ class SpeculativeConfig:
             raise ConfigError(f"{where}.disable_below_acceptance", self.disable_below_acceptance, "must be in [0, 1]")
         if self.max_tokens_per_step < 2:
             raise ConfigError(f"{where}.max_tokens_per_step", self.max_tokens_per_step, "must be >= 2")
+        if self.step_cost is not None:
+            cost = self.step_cost
+            if (not isinstance(cost, (list, tuple)) or not cost
+                    or not all(isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0 for c in cost)
+                    or any(b < a for a, b in zip(cost, cost[1:]))):
+                raise ConfigError(f"{where}.step_cost", cost, "must be a nonempty list of positive, nondecreasing numbers")
+            object.__setattr__(self, "step_cost", tuple(float(c) for c in cost))
+
+    def step_costs(self) -> tuple[float, ...]:
+        """The relative cost of a step of 1 .. max_tokens_per_step tokens."""
+        cost = list(self.step_cost or DEFAULT_STEP_COST)
+        slope = cost[-1] - cost[-2] if len(cost) > 1 else 0.0
+        while len(cost) < self.max_tokens_per_step:
+            cost.append(cost[-1] + slope)
+        return tuple(cost[:self.max_tokens_per_step])
         if self.disable_after_drafts < 1:
             raise ConfigError(f"{where}.disable_after_drafts", self.disable_after_drafts, "must be >= 1")
 

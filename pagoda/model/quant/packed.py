@@ -40,44 +40,105 @@ def _as_2d(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
 
 
 @dataclass
-class Int8Weight:
-    """``W[n, k] ~= scale[n] * q[n, k]``, q int8 in [-127, 127] (symmetric, per output row)."""
+class Int8Gemv:
+    """Per-row int8 weights in the layout of pagoda's own kernel (csrc/cpu/int4_gemv.cpp,
+    8-bit form): columns in blocks of 16, ``packed`` int8 [N/16, K/2, 32] (byte j: column
+    j // 2, k = 2c + j % 2), ``scales`` fp16 [N/16, 1, 16] (one group spans K).
 
-    q: torch.Tensor  # int8 [N, K]
+    Like `Int4Gemv`, it reads the weights once for up to 8 rows, and a row's result never
+    depends on the other rows."""
+
+    packed: torch.Tensor
+    scales: torch.Tensor
+
+    @classmethod
+    def from_rows(cls, q: torch.Tensor, scale: torch.Tensor) -> Int8Gemv | None:
+        """``q`` int8 [N, K], ``scale`` [N] (fp16-exact). None where the kernel cannot take them."""
+        n, k = q.shape
+        if not int4_gemv_available() or n % 16 or k % 4:
+            return None
+        packed = q.view(n // 16, 16, k // 2, 2).permute(0, 2, 1, 3).reshape(n // 16, k // 2, 32).contiguous()
+        scales = scale.to(torch.float16).view(n // 16, 1, 16).contiguous()
+        return cls(packed, scales)
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.numel() + self.scales.numel() * 2
+
+    def codes(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The int8 rows [N, K] (or rows ``ids``) back in row order."""
+        blocks, half_k, _ = self.packed.shape
+        grid = self.packed.view(blocks, half_k, 16, 2)
+        if ids is None:
+            return grid.permute(0, 2, 1, 3).reshape(blocks * 16, half_k * 2)
+        return grid[ids // 16, :, ids % 16, :].reshape(*ids.shape, half_k * 2)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T`` for bf16 ``x[M, K]`` (any M: blocks of 8 rows)."""
+        return torch.ops.pagoda.int8_gemv(x, self.packed, self.scales, self.packed.shape[1] * 2)
+
+
+@dataclass
+class Int8Weight:
+    """``W[n, k] ~= scale[n] * q[n, k]``, q int8 in [-127, 127] (symmetric, per output row).
+
+    The rows live in torch's layout (``q``) or in pagoda's kernel layout (``gemv``, where
+    built: AVX-512 BF16, for weight-only forms). Invariant: exactly one is set."""
+
+    q: torch.Tensor | None  # int8 [N, K]
     scale: torch.Tensor  # float32 [N]
     scale_kernel: torch.Tensor  # the same scales in bf16, as _weight_int8pack_mm takes them
     w8a8_at_large_m: bool = False  # M > SMALL_M_MAX: W8A8 (fast, less exact) or weight-only
     dense: torch.Tensor | None = None  # bf16 [N, K] for M > SMALL_M_MAX (small models; module docstring)
+    gemv: Int8Gemv | None = None
 
     @classmethod
-    def quantize(cls, weight: torch.Tensor, w8a8_at_large_m: bool = False) -> Int8Weight:
+    def quantize(cls, weight: torch.Tensor, w8a8_at_large_m: bool = False, torch_kernel: bool = False) -> Int8Weight:
+        """``torch_kernel``: torch's layout only, even where pagoda's kernel is available."""
         w = weight.float()
         scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
-        q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-        return cls(q.contiguous(), scale, scale.to(_KERNEL_DTYPE), w8a8_at_large_m)
+        # pagoda's kernel serves weight-only forms (W8A8 forms keep torch's kernels: their
+        # large-M path needs torch's layout, and two copies would double the memory).
+        use_gemv = not torch_kernel and not w8a8_at_large_m and int4_gemv_available()
+        half = scale.to(torch.float16).float()
+        if use_gemv and bool(((half - scale).abs() <= scale * 2.0 ** -10).all()):
+            scale = half  # fp16-exact scales, as the kernel holds them (within 2^-11 of the exact ones)
+        q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8).contiguous()
+        gemv = Int8Gemv.from_rows(q, scale) if use_gemv and torch.equal(scale, half) else None
+        return cls(q if gemv is None else None, scale, scale.to(_KERNEL_DTYPE), w8a8_at_large_m, gemv=gemv)
 
     @property
     def nbytes(self) -> int:
         dense = self.dense.numel() * 2 if self.dense is not None else 0
-        return self.q.numel() + self.scale.numel() * 6 + dense
+        q = self.q.numel() if self.q is not None else 0
+        gemv = self.gemv.nbytes if self.gemv is not None else 0
+        return q + gemv + self.scale.numel() * 6 + dense
+
+    def codes(self) -> torch.Tensor:
+        """q [N, K] in row order, whichever layout holds it."""
+        return self.q if self.q is not None else self.gemv.codes()
 
     def dequantize(self) -> torch.Tensor:
-        return self.q.float() * self.scale[:, None]
+        return self.codes().float() * self.scale[:, None]
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows ``ids`` of W in ``dtype`` (an embedding lookup on a tied lm_head)."""
         if self.dense is not None:
             return self.dense[ids].to(dtype)
-        return (self.q[ids].float() * self.scale[ids].unsqueeze(-1)).to(dtype)
+        q = self.q[ids] if self.q is not None else self.gemv.codes(ids)
+        return (q.float() * self.scale[ids].unsqueeze(-1)).to(dtype)
 
     def matmul_weight_only(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gemv is not None:
+            return self.gemv.matmul(x.to(_KERNEL_DTYPE))
         return torch._weight_int8pack_mm(x.to(_KERNEL_DTYPE), self.q, self.scale_kernel)
 
     def matmul_w8a8(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         x_scale = (xf.abs().amax(dim=1, keepdim=True) / 127.0).clamp_min(1e-12)
         xq = torch.round(xf / x_scale).to(torch.int8)
-        acc = torch._int_mm(xq, self.q.t())
+        q = self.q if self.q is not None else self.gemv.codes().contiguous()  # (only W8A8 forms run this hot)
+        acc = torch._int_mm(xq, q.t())
         return acc.float().mul_(x_scale).mul_(self.scale)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,54 +153,130 @@ class Int8Weight:
 
 
 @dataclass
-class Int4Weight:
-    """Group-wise 4-bit weights in ``_weight_int4pack_mm_for_cpu``'s layout.
+class Int4Gemv:
+    """The same 4-bit codes in the layout of pagoda's own kernel (csrc/cpu/int4_gemv.cpp):
+    columns in blocks of 16, ``packed`` uint8 [N/16, K/4, 32], ``scales`` fp16
+    [N/16, G, 32] (16 ``d`` then 16 ``m`` per block and group: ``w = d * q + m``).
 
-    torch's kernel computes ``W[n, k] = (q[n, k] - 8) * scale[g, n] + zero[g, n]``
-    (``g = k // group_size``; ``scales_zeros[..., 0]`` / ``[..., 1]``, in the
-    activation dtype), so codes ``w = s * q + o`` (GGUF Q4_1: ``d * q + m``) map
-    exactly with ``zero = o + 8 * s`` up to rounding scale and zero to bf16.
+    It reads each weight once for up to 8 rows (torch's kernel takes rows four at a time),
+    and a row's result never depends on the other rows (tested)."""
+
+    packed: torch.Tensor
+    scales: torch.Tensor
+    group_size: int
+
+    @classmethod
+    def from_codes(cls, codes: Int4Codes) -> Int4Gemv | None:
+        """None where the kernel cannot take these codes (no AVX-512 BF16 build, a shape off
+        its grid, or scales that fp16 cannot hold to its precision)."""
+        if not int4_gemv_available():
+            return None
+        q = codes.q
+        n, k = q.shape
+        g = codes.group_size
+        if n % 16 or k % g or g % 4:
+            return None
+        scales = torch.stack([codes.scale, codes.offset])  # [2, N, G]
+        half = scales.to(torch.float16)
+        # fp16 holds GGUF's own scales exactly; others (quantized here) are rounded to it,
+        # which must stay far below the codes' own error (a tenth of a step, tensor-wide).
+        if not bool(torch.isfinite(half).all()):
+            return None
+        exact = Int4Codes(q, codes.scale, codes.offset, g).dequantize()
+        rounded = Int4Codes(q, half[0].float(), half[1].float(), g).dequantize()
+        if float((exact - rounded).abs().max()) > 0.1 * float(codes.scale.abs().max()):
+            return None
+        blocks = q.view(n // 16, 16, k // 4, 4).permute(0, 2, 1, 3)  # [N/16, K/4, 16 columns, 4 k]
+        lo = blocks[..., 0:2].reshape(n // 16, k // 4, 32)  # byte j: column j // 2, k = 4c + j % 2
+        hi = blocks[..., 2:4].reshape(n // 16, k // 4, 32)  # its high nibble: k = 4c + 2 + j % 2
+        packed = (lo | (hi << 4)).contiguous()
+        scales = half.view(2, n // 16, 16, k // g).permute(1, 3, 0, 2).reshape(n // 16, k // g, 32).contiguous()
+        return cls(packed, scales, g)
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.numel() + self.scales.numel() * 2
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T`` for bf16 ``x[M, K]`` (any M: blocks of 8 rows)."""
+        return torch.ops.pagoda.int4_gemv(x, self.packed, self.scales, self.group_size)
+
+
+def int4_gemv_available() -> bool:
+    """pagoda's int4 kernel is built and this CPU runs it (AVX-512 BF16)."""
+    from pagoda.kernels.cpu_ext import cpu_ops
+
+    ops = cpu_ops()
+    return ops is not None and hasattr(ops, "int4_gemv_available") and bool(ops.int4_gemv_available())
+
+
+@dataclass
+class Int4Weight:
+    """Group-wise 4-bit weights, in one of two kernels' layouts.
+
+    - ``gemv`` (pagoda's kernel, where built: AVX-512 BF16): see `Int4Gemv`.
+    - otherwise ``packed`` / ``scales_zeros`` in ``_weight_int4pack_mm_for_cpu``'s layout:
+      torch's kernel computes ``W[n, k] = (q[n, k] - 8) * scale[g, n] + zero[g, n]``
+      (``g = k // group_size``; ``scales_zeros[..., 0]`` / ``[..., 1]``, in the
+      activation dtype), so codes ``w = s * q + o`` (GGUF Q4_1: ``d * q + m``) map
+      exactly with ``zero = o + 8 * s`` up to rounding scale and zero to bf16.
+    Invariant: exactly one of ``gemv`` and ``packed`` is set.
     ``w8a8``: an int8 per-row copy of the same weights for W8A8 at large M (None: int4
     at every M; what the built-in methods use, for quality).
     """
 
-    packed: torch.Tensor  # uint8 [N, K // 2]
-    scales_zeros: torch.Tensor  # bf16 [K // group_size, N, 2]
+    packed: torch.Tensor | None  # uint8 [N, K // 2] (torch's layout)
+    scales_zeros: torch.Tensor | None  # bf16 [K // group_size, N, 2]
     group_size: int
     w8a8: Int8Weight | None
     dense: torch.Tensor | None = None  # bf16 [N, K] for M > SMALL_M_MAX (small models; module docstring)
+    gemv: Int4Gemv | None = None
 
     @classmethod
-    def from_codes(cls, codes: Int4Codes, with_w8a8: bool = False) -> Int4Weight:
+    def from_codes(cls, codes: Int4Codes, with_w8a8: bool = False, torch_kernel: bool = False) -> Int4Weight:
+        """``torch_kernel``: torch's layout even where pagoda's kernel is available."""
+        w8a8 = Int8Weight.quantize(codes.dequantize(), w8a8_at_large_m=True) if with_w8a8 else None
+        gemv = None if torch_kernel else Int4Gemv.from_codes(codes)
+        if gemv is not None:
+            return cls(None, None, codes.group_size, w8a8, gemv=gemv)
         packed = torch._convert_weight_to_int4pack_for_cpu(codes.q.to(torch.int32).contiguous(), 1)
         zero = codes.offset + 8.0 * codes.scale
         scales_zeros = torch.stack([codes.scale.t(), zero.t()], dim=-1).to(_KERNEL_DTYPE).contiguous()
-        w8a8 = Int8Weight.quantize(codes.dequantize(), w8a8_at_large_m=True) if with_w8a8 else None
         return cls(packed, scales_zeros, codes.group_size, w8a8)
 
     @classmethod
-    def quantize(cls, weight: torch.Tensor, group_size: int = 32, with_w8a8: bool = False) -> Int4Weight:
+    def quantize(cls, weight: torch.Tensor, group_size: int = 32, with_w8a8: bool = False,
+                 torch_kernel: bool = False) -> Int4Weight:
         """Asymmetric min/max 4-bit groups of ``group_size`` along K (like GGUF Q4_1)."""
-        return cls.from_codes(quantize_int4_codes(weight, group_size), with_w8a8)
+        return cls.from_codes(quantize_int4_codes(weight, group_size), with_w8a8, torch_kernel)
 
     @property
     def nbytes(self) -> int:
         extra = self.w8a8.nbytes if self.w8a8 is not None else 0
         extra += self.dense.numel() * 2 if self.dense is not None else 0
+        if self.gemv is not None:
+            return self.gemv.nbytes + extra
         return self.packed.numel() + self.scales_zeros.numel() * 2 + extra
+
+    @property
+    def in_features(self) -> int:
+        return self.gemv.packed.shape[1] * 4 if self.gemv is not None else self.packed.shape[1] * 2
 
     def dequantize_bf16(self) -> torch.Tensor:
         """W [N, K] in bf16, exactly as the int4 kernel sees it (W.T = I @ W.T through it)."""
-        k = self.packed.shape[1] * 2
-        return self.matmul_int4(torch.eye(k, dtype=_KERNEL_DTYPE)).t().contiguous()
+        return self.matmul_int4(torch.eye(self.in_features, dtype=_KERNEL_DTYPE)).t().contiguous()
 
     def matmul_int4(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gemv is not None:
+            return self.gemv.matmul(x.to(_KERNEL_DTYPE))
         return torch._weight_int4pack_mm_for_cpu(x.to(_KERNEL_DTYPE), self.packed, self.group_size,
                                                  self.scales_zeros)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2 and x.dtype == _KERNEL_DTYPE and x.shape[0] <= SMALL_M_MAX:
             # The decode hot path (bf16 rows, few of them): one kernel call, no casts or reshapes.
+            if self.gemv is not None:
+                return self.gemv.matmul(x)
             return torch._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_zeros)
         x2, lead = _as_2d(x)
         if self.dense is not None and x2.shape[0] > SMALL_M_MAX:
