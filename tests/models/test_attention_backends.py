@@ -161,6 +161,28 @@ def test_uses_every_thread_for_one_long_decode(cpu_op):
         torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("q_len", [2, 5, 8])
+def test_a_verifying_row_scores_each_token_as_a_decode_would(cpu_op, q_len):
+    """A row of up to 8 tokens (a decode verifying drafts) gives, bit for bit, what each of its
+    tokens gives as a one-token decode over the same keys, at 1, 2 and 4 threads (the kernel
+    cuts short rows into one tile per thread; speculation relies on the bits)."""
+    seq_len = 300
+    layout, q, k, v, k_cache, v_cache = make_step([(q_len, seq_len)], kv_heads=3, group=3, head_dim=64,
+                                                  dtype=torch.bfloat16, seed=q_len)
+    backend = CpuAttentionBackend(cpu_op, num_splits=1)  # decodes unsplit, as speculation runs them
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 4):
+            torch.set_num_threads(n)
+            out, k_after, v_after = run_backend(backend, layout, q, k, v, k_cache, v_cache)
+            for i in range(q_len):  # token i alone: a decode at position seq_len - q_len + i
+                one = StepLayout.build([1], [seq_len - q_len + i + 1], 1, layout.block_tables, 16)
+                alone, _, _ = run_backend(backend, one, q[i:i + 1], k[i:i + 1], v[i:i + 1], k_after, v_after)
+                assert torch.equal(alone[0], out[i]), (n, i)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_the_kernel_refuses_a_table_too_short(cpu_op):
     layout, q, k, v, k_cache, v_cache = make_step([(1, 40)], 1, 1, 64, torch.float32, extra_pad_blocks=0)
     layout.seq_lens_tensor[0] = 40 + 3 * BS  # would read past the table

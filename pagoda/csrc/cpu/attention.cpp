@@ -108,8 +108,16 @@ Plan make_plan(const int32_t* qsl, const int32_t* seq_lens, int64_t rows, int64_
       continue;
     }
     const int32_t context = seq_len - q_len;  // keys cached before the chunk
-    for (int32_t q0 = 0; q0 < q_len; q0 += kQueryTile) {
-      const int32_t tile = std::min<int32_t>(kQueryTile, q_len - q0);
+    // A short row (a decode verifying drafts) would be one item per KV head: with few items
+    // in the step, its tokens are cut into one tile per thread so every thread has work. Its
+    // queries are scored one dot product per key whatever the tile (kMaxDotProductTokens),
+    // so the cut does not change a result.
+    int32_t query_tile = kQueryTile;
+    if (q_len <= kMaxDotProductTokens && threads > 1 && base_items < threads * kItemsPerThread) {
+      query_tile = static_cast<int32_t>(ceil_div(q_len, std::min<int64_t>(q_len, threads)));
+    }
+    for (int32_t q0 = 0; q0 < q_len; q0 += query_tile) {
+      const int32_t tile = std::min<int32_t>(query_tile, q_len - q0);
       // The tile's last query sees keys up to position context + q0 + tile - 1.
       const int32_t end = static_cast<int32_t>(ceil_div(context + q0 + tile, block_size));
       plan.items.push_back({static_cast<int32_t>(r), q0, tile, 0, end, -1});

@@ -25,7 +25,11 @@ METHODS = ("ngram", "draft_model")
 MAX_SPECULATIVE_TOKENS = 7
 
 
-DEFAULT_STEP_COST = (1.0, 1.09, 1.20, 1.36, 1.53, 1.72, 2.02, 2.19)
+# The step cost curve with which benchmarks/spec_decode.py (n-gram, k = 7, Zen 5, 2 threads)
+# gave the best single-stream speedup on grounded prompts (1.82x) while free chat stayed
+# within 5% alone and at concurrency 8; flatter curves drafted chat at a loss (0.91x at
+# concurrency 8 with drafts free), steeper ones gave up grounded speed (1.68x).
+DEFAULT_STEP_COST = (1.0, 1.04, 1.08, 1.14, 1.22, 1.32, 1.44, 1.58)
 
 
 @dataclass(frozen=True)
@@ -45,9 +49,8 @@ class SpeculativeConfig:
     # compute-bound batch where each extra row costs and drafts slow everyone.
     max_tokens_per_step: int = 8
     # Relative cost of a step of 1, 2, ... tokens (engine/spec_decode/budget.py spends drafts
-    # where expected tokens per unit of cost rise). None: DEFAULT_STEP_COST, measured on the
-    # CPU (a step of M decode rows of the default model, busy Zen 5, 1 thread); extended
-    # linearly past its end and cut to max_tokens_per_step.
+    # where expected tokens per unit of cost rise). None: DEFAULT_STEP_COST, tuned on the CPU
+    # by measurement (below); extended linearly past its end and cut to max_tokens_per_step.
     step_cost: tuple[float, ...] | None = None
     # method "draft_model": the draft's checkpoint (a path or an alias; None: the target's own),
     # and how its linear layers store weights (the engine's `quantization` values; None: "auto").
