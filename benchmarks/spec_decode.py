@@ -159,7 +159,6 @@ def main() -> None:
         setup["target_quantization"] = args.target_quantization or "none"
         setup["target_dtype"] = str(engines["plain"].engine.dtype).removeprefix("torch.")
     args.out.write_text(json.dumps({"cpu": cpu_model(), "threads": args.threads, "k": args.k,
-                                    "max_tokens_per_step": spec_config.get("max_tokens_per_step"),
                                     "max_tokens": args.max_tokens, "rounds": args.rounds,
                                     "torch": torch.__version__, **setup, "results": results}, indent=2))
     print(f"\nwrote {args.out}")

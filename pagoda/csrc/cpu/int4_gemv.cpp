@@ -34,16 +34,21 @@
 
 namespace {
 
+// Bits 4: a chunk is k = 4c .. 4c+3 of 16 columns (two vectors of (k, k+1) pairs).
+// Bits 8: a chunk is k = 2c, 2c+1 of 16 columns, one int8 per byte, split as
+// q = l + 16 h (l = q & 15 unsigned, h = q >> 4 signed): two vectors on the same x pair.
+template <int Bits>
+struct Format {
+  static constexpr int64_t kPerChunk = Bits == 4 ? 4 : 2;
+  static constexpr int64_t kScales = Bits == 4 ? 32 : 16;  // fp16 per block and group
+};
+
 #ifdef PAGODA_HAVE_INT4_GEMV
 
 constexpr int64_t kCols = 16;
 constexpr int64_t kChunkBytes = 32;
 constexpr int kMaxRows = 8;
 
-// One task is one block of 16 columns, walked down K as a single stream (measured from DRAM
-// on Zen 5: walking 2 or 4 blocks at once is 1.7-2x slower at 1-3 rows, whatever it saves
-// in vdpbf16ps latency). Each row has two accumulators (low and high nibbles: independent
-// chains) and a total: 3 * M vectors.
 struct Problem {
   const uint8_t* w;       // [N/16, K/kPerChunk, 32]
   const uint16_t* sc;     // fp16 [N/16, G, 32 (int4: d, m) or 16 (int8: d)]
@@ -53,14 +58,6 @@ struct Problem {
   int64_t K, G, group_size, ldy;
 };
 
-// Bits 4: a chunk is k = 4c .. 4c+3 of 16 columns (two vectors of (k, k+1) pairs).
-// Bits 8: a chunk is k = 2c, 2c+1 of 16 columns, one int8 per byte, split as
-// q = l + 16 h (l = q & 15 unsigned, h = q >> 4 signed): two vectors on the same x pair.
-template <int Bits>
-struct Format {
-  static constexpr int64_t kPerChunk = Bits == 4 ? 4 : 2;
-  static constexpr int64_t kScales = Bits == 4 ? 32 : 16;  // fp16 per block and group
-};
 
 inline __m512i table_low() {  // index & 15 -> bf16(index & 15)
   return _mm512_set_epi16(0x4170, 0x4160, 0x4150, 0x4140, 0x4130, 0x4120, 0x4110, 0x4100, 0x40E0, 0x40C0, 0x40A0,
@@ -126,6 +123,10 @@ inline void run_block(const Problem& p, int64_t block) {
   }
 }
 
+// One task is one block of 16 columns, walked down K as a single stream (measured from DRAM
+// on Zen 5: walking 2 or 4 blocks at once is 1.7-2x slower at 1-3 rows, whatever it saves
+// in vdpbf16ps latency). Each row has two accumulators (low and high nibbles: independent
+// chains) and a total: 3 * M vectors.
 template <int Bits, int M>
 void run_rows(const Problem& p, int64_t num_blocks) {
   at::parallel_for(0, num_blocks, 1, [&](int64_t begin, int64_t end) {
@@ -161,11 +162,7 @@ bool int4_gemv_available() {
 template <int Bits>
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t group_size) {
   const char* name = Bits == 4 ? "pagoda::int4_gemv" : "pagoda::int8_gemv";
-#ifdef PAGODA_HAVE_INT4_GEMV
   using F = Format<Bits>;
-#else
-  struct F { static constexpr int64_t kPerChunk = Bits == 4 ? 4 : 2, kScales = Bits == 4 ? 32 : 16; };
-#endif
   TORCH_CHECK(int4_gemv_available(), name, " needs AVX-512 BF16, which this build lacks");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, name, ": x must be bf16 [M, K]");
   TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == (Bits == 4 ? at::kByte : at::kChar) &&

@@ -44,8 +44,8 @@ class SpeculativeConfig:
     disable_after_drafts: int = 8
     # Drafts are proposed only while a step's tokens (one per running request) plus its drafts
     # stay within this many: on a CPU pagoda's int4/int8 GEMV reads the weights once for up to
-    # 8 rows (576->3072 int4 from DRAM: 46.6 us at 1 row, 55.6 at 4, 90.0 at 8; the lm_head
-    # 1.30 / 1.45 / 2.18 ms), so drafts there are cheap; beyond, a step becomes a
+    # 8 rows (benchmarks/gemv_kernels.py, 576->3072 int4 from DRAM: 37.5 us at 1 row, 50.8 at
+    # 4, 82.0 at 8; the lm_head 1.21 / 1.37 / 1.96 ms), so drafts there are cheap; beyond, a step becomes a
     # compute-bound batch where each extra row costs and drafts slow everyone.
     max_tokens_per_step: int = 8
     # Relative cost of a step of 1, 2, ... tokens (engine/spec_decode/budget.py spends drafts
