@@ -161,13 +161,14 @@ def test_uses_every_thread_for_one_long_decode(cpu_op):
         torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("q_len", [2, 5, 8])
-def test_a_verifying_row_scores_each_token_as_a_decode_would(cpu_op, q_len):
+def test_a_verifying_row_scores_each_token_as_a_decode_would(cpu_op, q_len, head_dim):
     """A row of up to 8 tokens (a decode verifying drafts) gives, bit for bit, what each of its
     tokens gives as a one-token decode over the same keys, at 1, 2 and 4 threads (the kernel
     cuts short rows into one tile per thread; speculation relies on the bits)."""
     seq_len = 300
-    layout, q, k, v, k_cache, v_cache = make_step([(q_len, seq_len)], kv_heads=3, group=3, head_dim=64,
+    layout, q, k, v, k_cache, v_cache = make_step([(q_len, seq_len)], kv_heads=3, group=3, head_dim=head_dim,
                                                   dtype=torch.bfloat16, seed=q_len)
     backend = CpuAttentionBackend(cpu_op, num_splits=1)  # decodes unsplit, as speculation runs them
     threads = torch.get_num_threads()
@@ -181,6 +182,24 @@ def test_a_verifying_row_scores_each_token_as_a_decode_would(cpu_op, q_len):
                 assert torch.equal(alone[0], out[i]), (n, i)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stale_slots_holding_nan_never_reach_the_output(cpu_op, dtype):
+    """Slots past a row's last key (a block's unwritten tail) may hold anything, NaN and inf
+    included: the kernel never lets them into a score or a weighted value."""
+    rows = [(1, 37), (1, 16 * 3 + 1), (5, 70), (20, 45)]
+    layout, q, k, v, k_cache, v_cache = make_step(rows, kv_heads=3, group=3, head_dim=64, dtype=dtype, seed=7)
+    backend = CpuAttentionBackend(cpu_op)
+    clean, _, _ = run_backend(backend, layout, q, k, v, k_cache, v_cache)
+    dirty_k, dirty_v = k_cache.clone(), v_cache.clone()
+    for r, (_, seq_len) in enumerate(rows):
+        last = int(layout.block_tables[r, (seq_len - 1) // 16])
+        dirty_k[last, seq_len % 16 or 16:] = float("nan")
+        dirty_v[last, seq_len % 16 or 16:] = float("inf")
+    dirty, _, _ = run_backend(backend, layout, q, k, v, dirty_k, dirty_v)
+    assert torch.isfinite(dirty).all()
+    assert torch.equal(dirty, clean)
 
 
 def test_the_kernel_refuses_a_table_too_short(cpu_op):

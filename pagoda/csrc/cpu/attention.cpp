@@ -45,7 +45,8 @@ constexpr int kItemsPerThread = 4;      // aim for this many items per thread (l
 // Longer rows (prefill chunks) score a transposed block 8 queries at a time (faster, other
 // rounding), in every tile, their last short one too.
 constexpr int64_t kMaxDotProductTokens = 8;
-constexpr int64_t kScoreTile = 8;  // queries scored together against a transposed block
+constexpr int64_t kScoreTile = 8;
+constexpr int64_t kPrefetchBlocks = 3;  // key blocks requested ahead of the one being read  // queries scored together against a transposed block
 
 struct WorkItem {
   int32_t row;
@@ -128,7 +129,13 @@ Plan make_plan(const int32_t* qsl, const int32_t* seq_lens, int64_t rows, int64_
 
 // Per-thread scratch, reused across items (sizes only grow).
 struct Scratch {
-  std::vector<float> q, acc, max, sum, key, key_t, value, scores, tile;
+  std::vector<float> q, acc, max, sum, key, key_t, value, scores, tile, block_scores, correction;
+  std::vector<uint16_t> q_bf16;
+  void resize_bf16(int64_t queries, int64_t head_dim) {
+    if (static_cast<int64_t>(q_bf16.size()) < queries * head_dim) q_bf16.resize(queries * head_dim);
+    if (static_cast<int64_t>(block_scores.size()) < queries * 16) block_scores.resize(queries * 16);
+    if (static_cast<int64_t>(correction.size()) < queries) correction.resize(queries);
+  }
   void resize(int64_t queries, int64_t head_dim, int64_t block_size) {
     auto grow = [](std::vector<float>& v, int64_t n) { if (static_cast<int64_t>(v.size()) < n) v.resize(n); };
     grow(q, (queries + kScoreTile) * head_dim);  // padded: score_tile16 reads whole tiles
@@ -275,6 +282,97 @@ PAGODA_INLINE void score_tile16(const float* q, const float* key_t, int64_t D, f
     for (int t = 0; t < 16; ++t) out[j * 16 + t] = acc[j][t];
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#define PAGODA_ATTENTION_BF16_SCORES 1
+// Scores of M bf16 queries (query m at q + m * D, unscaled) against a block of 16 bf16 keys
+// (key t at k + t * stride; keys t >= n read as zero): out[m * 16 + t] = scale * (q_m . k_t),
+// for head_dim D = 32 * DC. The keys stay in bf16: vdpbf16ps multiplies pairs exactly and
+// leaves one vector of 16 partial sums per key; a shuffle tree then sums the 16 keys' vectors
+// at once (45 instructions for 16 dot products, against a horizontal sum each).
+// Invariant: a score's summation order depends on nothing but q_m and k_t (not on M, the
+// other queries or the block's fill), so a verifying row scores a token exactly as a
+// one-token decode does.
+template <int DC>
+PAGODA_INLINE void score_block16_bf16(const uint16_t* q, int64_t M, const uint16_t* k, int64_t stride, int64_t n,
+                                      float scale, float* out) {
+  constexpr int64_t D = 32 * DC;
+  __m512i keys[16][DC];
+  for (int64_t t = 0; t < 16; ++t)
+    for (int c = 0; c < DC; ++c)
+      keys[t][c] = t < n ? _mm512_loadu_si512(k + t * stride + 32 * c) : _mm512_setzero_si512();
+  // Stage s pairs vectors whose lanes hold partial sums of 2^(s-1) keys each (16 / 2^(s-1)
+  // lanes per key) into one with half the lanes per key: X takes each key's first half of
+  // its lanes, Y the second half, and X + Y keeps the keys in order.
+  const __m512i x1 = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+  const __m512i y1 = _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  const __m512i x2 = _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
+  const __m512i y2 = _mm512_setr_epi32(4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  const __m512i x3 = _mm512_setr_epi32(0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29);
+  const __m512i y3 = _mm512_setr_epi32(2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  const __m512i x4 = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i y4 = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  auto fold = [](__m512 a, __m512 b, __m512i x, __m512i y) {
+    return _mm512_add_ps(_mm512_permutex2var_ps(a, x, b), _mm512_permutex2var_ps(a, y, b));
+  };
+  for (int64_t m = 0; m < M; ++m) {
+    __m512bh qv[DC];
+    for (int c = 0; c < DC; ++c) qv[c] = (__m512bh)_mm512_loadu_si512(q + m * D + 32 * c);
+    __m512 p[16];
+    for (int t = 0; t < 16; ++t) {
+      __m512 a = _mm512_setzero_ps();
+      for (int c = 0; c < DC; ++c) a = _mm512_dpbf16_ps(a, qv[c], (__m512bh)keys[t][c]);
+      p[t] = a;
+    }
+    __m512 s1[8], s2[4], s3[2];
+    for (int i = 0; i < 8; ++i) s1[i] = fold(p[2 * i], p[2 * i + 1], x1, y1);
+    for (int i = 0; i < 4; ++i) s2[i] = fold(s1[2 * i], s1[2 * i + 1], x2, y2);
+    for (int i = 0; i < 2; ++i) s3[i] = fold(s2[2 * i], s2[2 * i + 1], x3, y3);
+    _mm512_storeu_ps(out + m * 16, _mm512_mul_ps(fold(s3[0], s3[1], x4, y4), _mm512_set1_ps(scale)));
+  }
+}
+
+// acc[m] = acc[m] * correction[m] + sum_{t < n} p[m][t] * v_t for queries m < M (acc [M][D],
+// p [M][16], value row t at v + t * stride in bf16; D = 32 * DC). Queries go in groups whose
+// accumulators stay in registers while each value row is converted once; a query's sum
+// runs over t in order whatever its group, and a weight of 0 (a key the query does not see;
+// n never exceeds the block's written keys) adds an exact zero.
+template <int DC, int QG>
+PAGODA_INLINE void accumulate_group_bf16(float* acc, const float* correction, const float* p, const uint16_t* v,
+                                         int64_t stride, int64_t n) {
+  constexpr int64_t D = 32 * DC;
+  constexpr int VC = 2 * DC;  // fp32 vectors per row
+  __m512 a[QG][VC];
+  for (int j = 0; j < QG; ++j) {
+    const __m512 c = _mm512_set1_ps(correction[j]);
+    for (int i = 0; i < VC; ++i) a[j][i] = _mm512_mul_ps(_mm512_loadu_ps(acc + j * D + 16 * i), c);
+  }
+  for (int64_t t = 0; t < n; ++t) {
+    __m512 vt[VC];
+    for (int i = 0; i < VC; ++i) {
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + t * stride + 16 * i));
+      vt[i] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    for (int j = 0; j < QG; ++j) {
+      const __m512 pj = _mm512_set1_ps(p[j * 16 + t]);
+      for (int i = 0; i < VC; ++i) a[j][i] = _mm512_fmadd_ps(pj, vt[i], a[j][i]);
+    }
+  }
+  for (int j = 0; j < QG; ++j)
+    for (int i = 0; i < VC; ++i) _mm512_storeu_ps(acc + j * D + 16 * i, a[j][i]);
+}
+
+template <int DC>
+PAGODA_INLINE void accumulate_block_bf16(float* acc, const float* correction, const float* p, const uint16_t* v,
+                                         int64_t stride, int64_t n, int64_t M) {
+  constexpr int64_t D = 32 * DC;
+  constexpr int QG = DC == 2 ? 4 : 2;  // 4 * 4 or 2 * 8 accumulator registers
+  int64_t m = 0;
+  for (; m + QG <= M; m += QG)
+    accumulate_group_bf16<DC, QG>(acc + m * D, correction + m, p + m * 16, v, stride, n);
+  for (; m < M; ++m) accumulate_group_bf16<DC, 1>(acc + m * D, correction + m, p + m * 16, v, stride, n);
+}
+#endif
+
 // Asks for `rows` rows of D elements (row t at src + t * stride) to be brought into cache.
 template <typename T>
 inline void prefetch_rows(const T* src, int64_t stride, int64_t rows, int64_t D) {
@@ -331,6 +429,29 @@ void run_item(const WorkItem& item, int64_t kv_head, const T* q, const T* k_cach
   std::fill(run_sum, run_sum + M, 0.0f);
 
   const bool transpose = q_len_row > kMaxDotProductTokens;
+#ifdef PAGODA_ATTENTION_BF16_SCORES
+  // bf16 caches, blocks of 16, head_dim 64 or 128: short rows score whole blocks from bf16
+  // (score_block16_bf16) instead of one fp32 dot product per key.
+  constexpr bool kBf16Scores = std::is_same_v<T, c10::BFloat16> && BS == 16;
+  const bool bf16_scores = kBf16Scores && !transpose && (D == 64 || D == 128);
+  uint16_t* qb = nullptr;  // the queries, unscaled bf16 [M][D]
+  float* block_scores = nullptr;  // [M][16]
+  if (bf16_scores) {
+    scratch.resize_bf16(M, D);
+    qb = scratch.q_bf16.data();
+    block_scores = scratch.block_scores.data();
+    for (int64_t i = 0; i < item.q_len; ++i)
+      for (int64_t g = 0; g < G; ++g)
+        std::memcpy(qb + (i * G + g) * D,
+                    q + (first_token + i) * shape.q_stride_token + (kv_head * G + g) * shape.q_stride_head,
+                    D * sizeof(uint16_t));
+  }
+#else
+  constexpr bool kBf16Scores = false;
+  const bool bf16_scores = false;
+  const uint16_t* qb = nullptr;
+  float* block_scores = nullptr;
+#endif
   const int32_t* table = block_tables + row * shape.max_blocks;
   const int64_t token_stride = KVH * D;  // between consecutive tokens of a block
   for (int64_t kb = item.kb_begin; kb < item.kb_end; ++kb) {
@@ -347,9 +468,49 @@ void run_item(const WorkItem& item, int64_t kv_head, const T* q, const T* k_cach
     }
     // One read of the block's K and V for this KV head, shared by all M queries. Only the
     // first keys_here rows are read: slots past them are stale and never touched.
-    const float* keys;
+    const float* keys = nullptr;
     const float* values;
-    const int64_t k_stride = rows_as_float<T>(kb_ptr, token_stride, keys_here, D, scratch.key.data(), &keys);
+    int64_t k_stride = 0;
+    if constexpr (kBf16Scores) {
+#ifdef PAGODA_ATTENTION_BF16_SCORES
+      if (bf16_scores) {
+        const auto* kb16 = reinterpret_cast<const uint16_t*>(kb_ptr);
+        if (D == 64) score_block16_bf16<2>(qb, M, kb16, token_stride, keys_here, scale, block_scores);
+        else score_block16_bf16<4>(qb, M, kb16, token_stride, keys_here, scale, block_scores);
+      }
+#endif
+    }
+    if (!bf16_scores) k_stride = rows_as_float<T>(kb_ptr, token_stride, keys_here, D, scratch.key.data(), &keys);
+#ifdef PAGODA_ATTENTION_BF16_SCORES
+    if constexpr (kBf16Scores) {
+      if (bf16_scores) {
+        // Softmax of every query's block scores in place (weights, 0 past its visible keys),
+        // then all queries' values in one pass over the block's bf16 rows.
+        float* correction = scratch.correction.data();
+        int64_t max_visible = 0;
+        for (int64_t m = 0; m < M; ++m) {
+          const int64_t visible = std::min<int64_t>(keys_here, key_limit0 + m / G - key0);
+          float* p = block_scores + m * 16;
+          if (visible <= 0) {  // the whole block lies after this query (causal): unchanged
+            correction[m] = 1.0f;
+            std::fill(p, p + 16, 0.0f);
+            continue;
+          }
+          max_visible = std::max(max_visible, visible);
+          float block_sum;
+          const float new_max = softmax_block<16>(p, 16, visible, run_max[m], &block_sum);
+          correction[m] = run_max[m] == -std::numeric_limits<float>::infinity()
+                              ? 0.0f : exp_nonpositive(run_max[m] - new_max);
+          run_sum[m] = run_sum[m] * correction[m] + block_sum;
+          run_max[m] = new_max;
+        }
+        const auto* vb16 = reinterpret_cast<const uint16_t*>(vb_ptr);
+        if (D == 64) accumulate_block_bf16<2>(acc, correction, block_scores, vb16, token_stride, max_visible, M);
+        else accumulate_block_bf16<4>(acc, correction, block_scores, vb16, token_stride, max_visible, M);
+        continue;
+      }
+    }
+#endif
     const int64_t v_stride = rows_as_float<T>(vb_ptr, token_stride, keys_here, D, value, &values);
     if (transpose) {  // key_t[d][t]; zero past keys_here so every score is finite
       for (int64_t t = 0; t < bs; ++t) {
@@ -377,6 +538,9 @@ void run_item(const WorkItem& item, int64_t kv_head, const T* q, const T* k_cach
             for (int64_t t = 0; t < bs; ++t) scores[t] += qd * kd[t];
           }
         }
+      } else if (bf16_scores) {  // the block's scores, computed above for every query
+        for (int64_t t = 0; t < visible; ++t) scores[t] = block_scores[m * 16 + t];
+        for (int64_t t = visible; t < bs; ++t) scores[t] = 0.0f;
       } else {  // one dot product per visible key
         for (int64_t t = 0; t < visible; ++t) scores[t] = dot(qm, keys + t * k_stride, D);
         for (int64_t t = visible; t < bs; ++t) scores[t] = 0.0f;

@@ -32,7 +32,25 @@ from pagoda.model.quant.gguf_blocks import Int4Codes
 # forms that use W8A8 switch to it above this.
 SMALL_M_MAX = 8
 
+
+def _gemv_max_rows(bits: int) -> int:
+    """Rows up to which pagoda's GEMV (csrc/cpu/int4_gemv.cpp, blocks of 8 rows) serves a form
+    that also holds a bf16 copy, instead of the copy's matmul.
+
+    The GEMV reads 4 or 8 bits per weight once per 8 rows and is compute-bound from 8 rows
+    on (vdpbf16ps); the bf16 matmul reads 16 bits per weight from memory and runs at oneDNN's
+    speed. Measured with weights streamed from DRAM (benchmarks/gemv_kernels.py, AVX-512 BF16
+    Zen 5, 2 threads): the int4 GEMV wins up to ~96 rows (16 rows: 89 vs 194 us; 64: 328 vs
+    369), the 8-bit one (two dot products per weight) up to ~28. With AMX, oneDNN's bf16
+    matmul is several times faster at 16 rows and up: the copy takes over after 8."""
+    from pagoda.config import cpu_flags
+
+    if "amx_bf16" in cpu_flags():
+        return SMALL_M_MAX
+    return 64 if bits == 4 else 24
+
 _KERNEL_DTYPE = torch.bfloat16
+_GEMV_MAX_ROWS = {4: _gemv_max_rows(4), 8: _gemv_max_rows(8)}
 
 
 def _as_2d(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -143,7 +161,7 @@ class Int8Weight:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         x2, lead = _as_2d(x)
-        if self.dense is not None and x2.shape[0] > SMALL_M_MAX:
+        if self.dense is not None and x2.shape[0] > (_GEMV_MAX_ROWS[8] if self.gemv is not None else SMALL_M_MAX):
             y = torch.nn.functional.linear(x2.to(self.dense.dtype), self.dense)
         elif self.w8a8_at_large_m and x2.shape[0] > SMALL_M_MAX:
             y = self.matmul_w8a8(x2)
@@ -279,7 +297,7 @@ class Int4Weight:
                 return self.gemv.matmul(x)
             return torch._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_zeros)
         x2, lead = _as_2d(x)
-        if self.dense is not None and x2.shape[0] > SMALL_M_MAX:
+        if self.dense is not None and x2.shape[0] > (_GEMV_MAX_ROWS[4] if self.gemv is not None else SMALL_M_MAX):
             y = torch.nn.functional.linear(x2.to(self.dense.dtype), self.dense)
         elif x2.shape[0] <= SMALL_M_MAX or self.w8a8 is None:
             y = self.matmul_int4(x2)
