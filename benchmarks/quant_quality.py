@@ -48,6 +48,7 @@ class Config:
     dtype: str
     quantization: str
     small_m_everywhere: bool = False
+    gemv_q8: tuple[bool, bool] | None = None  # (4-bit, 8-bit) int8 activations in pagoda's GEMV; None: defaults
 
 
 CONFIGS = [
@@ -55,6 +56,8 @@ CONFIGS = [
     Config("none (bf16)", "bfloat16", "none"),
     Config("gguf", "bfloat16", "gguf"),
     Config("gguf@small-M", "bfloat16", "gguf", True),
+    Config("gguf@small-M, bf16 activations", "bfloat16", "gguf", True, (False, False)),
+    Config("gguf@small-M, int8 activations", "bfloat16", "gguf", True, (True, True)),
     Config("int8", "bfloat16", "int8"),
     Config("int8@small-M", "bfloat16", "int8", True),
     Config("int4", "bfloat16", "int4"),
@@ -64,13 +67,15 @@ SPEED_CONFIGS = ["none (bf16)", "gguf", "int8", "int4"]
 
 @contextlib.contextmanager
 def small_m_kernels(enabled: bool):
-    saved = packed.SMALL_M_MAX
+    saved, saved_gemv = packed.SMALL_M_MAX, dict(packed._GEMV_MAX_ROWS)
     if enabled:
         packed.SMALL_M_MAX = 1 << 30
+        packed._GEMV_MAX_ROWS.update({form: 1 << 30 for form in saved_gemv})
     try:
         yield
     finally:
         packed.SMALL_M_MAX = saved
+        packed._GEMV_MAX_ROWS.update(saved_gemv)
 
 
 def read_text() -> str:
@@ -96,13 +101,21 @@ def teacher_forced(llm: LLM, prompts: list[list[int]]) -> tuple[list[float], lis
 
 
 def make_llm(config: Config, **kwargs) -> LLM:
-    return LLM(dtype=config.dtype, quantization=config.quantization, show_progress=False,
-               kv_cache_memory=512 * 2**20, **kwargs)
+    saved = dict(packed.GEMV_Q8_ACTIVATIONS)
+    if config.gemv_q8 is not None:  # read as the weights are packed, at load
+        packed.GEMV_Q8_ACTIVATIONS.update({4: config.gemv_q8[0], 8: config.gemv_q8[1]})
+    try:
+        return LLM(dtype=config.dtype, quantization=config.quantization, show_progress=False,
+                   kv_cache_memory=512 * 2**20, **kwargs)
+    finally:
+        packed.GEMV_Q8_ACTIVATIONS.update(saved)
 
 
-def measure_quality(window: int) -> list[dict]:
+def measure_quality(window: int, only: list[str] | None = None) -> list[dict]:
     rows, reference_top1 = [], None
     for config in CONFIGS:
+        if only and config.label not in only and config is not CONFIGS[0]:
+            continue
         llm = make_llm(config, max_num_batched_tokens=max(2048, window))
         ids = llm.get_tokenizer()(read_text()).input_ids
         with small_m_kernels(config.small_m_everywhere):
@@ -168,6 +181,8 @@ def main() -> None:
     parser.add_argument("--single-tokens", type=int, default=128)
     parser.add_argument("--batch-tokens", type=int, default=64, help="tokens per request of the 64-request batch")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--only", nargs="+", metavar="METHOD",
+                        help="quality of these methods only (labels as printed; the reference always runs)")
     parser.add_argument("--out", default="benchmarks/results/quant_quality.json")
     args = parser.parse_args()
     if args.threads:
@@ -175,10 +190,10 @@ def main() -> None:
     result = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "text": TEXT.name, "window": args.window}
     if not args.no_quality:
-        result["quality"] = measure_quality(args.window)
-        print(f"\n{'method':22s} {'ppl':>9s} {'vs ref':>8s} {'top-1 agree':>12s}")
+        result["quality"] = measure_quality(args.window, args.only)
+        print(f"\n{'method':32s} {'ppl':>9s} {'vs ref':>8s} {'top-1 agree':>12s}")
         for row in result["quality"]:
-            print(f"{row['method']:22s} {row['perplexity']:9.3f} {row['ppl_vs_reference_pct']:7.2f}% "
+            print(f"{row['method']:32s} {row['perplexity']:9.3f} {row['ppl_vs_reference_pct']:7.2f}% "
                   f"{100 * row['top1_agreement']:11.2f}%")
     if args.speed:
         result["speed"] = measure_speed(args.rounds, args.single_tokens, args.batch_tokens)

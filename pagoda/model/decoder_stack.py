@@ -38,7 +38,7 @@ def decoder_stack_disabled():
 
 
 # Linear kinds of decoder_stack.cpp.
-_FLOAT, _INT4, _INT8, _INT4_GEMV, _INT8_GEMV = 0, 1, 2, 3, 4
+_FLOAT, _INT4, _INT8, _INT4_GEMV, _INT8_GEMV, _INT4_GEMV_Q8, _INT8_GEMV_Q8 = 0, 1, 2, 3, 4, 5, 6
 
 
 def _linear_args(layer: Linear) -> tuple | None:
@@ -48,12 +48,14 @@ def _linear_args(layer: Linear) -> tuple | None:
         return _FLOAT, layer.weight.detach(), None, 0, _detach(layer.bias)
     if isinstance(packed, Int4Weight) and packed.gemv is not None:
         gemv = packed.gemv
-        return _INT4_GEMV, gemv.packed, gemv.scales, gemv.group_size, _detach(layer.bias)
+        return (_INT4_GEMV_Q8 if gemv.q8 else _INT4_GEMV), gemv.packed, gemv.scales, gemv.group_size, \
+            _detach(layer.bias)
     if isinstance(packed, Int4Weight):
         return _INT4, packed.packed, packed.scales_zeros, packed.group_size, _detach(layer.bias)
     if isinstance(packed, Int8Weight) and packed.gemv is not None:  # at most SMALL_M_MAX rows: weight-only
         gemv = packed.gemv
-        return _INT8_GEMV, gemv.packed, gemv.scales, gemv.packed.shape[1] * 2, _detach(layer.bias)
+        return (_INT8_GEMV_Q8 if gemv.q8 else _INT8_GEMV), gemv.packed, gemv.scales, gemv.packed.shape[1] * 2, \
+            _detach(layer.bias)
     if isinstance(packed, Int8Weight):  # at most SMALL_M_MAX rows: always weight-only
         return _INT8, packed.q, packed.scale_kernel, 0, _detach(layer.bias)
     return None

@@ -14,6 +14,7 @@ from pagoda import LLM, SamplingParams
 from pagoda.kernels import cpu_ext
 from pagoda.model import decoder_stack
 from pagoda.model.decoder_stack import CompiledDecoderStack, decoder_stack_disabled
+from pagoda.model.quant import packed
 from tests.conftest import TINY_VOCAB, make_tiny_checkpoint
 
 
@@ -48,15 +49,25 @@ CASES = [
     ("qwen2", "bfloat16", "int8"),  # qkv bias
     ("qwen3", "bfloat16", "none"),  # q/k norms
     ("qwen3", "float32", "int4"),
+    ("llama", "bfloat16", "int4+q8"),  # pagoda's GEMV with int8 activations on the 4-bit layers too
 ]
 
 
 @pytest.mark.parametrize("arch,dtype,quantization", CASES)
-def test_stack_equals_python_modules(tmp_path, calls, arch, dtype, quantization):
+def test_stack_equals_python_modules(tmp_path, calls, monkeypatch, arch, dtype, quantization):
+    q8 = quantization.endswith("+q8")
+    if q8:
+        if not packed.q8_gemv_available():
+            pytest.skip("pagoda's int8-activation GEMV needs an AVX-512 BF16 + VNNI build")
+        monkeypatch.setitem(packed.GEMV_Q8_ACTIVATIONS, 4, True)
+        quantization = quantization.removesuffix("+q8")
     folder = make_tiny_checkpoint(tmp_path, arch)
     # A budget of 8 tokens: later steps mix decodes with prefill chunks, all through the stack.
     llm = LLM(str(folder), dtype=dtype, quantization=quantization, attention_backend="cpu",
               show_progress=False, kv_cache_memory=16 * 1024**2, max_num_batched_tokens=8)
+    if q8:
+        assert any(getattr(getattr(m, "packed", None), "gemv", None) is not None and m.packed.gemv.q8
+                   for m in llm.engine.model.model.layers.modules())
     gen = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, TINY_VOCAB, (n,), generator=gen).tolist() for n in (1, 3, 20)]
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=3)

@@ -16,6 +16,8 @@
 //   2 int8:   at::_weight_int8pack_mm(x, a, b)              (a: int8 [N, K], b: bf16 scales)
 //   3 int4:   pagoda's int4_gemv(x, a, b, group)            (int4_gemv.cpp's layout: a codes, b fp16 scales)
 //   4 int8:   pagoda's int8_gemv(x, a, b, group)            (the same file's 8-bit layout)
+//   5 int4:   pagoda's int4_gemv_q8(x, a, b, group)         (kind 3's layout; int8 activations, q8_gemv.cpp)
+//   6 int8:   pagoda's int8_gemv_q8(x, a, b)                (kind 4's layout; int8 activations)
 // Packed kinds take bf16 activations: other dtypes are cast in and the result back.
 #include "ops_common.h"
 
@@ -30,6 +32,9 @@ at::Tensor int4_gemv_direct(const at::Tensor& x, const at::Tensor& packed, const
                             int64_t group_size);  // int4_gemv.cpp
 at::Tensor int8_gemv_direct(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                             int64_t group_size);  // int4_gemv.cpp
+at::Tensor int4_gemv_q8_direct(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                               int64_t group_size);  // q8_gemv.cpp
+at::Tensor int8_gemv_q8_direct(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales);
 }  // namespace pagoda
 
 namespace {
@@ -53,8 +58,12 @@ struct LinearSpec {
         y = at::_weight_int8pack_mm(xk, a, b);
       } else if (kind == 3) {
         y = pagoda::int4_gemv_direct(xk, a, b, group_size);
-      } else {
+      } else if (kind == 4) {
         y = pagoda::int8_gemv_direct(xk, a, b, group_size);
+      } else if (kind == 5) {
+        y = pagoda::int4_gemv_q8_direct(xk, a, b, group_size);
+      } else {
+        y = pagoda::int8_gemv_q8_direct(xk, a, b);
       }
       if (cast) y = y.to(x.scalar_type());
     }
@@ -119,7 +128,7 @@ struct DecoderStack : torch::CustomClassHolder {
   void add_linear(int64_t kind, at::Tensor a, std::optional<at::Tensor> b, int64_t group_size,
                   std::optional<at::Tensor> bias) {
     TORCH_CHECK(!layers.empty(), "DecoderStack: add_layer before add_linear");
-    TORCH_CHECK(kind >= 0 && kind <= 4, "DecoderStack: linear kind ", kind, " is not 0 to 4");
+    TORCH_CHECK(kind >= 0 && kind <= 6, "DecoderStack: linear kind ", kind, " is not 0 to 6");
     TORCH_CHECK(kind == 0 || b.has_value(), "DecoderStack: packed linear kinds need their scales");
     auto& linears = layers.back().linears;
     TORCH_CHECK(linears.size() < 4, "DecoderStack: a layer has four linears (qkv, o, gate_up, down)");

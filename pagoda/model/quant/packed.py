@@ -33,24 +33,34 @@ from pagoda.model.quant.gguf_blocks import Int4Codes
 SMALL_M_MAX = 8
 
 
-def _gemv_max_rows(bits: int) -> int:
-    """Rows up to which pagoda's GEMV (csrc/cpu/int4_gemv.cpp, blocks of 8 rows) serves a form
-    that also holds a bf16 copy, instead of the copy's matmul.
+def _gemv_max_rows(form: str) -> int:
+    """Rows up to which pagoda's GEMV (csrc/cpu/int4_gemv.cpp and q8_gemv.cpp, blocks of 8
+    rows) serves a form that also holds a bf16 copy, instead of the copy's matmul.
 
     The GEMV reads 4 or 8 bits per weight once per 8 rows and is compute-bound from 8 rows
-    on (vdpbf16ps); the bf16 matmul reads 16 bits per weight from memory and runs at oneDNN's
-    speed. Measured with weights streamed from DRAM (benchmarks/gemv_kernels.py, AVX-512 BF16
-    Zen 5, 2 threads): the int4 GEMV wins up to ~96 rows (16 rows: 89 vs 194 us; 64: 328 vs
-    369), the 8-bit one (two dot products per weight) up to ~28. With AMX, oneDNN's bf16
-    matmul is several times faster at 16 rows and up: the copy takes over after 8."""
+    on; the bf16 matmul reads 16 bits per weight from memory and runs at oneDNN's speed.
+    Measured with weights streamed from DRAM (AVX-512 BF16 + VNNI Zen 5, 2 threads): the
+    int4 GEMV wins up to ~96 rows (16 rows: 89 vs 194 us; 64: 328 vs 369); the 8-bit one
+    with bf16 activations (two dot products per weight) up to ~28, with int8 activations
+    (one vpdpbusd per 4 weights) past 64 (64 rows: 4.2 vs 5.8 ms on the lm_head). With
+    AMX, oneDNN's bf16 matmul is several times faster at 16 rows and up: the copy takes
+    over after 8."""
     from pagoda.config import cpu_flags
 
     if "amx_bf16" in cpu_flags():
         return SMALL_M_MAX
-    return 64 if bits == 4 else 24
+    return {"int4": 64, "int8": 24, "int8_q8": 64}[form]
+
 
 _KERNEL_DTYPE = torch.bfloat16
-_GEMV_MAX_ROWS = {4: _gemv_max_rows(4), 8: _gemv_max_rows(8)}
+_GEMV_MAX_ROWS = {form: _gemv_max_rows(form) for form in ("int4", "int8", "int8_q8")}
+# Whether pagoda's GEMV takes int8-quantized activations (q8_gemv.cpp, VNNI) for 4-bit / 8-bit
+# weights, where that kernel runs; read when a weight is packed. Measured on the default model
+# (benchmarks/quant_quality.py, decode kernels at every row count): int8 activations on the
+# int8 lm_head cost nothing measurable (perplexity -0.09% vs -0.05% against the float32
+# reference) and halve its time; on the int4 layers they cost +1.4% perplexity (over the 1%
+# bar) for ~1.1x, so 4-bit weights keep bf16 activations.
+GEMV_Q8_ACTIVATIONS = {4: False, 8: True}
 
 
 def _as_2d(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -68,16 +78,19 @@ class Int8Gemv:
 
     packed: torch.Tensor
     scales: torch.Tensor
+    q8: bool = False  # activations quantized to int8 per 32 (csrc/cpu/q8_gemv.cpp) instead of bf16
 
     @classmethod
-    def from_rows(cls, q: torch.Tensor, scale: torch.Tensor) -> Int8Gemv | None:
-        """``q`` int8 [N, K], ``scale`` [N] (fp16-exact). None where the kernel cannot take them."""
+    def from_rows(cls, q: torch.Tensor, scale: torch.Tensor, q8: bool | None = None) -> Int8Gemv | None:
+        """``q`` int8 [N, K], ``scale`` [N] (fp16-exact). None where the kernel cannot take them.
+        ``q8``: int8 activations (default `GEMV_Q8_ACTIVATIONS`, where that kernel runs)."""
         n, k = q.shape
         if not int4_gemv_available() or n % 16 or k % 4:
             return None
         packed = q.view(n // 16, 16, k // 2, 2).permute(0, 2, 1, 3).reshape(n // 16, k // 2, 32).contiguous()
         scales = scale.to(torch.float16).view(n // 16, 1, 16).contiguous()
-        return cls(packed, scales)
+        use_q8 = (GEMV_Q8_ACTIVATIONS[8] if q8 is None else q8) and k % 32 == 0 and q8_gemv_available()
+        return cls(packed, scales, use_q8)
 
     @property
     def nbytes(self) -> int:
@@ -93,6 +106,8 @@ class Int8Gemv:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T`` for bf16 ``x[M, K]`` (any M: blocks of 8 rows)."""
+        if self.q8:
+            return torch.ops.pagoda.int8_gemv_q8(x, self.packed, self.scales)
         return torch.ops.pagoda.int8_gemv(x, self.packed, self.scales, self.packed.shape[1] * 2)
 
 
@@ -111,8 +126,10 @@ class Int8Weight:
     gemv: Int8Gemv | None = None
 
     @classmethod
-    def quantize(cls, weight: torch.Tensor, w8a8_at_large_m: bool = False, torch_kernel: bool = False) -> Int8Weight:
-        """``torch_kernel``: torch's layout only, even where pagoda's kernel is available."""
+    def quantize(cls, weight: torch.Tensor, w8a8_at_large_m: bool = False, torch_kernel: bool = False,
+                 q8: bool | None = None) -> Int8Weight:
+        """``torch_kernel``: torch's layout only, even where pagoda's kernel is available.
+        ``q8``: int8 activations in pagoda's kernel (`Int8Gemv.from_rows`; None: the default)."""
         w = weight.float()
         scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
         # pagoda's kernel serves weight-only forms (W8A8 forms keep torch's kernels: their
@@ -122,7 +139,7 @@ class Int8Weight:
         if use_gemv and bool(((half - scale).abs() <= scale * 2.0 ** -10).all()):
             scale = half  # fp16-exact scales, as the kernel holds them (within 2^-11 of the exact ones)
         q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8).contiguous()
-        gemv = Int8Gemv.from_rows(q, scale) if use_gemv and torch.equal(scale, half) else None
+        gemv = Int8Gemv.from_rows(q, scale, q8) if use_gemv and torch.equal(scale, half) else None
         return cls(q if gemv is None else None, scale, scale.to(_KERNEL_DTYPE), w8a8_at_large_m, gemv=gemv)
 
     @property
@@ -161,7 +178,8 @@ class Int8Weight:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         x2, lead = _as_2d(x)
-        if self.dense is not None and x2.shape[0] > (_GEMV_MAX_ROWS[8] if self.gemv is not None else SMALL_M_MAX):
+        gemv_rows = SMALL_M_MAX if self.gemv is None else _GEMV_MAX_ROWS["int8_q8" if self.gemv.q8 else "int8"]
+        if self.dense is not None and x2.shape[0] > gemv_rows:
             y = torch.nn.functional.linear(x2.to(self.dense.dtype), self.dense)
         elif self.w8a8_at_large_m and x2.shape[0] > SMALL_M_MAX:
             y = self.matmul_w8a8(x2)
@@ -182,9 +200,10 @@ class Int4Gemv:
     packed: torch.Tensor
     scales: torch.Tensor
     group_size: int
+    q8: bool = False  # activations quantized to int8 per group (csrc/cpu/q8_gemv.cpp) instead of bf16
 
     @classmethod
-    def from_codes(cls, codes: Int4Codes) -> Int4Gemv | None:
+    def from_codes(cls, codes: Int4Codes, q8: bool | None = None) -> Int4Gemv | None:
         """None where the kernel cannot take these codes (no AVX-512 BF16 build, a shape off
         its grid, or scales that fp16 cannot hold to its precision)."""
         if not int4_gemv_available():
@@ -209,7 +228,8 @@ class Int4Gemv:
         hi = blocks[..., 2:4].reshape(n // 16, k // 4, 32)  # its high nibble: k = 4c + 2 + j % 2
         packed = (lo | (hi << 4)).contiguous()
         scales = half.view(2, n // 16, 16, k // g).permute(1, 3, 0, 2).reshape(n // 16, k // g, 32).contiguous()
-        return cls(packed, scales, g)
+        use_q8 = (GEMV_Q8_ACTIVATIONS[4] if q8 is None else q8) and g % 8 == 0 and q8_gemv_available()
+        return cls(packed, scales, g, use_q8)
 
     @property
     def nbytes(self) -> int:
@@ -217,7 +237,17 @@ class Int4Gemv:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T`` for bf16 ``x[M, K]`` (any M: blocks of 8 rows)."""
+        if self.q8:
+            return torch.ops.pagoda.int4_gemv_q8(x, self.packed, self.scales, self.group_size)
         return torch.ops.pagoda.int4_gemv(x, self.packed, self.scales, self.group_size)
+
+
+def q8_gemv_available() -> bool:
+    """pagoda's int8-activation GEMV (csrc/cpu/q8_gemv.cpp) is built and runs here (AVX-512 BF16 + VNNI)."""
+    from pagoda.kernels.cpu_ext import cpu_ops
+
+    ops = cpu_ops()
+    return ops is not None and hasattr(ops, "q8_gemv_available") and bool(ops.q8_gemv_available())
 
 
 def int4_gemv_available() -> bool:
@@ -297,7 +327,7 @@ class Int4Weight:
                 return self.gemv.matmul(x)
             return torch._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_zeros)
         x2, lead = _as_2d(x)
-        if self.dense is not None and x2.shape[0] > (_GEMV_MAX_ROWS[4] if self.gemv is not None else SMALL_M_MAX):
+        if self.dense is not None and x2.shape[0] > (_GEMV_MAX_ROWS["int4"] if self.gemv is not None else SMALL_M_MAX):
             y = torch.nn.functional.linear(x2.to(self.dense.dtype), self.dense)
         elif x2.shape[0] <= SMALL_M_MAX or self.w8a8 is None:
             y = self.matmul_int4(x2)

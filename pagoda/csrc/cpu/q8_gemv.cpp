@@ -1,0 +1,308 @@
+// Packed 4- and 8-bit weights times a few rows of int8-quantized activations, with VNNI:
+//   int4_gemv_q8: y = x @ W.T, W[n, k] = d[n, g] q[n, k] + m[n, g], q in [0, 15]
+//   int8_gemv_q8: y = x @ W.T, W[n, k] = s[n] q[n, k], q in [-127, 127]
+// on the weight layouts of int4_gemv.cpp (no second copy of the weights).
+//
+// Why: from 8 rows on, int4_gemv.cpp's bf16 kernel is bound by its vdpbf16ps count (two
+// per 4 weights and row; the 8-bit form four), not by memory. One vpdpbusd multiplies 4
+// weights by 4 activations per column (64 products per instruction), so with activations
+// in int8 the dot products cost half (int4) or a quarter (int8) of the instructions, and
+// the integer sums are exact.
+//
+// Activations: each row is quantized per group of 32 k (the int4 weights' own groups):
+// xq = round(x / s_g) in [-127, 127], s_g = max|x| / 127 -- llama.cpp's Q8 activations.
+// The rounding error is ~max|x| / 254 per element, the size of bf16's own (2^-9 relative);
+// benchmarks/quant_quality.py measures what it costs.
+//
+// Per row, group g and column (exact int32 sums, then fp32):
+//   int4: y = sum_g d_g * s_g * sum_k q_k xq_k + m_g * sx_g   (sx_g: the group's exact sum of x)
+//   int8: y = s * sum_g s_g * (sum_k (q_k + 128) xq_k - 128 * sum_k xq_k)
+//         (vpdpbusd wants one unsigned operand: the weights' sign bit is flipped, q + 128,
+//          and the row's own sum of xq takes the 128 back out)
+// Invariant: a row's result depends only on that row and the weights -- not on M, the other
+// rows or the thread count -- so a speculative step verifies a token exactly as a one-token
+// decode step scores it.
+#include "ops_common.h"
+
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstring>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__) && defined(__AVX512VNNI__)
+#define PAGODA_HAVE_Q8_GEMV 1
+#endif
+
+namespace {
+
+constexpr int64_t kActGroup8 = 32;  // activation group of the 8-bit form (its weights have one scale per row)
+
+#ifdef PAGODA_HAVE_Q8_GEMV
+
+constexpr int64_t kCols = 16;
+constexpr int64_t kChunkBytes = 32;
+constexpr int kMaxRows = 8;
+
+// One row's activations, quantized per group.
+struct QuantRows {
+  const int8_t* xq;      // [M, K]
+  const float* scale;    // [M, G]: s_g
+  const float* sum_x;    // [M, G]: exact sums of x (int4's m term)
+  const int32_t* sum_q;  // [M, G]: sums of xq (int8's correction)
+  int64_t K, G;
+};
+
+// Quantizes row `x` (K bf16) in groups of `gs`: fixed arithmetic per element, so a row's
+// codes never depend on anything but the row.
+void quantize_row(const uint16_t* x, int64_t K, int64_t gs, int8_t* xq, float* scale, float* sum_x,
+                  int32_t* sum_q) {
+  float f[256];
+  for (int64_t g0 = 0; g0 < K; g0 += gs) {
+    float amax = 0.0f, sx = 0.0f;
+    for (int64_t k0 = 0; k0 < gs; k0 += 256) {  // groups longer than 256: in pieces
+      const int64_t n = std::min<int64_t>(256, gs - k0);
+      for (int64_t i = 0; i < n; ++i) {
+        uint32_t bits = static_cast<uint32_t>(x[g0 + k0 + i]) << 16;
+        std::memcpy(&f[i], &bits, 4);
+        amax = std::max(amax, std::fabs(f[i]));
+        sx += f[i];
+      }
+    }
+    const float s = amax / 127.0f;
+    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    int32_t sq = 0;
+    for (int64_t i = 0; i < gs; ++i) {
+      uint32_t bits = static_cast<uint32_t>(x[g0 + i]) << 16;
+      float v;
+      std::memcpy(&v, &bits, 4);
+      const int32_t q = static_cast<int32_t>(std::nearbyint(std::min(127.0f, std::max(-127.0f, v * inv))));
+      xq[g0 + i] = static_cast<int8_t>(q);
+      sq += q;
+    }
+    const int64_t g = g0 / gs;
+    scale[g] = s;
+    sum_x[g] = sx;
+    sum_q[g] = sq;
+  }
+}
+
+// 16 columns x 4 k as 16 int32 lanes of 4 unsigned bytes (k order), from 32 bytes of the
+// 4-bit layout: byte j holds column j/2, low nibble k = 4c + j%2, high nibble k = 4c + 2 + j%2.
+inline __m512i unpack_int4(const uint8_t* chunk) {
+  const __m512i t = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk)));
+  // t = lo0 | hi0 << 4 | lo1 << 8 | hi1 << 12 -> bytes (lo0, lo1, hi0, hi1) = k 4c .. 4c+3
+  return _mm512_or_si512(_mm512_and_si512(t, _mm512_set1_epi32(0x0F0F)),
+                         _mm512_and_si512(_mm512_slli_epi32(t, 12), _mm512_set1_epi32(0x0F0F0000)));
+}
+
+// 16 columns x 4 k from two 32-byte chunks of the 8-bit layout (chunk c: k = 2c, 2c+1 of 16
+// columns, column j/2 in byte j), sign bits flipped: unsigned q + 128.
+inline __m512i unpack_int8(const uint8_t* chunk) {
+  const __m512i a = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk)));
+  const __m512i b = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk + kChunkBytes)));
+  return _mm512_xor_si512(_mm512_or_si512(a, _mm512_slli_epi32(b, 16)), _mm512_set1_epi32(0x80808080u));
+}
+
+// acc += w . (4 bytes at p, in every lane): vpdpbusd with an embedded-broadcast memory
+// operand, which compilers do not fold from intrinsics (one instruction instead of two).
+inline __m512i dot4(__m512i acc, __m512i w, const int8_t* p) {
+  asm("vpdpbusd %[x]%{1to16%}, %[w], %[acc]" : [acc] "+v"(acc) : [w] "v"(w), [x] "m"(*reinterpret_cast<const int32_t*>(p)));
+  return acc;
+}
+
+struct Problem {
+  const uint8_t* w;    // int4: [N/16, K/4, 32]; int8: [N/16, K/2, 32]
+  const uint16_t* sc;  // fp16; int4: [N/16, G, 32] (d then m); int8: [N/16, 1, 16]
+  QuantRows x;         // rows m0 ..
+  uint16_t* y;         // bf16 [M, ldy]
+  int64_t K, G, group_size, ldy;
+};
+
+template <int M>
+inline void run_block_int4(const Problem& p, int64_t block) {
+  const int64_t K = p.K, G = p.G, gs = p.group_size;
+  const uint8_t* w = p.w + block * (K / 4) * kChunkBytes;
+  const uint16_t* sc = p.sc + block * G * 32;
+  __m512 tot[M];
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m) tot[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    // Chunks alternate between two accumulators per row (exact int32 sums: no bit changes),
+    // which hides vpdpbusd's latency when few rows share a weight vector.
+    __m512i even[M], odd[M];
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) even[m] = odd[m] = _mm512_setzero_si512();
+    const int64_t c0 = g * gs / 4, c1 = c0 + gs / 4;  // gs / 4 is even: gs is a multiple of 8
+    for (int64_t c = c0; c < c1; c += 2) {
+      const __m512i w0 = unpack_int4(w + c * kChunkBytes);
+      const __m512i w1 = unpack_int4(w + (c + 1) * kChunkBytes);
+      const int8_t* xr = p.x.xq + 4 * c;
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) {
+        even[m] = dot4(even[m], w0, xr + m * K);
+        odd[m] = dot4(odd[m], w1, xr + m * K + 4);
+      }
+    }
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + g * 32)));
+    const __m512 off = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + g * 32 + 16)));
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      const __m512 ds = _mm512_mul_ps(d, _mm512_set1_ps(p.x.scale[m * G + g]));
+      tot[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(even[m], odd[m])), ds, tot[m]);
+      tot[m] = _mm512_fmadd_ps(off, _mm512_set1_ps(p.x.sum_x[m * G + g]), tot[m]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m) {
+    const __m256bh out = _mm512_cvtneps_pbh(tot[m]);
+    std::memcpy(p.y + m * p.ldy + block * kCols, &out, sizeof(out));
+  }
+}
+
+template <int M>
+inline void run_block_int8(const Problem& p, int64_t block) {
+  const int64_t K = p.K, G = p.G;
+  const uint8_t* w = p.w + block * (K / 2) * kChunkBytes;
+  __m512 tot[M];
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m) tot[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m512i even[M], odd[M];
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) even[m] = odd[m] = _mm512_setzero_si512();
+    const int64_t v0 = g * kActGroup8 / 4, v1 = v0 + kActGroup8 / 4;  // vectors of 4 k (8 per group)
+    for (int64_t v = v0; v < v1; v += 2) {
+      const __m512i w0 = unpack_int8(w + 2 * v * kChunkBytes);
+      const __m512i w1 = unpack_int8(w + 2 * (v + 1) * kChunkBytes);
+      const int8_t* xr = p.x.xq + 4 * v;
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) {
+        even[m] = dot4(even[m], w0, xr + m * K);
+        odd[m] = dot4(odd[m], w1, xr + m * K + 4);
+      }
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      const __m512i s = _mm512_sub_epi32(_mm512_add_epi32(even[m], odd[m]),
+                                         _mm512_set1_epi32(128 * p.x.sum_q[m * G + g]));
+      tot[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(p.x.scale[m * G + g]), tot[m]);
+    }
+  }
+  const __m512 col = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.sc + block * 16)));
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m) {
+    const __m256bh out = _mm512_cvtneps_pbh(_mm512_mul_ps(tot[m], col));
+    std::memcpy(p.y + m * p.ldy + block * kCols, &out, sizeof(out));
+  }
+}
+
+template <int Bits, int M>
+void run_rows(const Problem& p, int64_t num_blocks) {
+  at::parallel_for(0, num_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t block = begin; block < end; ++block) {
+      if constexpr (Bits == 4) run_block_int4<M>(p, block);
+      else run_block_int8<M>(p, block);
+    }
+  });
+}
+
+template <int Bits>
+void run(const Problem& p, int rows, int64_t num_blocks) {
+  switch (rows) {
+    case 1: return run_rows<Bits, 1>(p, num_blocks);
+    case 2: return run_rows<Bits, 2>(p, num_blocks);
+    case 3: return run_rows<Bits, 3>(p, num_blocks);
+    case 4: return run_rows<Bits, 4>(p, num_blocks);
+    case 5: return run_rows<Bits, 5>(p, num_blocks);
+    case 6: return run_rows<Bits, 6>(p, num_blocks);
+    case 7: return run_rows<Bits, 7>(p, num_blocks);
+    case 8: return run_rows<Bits, 8>(p, num_blocks);
+  }
+  TORCH_CHECK(false, "pagoda::int", Bits, "_gemv_q8: ", rows, " rows in a block");
+}
+
+#endif  // PAGODA_HAVE_Q8_GEMV
+
+bool q8_gemv_available() {
+#ifdef PAGODA_HAVE_Q8_GEMV
+  return true;
+#else
+  return false;
+#endif
+}
+
+template <int Bits>
+at::Tensor gemv_q8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t group_size) {
+  const char* name = Bits == 4 ? "pagoda::int4_gemv_q8" : "pagoda::int8_gemv_q8";
+  constexpr int64_t per_chunk = Bits == 4 ? 4 : 2;
+  TORCH_CHECK(q8_gemv_available(), name, " needs AVX-512 BF16 and VNNI, which this build lacks");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, name, ": x must be bf16 [M, K]");
+  TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == (Bits == 4 ? at::kByte : at::kChar) &&
+                  packed.size(2) == 32 && packed.is_contiguous(),
+              name, ": packed must be contiguous ", Bits == 4 ? "uint8" : "int8", " [N/16, K/", per_chunk, ", 32]");
+  const int64_t M = x.size(0), K = x.size(1), blocks = packed.size(0), N = blocks * 16;
+  TORCH_CHECK(packed.size(1) * per_chunk == K, name, ": packed holds K=", packed.size(1) * per_chunk,
+              ", x has K=", K);
+  // int4: the weights' groups; int8: groups of 32 (its weights have one scale per row).
+  const int64_t gs = Bits == 4 ? group_size : kActGroup8;
+  TORCH_CHECK(gs > 0 && gs % 8 == 0 && K % gs == 0, name, ": group size ", gs, " must be a multiple of 8 dividing K=", K);
+  const int64_t G = K / gs;
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.dim() == 3 &&
+                  scales.size(0) == blocks && scales.size(1) == (Bits == 4 ? G : 1) &&
+                  scales.size(2) == (Bits == 4 ? 32 : 16),
+              name, ": scales must be contiguous fp16 [N/16, ", Bits == 4 ? "G, 32" : "1, 16", "]");
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0) return y;
+#ifdef PAGODA_HAVE_Q8_GEMV
+  const at::Tensor xc = x.contiguous();
+  const auto* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
+  at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor stats = at::empty({3, M, G}, x.options().dtype(at::kFloat));  // scale, sum_x, sum_q (int32 bits)
+  int8_t* xqp = xq.data_ptr<int8_t>();
+  float* sp = stats.data_ptr<float>();
+  int32_t* sqp = reinterpret_cast<int32_t*>(sp + 2 * M * G);
+  at::parallel_for(0, M, M >= 16 ? 4 : M, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m)
+      quantize_row(xp + m * K, K, gs, xqp + m * K, sp + m * G, sp + M * G + m * G, sqp + m * G);
+  });
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, M - m0));
+    Problem p{reinterpret_cast<const uint8_t*>(packed.data_ptr()),
+              reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()),
+              QuantRows{xqp + m0 * K, sp + m0 * G, sp + M * G + m0 * G, sqp + m0 * G, K, G},
+              reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>() + m0 * N),
+              K, G, gs, N};
+    run<Bits>(p, rows, blocks);
+  }
+#endif
+  return y;
+}
+
+// x: bf16 [M, K]; packed: uint8 [N/16, K/4, 32]; scales: fp16 [N/16, K/group_size, 32].
+at::Tensor int4_gemv_q8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t group_size) {
+  return gemv_q8<4>(x, packed, scales, group_size);
+}
+
+// x: bf16 [M, K] (K a multiple of 32); packed: int8 [N/16, K/2, 32]; scales: fp16 [N/16, 1, 16].
+at::Tensor int8_gemv_q8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales) {
+  return gemv_q8<8>(x, packed, scales, kActGroup8);
+}
+
+}  // namespace
+
+namespace pagoda {
+// For decoder_stack.cpp (same extension): the ops without the dispatcher.
+at::Tensor int4_gemv_q8_direct(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                               int64_t group_size) {
+  return int4_gemv_q8(x, packed, scales, group_size);
+}
+at::Tensor int8_gemv_q8_direct(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales) {
+  return int8_gemv_q8(x, packed, scales);
+}
+}  // namespace pagoda
+
+TORCH_LIBRARY_FRAGMENT(pagoda, m) {
+  m.def("q8_gemv_available() -> bool", &q8_gemv_available);
+  m.def("int4_gemv_q8(Tensor x, Tensor packed, Tensor scales, int group_size) -> Tensor", &int4_gemv_q8);
+  m.def("int8_gemv_q8(Tensor x, Tensor packed, Tensor scales) -> Tensor", &int8_gemv_q8);
+}
