@@ -8,7 +8,8 @@ quantization itself is what benchmarks/quant_quality.py measures against the flo
 - both forms (4-bit codes with d, m per group; 8-bit rows with one scale per row), every
   row count in one pass and in blocks of 8;
 - a row's result is bitwise the same whatever rows share its call;
-- the int8 lm_head takes it by default where it runs; shapes off its grid keep bf16 activations.
+- the int8 lm_head takes it by default where it runs and returns float32 logits; shapes off
+  its grid keep bf16 activations.
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ def _int4_codes(n: int, k: int, group: int, seed: int) -> Int4Codes:
 
 
 def _close_to(y: torch.Tensor, expected: torch.Tensor) -> bool:
-    # One bf16 rounding of the output (half an ulp: 2^-9 relative) plus fp32 scaling and sums.
-    bound = expected.abs() * 2.0 ** -8 + 1e-4 * expected.abs().max()
+    # One bf16 rounding of the output (half an ulp: 2^-9 relative; none for fp32 out) plus fp32 scaling and sums.
+    rel = 2.0 ** -8 if y.dtype == BF16 else 2.0 ** -16
+    bound = expected.abs() * rel + 1e-4 * expected.abs().max()
     return bool(((y.double() - expected).abs() <= bound).all())
 
 
@@ -77,7 +79,8 @@ def test_int8_matches_its_arithmetic(m: int, n: int, k: int) -> None:
     assert form.gemv is not None and form.gemv.q8
     x = torch.randn(m, k, generator=gen).to(BF16)
     x[0, :32] = 0.0  # a group of zeros: scale 0, codes 0
-    y = form.matmul(x)
+    y = form.gemv.matmul(x)
+    assert y.dtype == torch.float32  # logits stay unrounded (bf16 would make ties)
     xq, sx = _quantize_rows(x, 32)
     w = form.codes().double().view(n, k // 32, 32)
     expected = (torch.einsum("agk,ngk->ang", xq, w) * sx.view(m, 1, -1)).sum(-1) * form.scale.double()
@@ -104,6 +107,11 @@ def test_a_row_does_not_depend_on_its_neighbours(bits: int) -> None:
 def test_defaults_and_shapes_off_its_grid() -> None:
     weight = torch.randn(64, 112, generator=torch.Generator().manual_seed(3)) * 0.05
     assert Int8Weight.quantize(torch.randn(64, 128) * 0.05).gemv.q8  # the lm_head's default
+    head = Int8Weight.quantize(torch.randn(64, 128) * 0.05)
+    head.float_out = True  # as apply_linear_method marks the lm_head
+    assert head.matmul(torch.randn(3, 128).to(BF16)).dtype == torch.float32
+    head.float_out = False  # any other int8 layer keeps the activations' dtype
+    assert head.matmul(torch.randn(3, 128).to(BF16)).dtype == BF16
     assert not Int8Weight.quantize(weight).gemv.q8  # K = 112 is not whole groups of 32
     assert not Int4Gemv.from_codes(_int4_codes(32, 64, 32, seed=1)).q8  # 4-bit default: bf16 activations
     assert not Int4Gemv.from_codes(_int4_codes(32, 48, 4, seed=1), q8=True).q8  # group of 4: not a multiple of 8

@@ -17,7 +17,7 @@
 //   3 int4:   pagoda's int4_gemv(x, a, b, group)            (int4_gemv.cpp's layout: a codes, b fp16 scales)
 //   4 int8:   pagoda's int8_gemv(x, a, b, group)            (the same file's 8-bit layout)
 //   5 int4:   pagoda's int4_gemv_q8(x, a, b, group)         (kind 3's layout; int8 activations, q8_gemv.cpp)
-//   6 int8:   pagoda's int8_gemv_q8(x, a, b)                (kind 4's layout; int8 activations)
+//   6 int8:   pagoda's int8_gemv_q8(x, a, b)                (kind 4's layout; int8 activations, fp32 out)
 // Packed kinds take bf16 activations: other dtypes are cast in and the result back.
 #include "ops_common.h"
 
@@ -65,7 +65,7 @@ struct LinearSpec {
       } else {
         y = pagoda::int8_gemv_q8_direct(xk, a, b);
       }
-      if (cast) y = y.to(x.scalar_type());
+      if (y.scalar_type() != x.scalar_type()) y = y.to(x.scalar_type());  // cast in, or kind 6's fp32
     }
     return bias.has_value() ? y + *bias : y;
   }

@@ -1,6 +1,6 @@
 // Packed 4- and 8-bit weights times a few rows of int8-quantized activations, with VNNI:
 //   int4_gemv_q8: y = x @ W.T, W[n, k] = d[n, g] q[n, k] + m[n, g], q in [0, 15]
-//   int8_gemv_q8: y = x @ W.T, W[n, k] = s[n] q[n, k], q in [-127, 127]
+//   int8_gemv_q8: y = x @ W.T, W[n, k] = s[n] q[n, k], q in [-127, 127]    (fp32 y: logits)
 // on the weight layouts of int4_gemv.cpp (no second copy of the weights).
 //
 // Why: from 8 rows on, int4_gemv.cpp's bf16 kernel is bound by its vdpbf16ps count (two
@@ -114,7 +114,8 @@ struct Problem {
   const uint8_t* w;    // int4: [N/16, K/4, 32]; int8: [N/16, K/2, 32]
   const uint16_t* sc;  // fp16; int4: [N/16, G, 32] (d then m); int8: [N/16, 1, 16]
   QuantRows x;         // rows m0 ..
-  uint16_t* y;         // bf16 [M, ldy]
+  uint16_t* y;         // bf16 [M, ldy] (int4)
+  float* y32;          // fp32 [M, ldy] (int8: the lm_head's logits, unrounded)
   int64_t K, G, group_size, ldy;
 };
 
@@ -190,10 +191,7 @@ inline void run_block_int8(const Problem& p, int64_t block) {
   }
   const __m512 col = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.sc + block * 16)));
 #pragma GCC unroll 8
-  for (int m = 0; m < M; ++m) {
-    const __m256bh out = _mm512_cvtneps_pbh(_mm512_mul_ps(tot[m], col));
-    std::memcpy(p.y + m * p.ldy + block * kCols, &out, sizeof(out));
-  }
+  for (int m = 0; m < M; ++m) _mm512_storeu_ps(p.y32 + m * p.ldy + block * kCols, _mm512_mul_ps(tot[m], col));
 }
 
 template <int Bits, int M>
@@ -251,7 +249,9 @@ at::Tensor gemv_q8(const at::Tensor& x, const at::Tensor& packed, const at::Tens
                   scales.size(0) == blocks && scales.size(1) == (Bits == 4 ? G : 1) &&
                   scales.size(2) == (Bits == 4 ? 32 : 16),
               name, ": scales must be contiguous fp16 [N/16, ", Bits == 4 ? "G, 32" : "1, 16", "]");
-  at::Tensor y = at::empty({M, N}, x.options());
+  // int8 (the lm_head): fp32 out. Logits rounded to bf16 tie (a step of 1/8 at 16..32),
+  // and a tie's winner is then the lower token id, not the likelier token.
+  at::Tensor y = at::empty({M, N}, x.options().dtype(Bits == 4 ? at::kBFloat16 : at::kFloat));
   if (M == 0) return y;
 #ifdef PAGODA_HAVE_Q8_GEMV
   const at::Tensor xc = x.contiguous();
@@ -270,7 +270,8 @@ at::Tensor gemv_q8(const at::Tensor& x, const at::Tensor& packed, const at::Tens
     Problem p{reinterpret_cast<const uint8_t*>(packed.data_ptr()),
               reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()),
               QuantRows{xqp + m0 * K, sp + m0 * G, sp + M * G + m0 * G, sqp + m0 * G, K, G},
-              reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>() + m0 * N),
+              Bits == 4 ? reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>() + m0 * N) : nullptr,
+              Bits == 8 ? y.data_ptr<float>() + m0 * N : nullptr,
               K, G, gs, N};
     run<Bits>(p, rows, blocks);
   }

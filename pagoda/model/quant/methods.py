@@ -144,6 +144,7 @@ def apply_linear_method(model: nn.Module, method: LinearMethod) -> None:
         dtype = embed.weight.dtype
         source = lm_head.weight if not tied else embed.weight
         lm_head.set_packed(Int8Weight.quantize(source, w8a8_at_large_m=isinstance(method, Int8Method)))
+        lm_head.packed.float_out = True  # logits
         if dense_copy:  # the checkpoint's own values, not the int8 rows
             lm_head.packed.dense = source.detach().to(torch.bfloat16).contiguous()
         summary["lm_head: int8"] += 1

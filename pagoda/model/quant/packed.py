@@ -105,7 +105,7 @@ class Int8Gemv:
         return grid[ids // 16, :, ids % 16, :].reshape(*ids.shape, half_k * 2)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ W.T`` for bf16 ``x[M, K]`` (any M: blocks of 8 rows)."""
+        """``x @ W.T`` for bf16 ``x[M, K]`` (any M: blocks of 8 rows); float32 with int8 activations."""
         if self.q8:
             return torch.ops.pagoda.int8_gemv_q8(x, self.packed, self.scales)
         return torch.ops.pagoda.int8_gemv(x, self.packed, self.scales, self.packed.shape[1] * 2)
@@ -124,6 +124,9 @@ class Int8Weight:
     w8a8_at_large_m: bool = False  # M > SMALL_M_MAX: W8A8 (fast, less exact) or weight-only
     dense: torch.Tensor | None = None  # bf16 [N, K] for M > SMALL_M_MAX (small models; module docstring)
     gemv: Int8Gemv | None = None
+    # The lm_head: results in float32 (logits). With int8 activations the kernel leaves them
+    # unrounded; rounded to bf16 they tie (a step of 1/8 at 16..32) and argmax takes the lower id.
+    float_out: bool = False
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, w8a8_at_large_m: bool = False, torch_kernel: bool = False,
@@ -185,7 +188,7 @@ class Int8Weight:
             y = self.matmul_w8a8(x2)
         else:
             y = self.matmul_weight_only(x2)
-        return y.to(x.dtype).reshape(*lead, -1)
+        return y.to(torch.float32 if self.float_out else x.dtype).reshape(*lead, -1)
 
 
 @dataclass
