@@ -646,11 +646,21 @@ void run_all(const Plan& plan, const at::Tensor& q, const at::Tensor& k_cache, c
   const std::vector<int32_t> order = costliest_first(plan.items);
   std::atomic<int64_t> next{0};
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_items));
+  // With items to spare, a thread takes an item's KV heads together: one KV head's rows of a
+  // block share their cache lines' neighbourhood with the other heads' (tokens interleave the
+  // heads), so one core reading them all keeps what its prefetchers pull in; heads split
+  // between cores had both cores fetching each other's lines.
+  const int64_t heads_per_task =
+      static_cast<int64_t>(plan.items.size()) >= workers * kItemsPerThread ? KVH : 1;
+  const int64_t num_tasks = num_items / heads_per_task;
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     Scratch scratch;
-    for (int64_t w = next.fetch_add(1); w < num_items; w = next.fetch_add(1)) {
-      run_item<T, BS>(plan.items[order[w / KVH]], w % KVH, qp, kp, vp, block_tables, qsl, seq_lens, fscale,
-                      shape, op, pacc, pmax, psum, scratch);
+    for (int64_t w = next.fetch_add(1); w < num_tasks; w = next.fetch_add(1)) {
+      for (int64_t h = 0; h < heads_per_task; ++h) {
+        const int64_t u = w * heads_per_task + h;
+        run_item<T, BS>(plan.items[order[u / KVH]], u % KVH, qp, kp, vp, block_tables, qsl, seq_lens, fscale,
+                        shape, op, pacc, pmax, psum, scratch);
+      }
     }
   });
   if (plan.split_rows.empty()) return;
