@@ -52,31 +52,49 @@ struct QuantRows {
   int64_t K, G;
 };
 
-// Quantizes row `x` (K bf16) in groups of `gs`: fixed arithmetic per element, so a row's
-// codes never depend on anything but the row.
+inline __m512 load_bf16x16(const uint16_t* x) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+inline float bf16_to_float(uint16_t v) {
+  const uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// Quantizes row `x` (K bf16) in groups of `gs`: fixed arithmetic per element and a fixed
+// summation order per group (vectors of 16 lanes, then a shuffle tree; a tail in order),
+// so a row's codes and sums never depend on anything but the row.
 void quantize_row(const uint16_t* x, int64_t K, int64_t gs, int8_t* xq, float* scale, float* sum_x,
                   int32_t* sum_q) {
-  float f[256];
   for (int64_t g0 = 0; g0 < K; g0 += gs) {
+    const uint16_t* xg = x + g0;
+    int64_t i = 0;
     float amax = 0.0f, sx = 0.0f;
-    for (int64_t k0 = 0; k0 < gs; k0 += 256) {  // groups longer than 256: in pieces
-      const int64_t n = std::min<int64_t>(256, gs - k0);
-      for (int64_t i = 0; i < n; ++i) {
-        uint32_t bits = static_cast<uint32_t>(x[g0 + k0 + i]) << 16;
-        std::memcpy(&f[i], &bits, 4);
-        amax = std::max(amax, std::fabs(f[i]));
-        sx += f[i];
+    if (gs >= 16) {
+      __m512 vmax = _mm512_setzero_ps(), vsum = _mm512_setzero_ps();
+      for (; i + 16 <= gs; i += 16) {
+        const __m512 v = load_bf16x16(xg + i);
+        vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v));
+        vsum = _mm512_add_ps(vsum, v);
       }
+      amax = _mm512_reduce_max_ps(vmax);
+      sx = _mm512_reduce_add_ps(vsum);
+    }
+    for (int64_t t = i; t < gs; ++t) {
+      const float v = bf16_to_float(xg[t]);
+      amax = std::max(amax, std::fabs(v));
+      sx += v;
     }
     const float s = amax / 127.0f;
     const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
     int32_t sq = 0;
-    for (int64_t i = 0; i < gs; ++i) {
-      uint32_t bits = static_cast<uint32_t>(x[g0 + i]) << 16;
-      float v;
-      std::memcpy(&v, &bits, 4);
-      const int32_t q = static_cast<int32_t>(std::nearbyint(std::min(127.0f, std::max(-127.0f, v * inv))));
-      xq[g0 + i] = static_cast<int8_t>(q);
+    for (int64_t t = 0; t < gs; ++t) {
+      const float v = bf16_to_float(xg[t]) * inv;
+      const int32_t q = static_cast<int32_t>(std::nearbyint(std::min(127.0f, std::max(-127.0f, v))));
+      xq[g0 + t] = static_cast<int8_t>(q);
       sq += q;
     }
     const int64_t g = g0 / gs;
