@@ -35,6 +35,7 @@ from torch import nn
 
 from pagoda.model.attention.backend import select_attention_backend
 from pagoda.worker.input_batch import InputBatch
+from pagoda.worker.sampler import argmax_rows
 
 
 @dataclass(frozen=True)
@@ -121,4 +122,4 @@ class DraftRunner:
 
     def _greedy(self, hidden: torch.Tensor, rows: np.ndarray) -> np.ndarray:
         logits = self.model.compute_logits(hidden[torch.from_numpy(rows).to(self.device)])
-        return logits.argmax(dim=-1).cpu().numpy()
+        return argmax_rows(logits).cpu().numpy()
