@@ -202,6 +202,22 @@ def test_stale_slots_holding_nan_never_reach_the_output(cpu_op, dtype):
     assert torch.equal(dirty, clean)
 
 
+def test_write_kv_equals_index_copy_and_refuses_slots_outside_the_cache(cpu_op):
+    gen = torch.Generator().manual_seed(11)
+    k_cache, v_cache = torch.randn(4, 16, 3, 64, generator=gen), torch.randn(4, 16, 3, 64, generator=gen)
+    qkv = torch.randn(5, 9 * 64 + 2 * 3 * 64, generator=gen)  # k and v as views of a fused row
+    k = qkv[:, 9 * 64:12 * 64].view(5, 3, 64)
+    v = qkv[:, 12 * 64:].view(5, 3, 64)
+    slots = torch.tensor([63, 0, 17, 40, 5])
+    ek, ev = k_cache.clone(), v_cache.clone()
+    ek.view(-1, 3, 64).index_copy_(0, slots, k)
+    ev.view(-1, 3, 64).index_copy_(0, slots, v)
+    torch.ops.pagoda.write_kv(k_cache, v_cache, k, v, slots)
+    assert torch.equal(k_cache, ek) and torch.equal(v_cache, ev)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        torch.ops.pagoda.write_kv(k_cache, v_cache, k, v, torch.tensor([0, 1, 2, 3, 64]))
+
+
 def test_the_kernel_refuses_a_table_too_short(cpu_op):
     layout, q, k, v, k_cache, v_cache = make_step([(1, 40)], 1, 1, 64, torch.float32, extra_pad_blocks=0)
     layout.seq_lens_tensor[0] = 40 + 3 * BS  # would read past the table

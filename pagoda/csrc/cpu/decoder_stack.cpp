@@ -35,6 +35,8 @@ at::Tensor int8_gemv_direct(const at::Tensor& x, const at::Tensor& packed, const
 at::Tensor int4_gemv_q8_direct(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                                int64_t group_size);  // q8_gemv.cpp
 at::Tensor int8_gemv_q8_direct(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales);
+void write_kv_direct(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k, const at::Tensor& v,
+                     const at::Tensor& slots);  // attention.cpp
 }  // namespace pagoda
 
 namespace {
@@ -174,8 +176,12 @@ struct DecoderStack : torch::CustomClassHolder {
         k = ops.rms_norm.call(k, *layer.k_norm, eps);
       }
       ops.rotary.call(positions, q, k, cos_cache, sin_cache);
-      k_caches[i].view({-1, num_kv_heads, head_dim}).index_copy_(0, slot_mapping, k);
-      v_caches[i].view({-1, num_kv_heads, head_dim}).index_copy_(0, slot_mapping, v);
+      if (k.stride(2) == 1 && k.stride(1) == head_dim && v.stride(2) == 1 && v.stride(1) == head_dim) {
+        pagoda::write_kv_direct(k_caches[i], v_caches[i], k, v, slot_mapping);  // attention.cpp
+      } else {
+        k_caches[i].view({-1, num_kv_heads, head_dim}).index_copy_(0, slot_mapping, k);
+        v_caches[i].view({-1, num_kv_heads, head_dim}).index_copy_(0, slot_mapping, v);
+      }
       if (q.stride(2) != 1) q = q.contiguous();
       at::Tensor attn = at::empty({n, q_size}, q.options());
       ops.attention.call(attn, q, k_caches[i], v_caches[i], block_tables, query_start_loc, seq_lens, scale,

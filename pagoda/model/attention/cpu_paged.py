@@ -68,7 +68,12 @@ class CpuAttentionBackend(AttentionBackend):
         )
 
     def forward(self, q, k, v, k_cache, v_cache, meta: CpuAttentionMetadata, scale):
-        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        head_dim = k.shape[-1]
+        if (k.stride(-1) == 1 and k.stride(-2) == head_dim and v.stride(-1) == 1 and v.stride(-2) == head_dim
+                and hasattr(torch.ops.pagoda, "write_kv")):
+            torch.ops.pagoda.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)  # one call for K and V
+        else:
+            write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         num_tokens, num_heads, head_dim = q.shape
         if q.stride(2) != 1:
             q = q.contiguous()
