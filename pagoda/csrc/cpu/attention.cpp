@@ -26,8 +26,8 @@
 #include "attention_math.h"
 
 #include <algorithm>
-#include <cstring>
 #include <atomic>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -47,8 +47,7 @@ constexpr int kItemsPerThread = 4;      // aim for this many items per thread (l
 // Longer rows (prefill chunks) score a transposed block 8 queries at a time (faster, other
 // rounding), in every tile, their last short one too.
 constexpr int64_t kMaxDotProductTokens = 8;
-constexpr int64_t kScoreTile = 8;
-constexpr int64_t kPrefetchBlocks = 3;  // key blocks requested ahead of the one being read  // queries scored together against a transposed block
+constexpr int64_t kScoreTile = 8;  // queries scored together against a transposed block
 
 struct WorkItem {
   int32_t row;
