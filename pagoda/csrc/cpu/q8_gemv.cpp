@@ -5,14 +5,18 @@
 //
 // Why: from 8 rows on, int4_gemv.cpp's bf16 kernel is bound by its vdpbf16ps count (two
 // per 4 weights and row; the 8-bit form four), not by memory. One vpdpbusd multiplies 4
-// weights by 4 activations per column (64 products per instruction), so with activations
-// in int8 the dot products cost half (int4) or a quarter (int8) of the instructions, and
-// the integer sums are exact.
+// weights by 4 activations per column (64 products per instruction), and the integer sums
+// are exact. Measured on Zen 5 (benchmarks/gemv_kernels.py): the 8-bit form runs ~2.2x
+// faster than int4_gemv.cpp's from 8 rows on, so the int8 lm_head uses it; the 4-bit form
+// only ~1.3x (Zen 5 issues vdpbf16ps twice as fast as vpdpbusd, and the nibbles must still
+// be unpacked), not worth what its activations cost.
 //
 // Activations: each row is quantized per group of 32 k (the int4 weights' own groups):
 // xq = round(x / s_g) in [-127, 127], s_g = max|x| / 127 -- llama.cpp's Q8 activations.
-// The rounding error is ~max|x| / 254 per element, the size of bf16's own (2^-9 relative);
-// benchmarks/quant_quality.py measures what it costs.
+// What that costs (benchmarks/quant_quality.py, default model, against float32): on the
+// lm_head alone nothing measurable (perplexity -0.09% vs -0.05% with bf16 activations); on
+// the 4-bit layers +1.3%, over the 1% budget, so they keep bf16 activations
+// (pagoda/model/quant/packed.py, GEMV_Q8_ACTIVATIONS).
 //
 // Per row, group g and column (exact int32 sums, then fp32):
 //   int4: y = sum_g d_g * s_g * sum_k q_k xq_k + m_g * sx_g   (sx_g: the group's exact sum of x)
