@@ -1,7 +1,9 @@
 // Packed 4- and 8-bit weights times a few rows of int8-quantized activations, with VNNI:
 //   int4_gemv_q8: y = x @ W.T, W[n, k] = d[n, g] q[n, k] + m[n, g], q in [0, 15]
 //   int8_gemv_q8: y = x @ W.T, W[n, k] = s[n] q[n, k], q in [-127, 127]    (fp32 y: logits)
-// on the weight layouts of int4_gemv.cpp (no second copy of the weights).
+// The 4-bit form reads int4_gemv.cpp's layout; the 8-bit form its own, ready for vpdpbusd:
+// [N/16, K/4, 64] uint8, bytes 4j .. 4j+3 of a 64-byte vector are q + 128 of column j for
+// k = 4c .. 4c+3 (no unpacking: the weights go straight into the instruction).
 //
 // Why: from 8 rows on, int4_gemv.cpp's bf16 kernel is bound by its vdpbf16ps count (two
 // per 4 weights and row; the 8-bit form four), not by memory. One vpdpbusd multiplies 4
@@ -21,8 +23,8 @@
 // Per row, group g and column (exact int32 sums, then fp32):
 //   int4: y = sum_g d_g * s_g * sum_k q_k xq_k + m_g * sx_g   (sx_g: the group's exact sum of x)
 //   int8: y = s * sum_g s_g * (sum_k (q_k + 128) xq_k - 128 * sum_k xq_k)
-//         (vpdpbusd wants one unsigned operand: the weights' sign bit is flipped, q + 128,
-//          and the row's own sum of xq takes the 128 back out)
+//         (vpdpbusd wants one unsigned operand: the weights are stored as q + 128, and the
+//          row's own sum of xq takes the 128 back out)
 // Invariant: a row's result depends only on that row and the weights -- not on M, the other
 // rows or the thread count -- so a speculative step verifies a token exactly as a one-token
 // decode step scores it.
@@ -117,14 +119,6 @@ inline __m512i unpack_int4(const uint8_t* chunk) {
                          _mm512_and_si512(_mm512_slli_epi32(t, 12), _mm512_set1_epi32(0x0F0F0000)));
 }
 
-// 16 columns x 4 k from two 32-byte chunks of the 8-bit layout (chunk c: k = 2c, 2c+1 of 16
-// columns, column j/2 in byte j), sign bits flipped: unsigned q + 128.
-inline __m512i unpack_int8(const uint8_t* chunk) {
-  const __m512i a = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk)));
-  const __m512i b = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk + kChunkBytes)));
-  return _mm512_xor_si512(_mm512_or_si512(a, _mm512_slli_epi32(b, 16)), _mm512_set1_epi32(0x80808080u));
-}
-
 // acc += w . (4 bytes at p, in every lane): vpdpbusd with an embedded-broadcast memory
 // operand, which compilers do not fold from intrinsics (one instruction instead of two).
 inline __m512i dot4(__m512i acc, __m512i w, const int8_t* p) {
@@ -185,7 +179,7 @@ inline void run_block_int4(const Problem& p, int64_t block) {
 template <int M>
 inline void run_block_int8(const Problem& p, int64_t block) {
   const int64_t K = p.K, G = p.G;
-  const uint8_t* w = p.w + block * (K / 2) * kChunkBytes;
+  const uint8_t* w = p.w + block * (K / 4) * 64;  // the VNNI layout: 64 bytes per 4 k
   __m512 tot[M];
 #pragma GCC unroll 8
   for (int m = 0; m < M; ++m) tot[m] = _mm512_setzero_ps();
@@ -195,8 +189,8 @@ inline void run_block_int8(const Problem& p, int64_t block) {
     for (int m = 0; m < M; ++m) even[m] = odd[m] = _mm512_setzero_si512();
     const int64_t v0 = g * kActGroup8 / 4, v1 = v0 + kActGroup8 / 4;  // vectors of 4 k (8 per group)
     for (int64_t v = v0; v < v1; v += 2) {
-      const __m512i w0 = unpack_int8(w + 2 * v * kChunkBytes);
-      const __m512i w1 = unpack_int8(w + 2 * (v + 1) * kChunkBytes);
+      const __m512i w0 = _mm512_loadu_si512(w + v * 64);
+      const __m512i w1 = _mm512_loadu_si512(w + (v + 1) * 64);
       const int8_t* xr = p.x.xq + 4 * v;
 #pragma GCC unroll 8
       for (int m = 0; m < M; ++m) {
@@ -254,12 +248,13 @@ bool q8_gemv_available() {
 template <int Bits>
 at::Tensor gemv_q8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t group_size) {
   const char* name = Bits == 4 ? "pagoda::int4_gemv_q8" : "pagoda::int8_gemv_q8";
-  constexpr int64_t per_chunk = Bits == 4 ? 4 : 2;
+  constexpr int64_t per_chunk = 4;  // k per chunk: 32 bytes of nibbles (int4), 64 bytes (int8)
+  constexpr int64_t chunk_bytes = Bits == 4 ? 32 : 64;
   TORCH_CHECK(q8_gemv_available(), name, " needs AVX-512 BF16 and VNNI, which this build lacks");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, name, ": x must be bf16 [M, K]");
-  TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == (Bits == 4 ? at::kByte : at::kChar) &&
-                  packed.size(2) == 32 && packed.is_contiguous(),
-              name, ": packed must be contiguous ", Bits == 4 ? "uint8" : "int8", " [N/16, K/", per_chunk, ", 32]");
+  TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.size(2) == chunk_bytes &&
+                  packed.is_contiguous(),
+              name, ": packed must be contiguous uint8 [N/16, K/4, ", chunk_bytes, "]");
   const int64_t M = x.size(0), K = x.size(1), blocks = packed.size(0), N = blocks * 16;
   TORCH_CHECK(packed.size(1) * per_chunk == K, name, ": packed holds K=", packed.size(1) * per_chunk,
               ", x has K=", K);
@@ -306,7 +301,7 @@ at::Tensor int4_gemv_q8(const at::Tensor& x, const at::Tensor& packed, const at:
   return gemv_q8<4>(x, packed, scales, group_size);
 }
 
-// x: bf16 [M, K] (K a multiple of 32); packed: int8 [N/16, K/2, 32]; scales: fp16 [N/16, 1, 16].
+// x: bf16 [M, K] (K a multiple of 32); packed: uint8 [N/16, K/4, 64] (q + 128); scales: fp16 [N/16, 1, 16].
 at::Tensor int8_gemv_q8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales) {
   return gemv_q8<8>(x, packed, scales, kActGroup8);
 }

@@ -69,9 +69,13 @@ def _as_2d(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
 
 @dataclass
 class Int8Gemv:
-    """Per-row int8 weights in the layout of pagoda's own kernel (csrc/cpu/int4_gemv.cpp,
-    8-bit form): columns in blocks of 16, ``packed`` int8 [N/16, K/2, 32] (byte j: column
-    j // 2, k = 2c + j % 2), ``scales`` fp16 [N/16, 1, 16] (one group spans K).
+    """Per-row int8 weights in the layout of one of pagoda's kernels, columns in blocks of 16,
+    ``scales`` fp16 [N/16, 1, 16] (one group spans K):
+
+    - bf16 activations (csrc/cpu/int4_gemv.cpp, 8-bit form): ``packed`` int8 [N/16, K/2, 32],
+      byte j: column j // 2, k = 2c + j % 2;
+    - int8 activations (``q8``, csrc/cpu/q8_gemv.cpp): ``packed`` uint8 [N/16, K/4, 64],
+      bytes 4j .. 4j+3: q + 128 of column j for k = 4c .. 4c+3 (what vpdpbusd takes as is).
 
     Like `Int4Gemv`, it reads the weights once for up to 8 rows, and a row's result never
     depends on the other rows."""
@@ -87,10 +91,13 @@ class Int8Gemv:
         n, k = q.shape
         if not int4_gemv_available() or n % 16 or k % 4:
             return None
-        packed = q.view(n // 16, 16, k // 2, 2).permute(0, 2, 1, 3).reshape(n // 16, k // 2, 32).contiguous()
         scales = scale.to(torch.float16).view(n // 16, 1, 16).contiguous()
-        use_q8 = (GEMV_Q8_ACTIVATIONS[8] if q8 is None else q8) and k % 32 == 0 and q8_gemv_available()
-        return cls(packed, scales, use_q8)
+        if (GEMV_Q8_ACTIVATIONS[8] if q8 is None else q8) and k % 32 == 0 and q8_gemv_available():
+            shifted = (q.to(torch.int16) + 128).to(torch.uint8)
+            packed = shifted.view(n // 16, 16, k // 4, 4).permute(0, 2, 1, 3).reshape(n // 16, k // 4, 64)
+            return cls(packed.contiguous(), scales, True)
+        packed = q.view(n // 16, 16, k // 2, 2).permute(0, 2, 1, 3).reshape(n // 16, k // 2, 32).contiguous()
+        return cls(packed, scales, False)
 
     @property
     def nbytes(self) -> int:
@@ -98,11 +105,12 @@ class Int8Gemv:
 
     def codes(self, ids: torch.Tensor | None = None) -> torch.Tensor:
         """The int8 rows [N, K] (or rows ``ids``) back in row order."""
-        blocks, half_k, _ = self.packed.shape
-        grid = self.packed.view(blocks, half_k, 16, 2)
-        if ids is None:
-            return grid.permute(0, 2, 1, 3).reshape(blocks * 16, half_k * 2)
-        return grid[ids // 16, :, ids % 16, :].reshape(*ids.shape, half_k * 2)
+        blocks, chunks, width = self.packed.shape
+        per = width // 16  # k per column in a chunk: 2 (bf16 layout) or 4 (q8 layout)
+        grid = self.packed.view(blocks, chunks, 16, per)
+        rows = grid.permute(0, 2, 1, 3).reshape(blocks * 16, chunks * per) if ids is None \
+            else grid[ids // 16, :, ids % 16, :].reshape(*ids.shape, chunks * per)
+        return (rows.to(torch.int16) - 128).to(torch.int8) if self.q8 else rows
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T`` for bf16 ``x[M, K]`` (any M: blocks of 8 rows); float32 with int8 activations."""
