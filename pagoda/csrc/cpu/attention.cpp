@@ -416,15 +416,6 @@ void run_item(const WorkItem& item, int64_t kv_head, const T* q, const T* k_cach
   // Keys visible to tile token i: [0, key_limit0 + i) (causal; capped by the item's range).
   const int64_t key_limit0 = seq_len - q_len_row + item.q_begin + 1;
 
-  for (int64_t i = 0; i < item.q_len; ++i) {
-    for (int64_t g = 0; g < G; ++g) {
-      const T* src = q + (first_token + i) * shape.q_stride_token + (kv_head * G + g) * shape.q_stride_head;
-      float* dst = qf + (i * G + g) * D;
-#pragma omp simd
-      for (int64_t d = 0; d < D; ++d) dst[d] = to_float(src[d]) * scale;
-    }
-  }
-  std::fill(qf + M * D, qf + (M + kScoreTile) * D, 0.0f);  // the padding queries
   std::fill(acc, acc + M * D, 0.0f);
   std::fill(run_max, run_max + M, -std::numeric_limits<float>::infinity());
   std::fill(run_sum, run_sum + M, 0.0f);
@@ -457,6 +448,17 @@ void run_item(const WorkItem& item, int64_t kv_head, const T* q, const T* k_cach
   const uint16_t* qb = nullptr;
   float* block_scores = nullptr;
 #endif
+  if (!bf16_scores) {  // the fp32 paths' queries, pre-scaled
+    for (int64_t i = 0; i < item.q_len; ++i) {
+      for (int64_t g = 0; g < G; ++g) {
+        const T* src = q + (first_token + i) * shape.q_stride_token + (kv_head * G + g) * shape.q_stride_head;
+        float* dst = qf + (i * G + g) * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) dst[d] = to_float(src[d]) * scale;
+      }
+    }
+    std::fill(qf + M * D, qf + (M + kScoreTile) * D, 0.0f);  // the padding queries
+  }
   const int32_t* table = block_tables + row * shape.max_blocks;
   const int64_t token_stride = KVH * D;  // between consecutive tokens of a block
   for (int64_t kb = item.kb_begin; kb < item.kb_end; ++kb) {

@@ -18,11 +18,12 @@
 // Per row and column: acc_g = sum over the group of x_k q_k in fp32 (products of bf16
 // values are exact; vdpbf16ps sums pairs; low and high nibbles in two sums, added at the
 // group's end), y = sum_g d_g acc_g + m_g sx_g with
-// sx_g = sum of the group's x (fp32; group_sum's fixed order).
+// sx_g = sum of the group's x (fp32; gemv_common.h's sum_bf16, a fixed order).
 // Invariant: a row's result does not depend on M, the other rows or the thread count
 // (fixed summation order per row), so a verifying step scores a token exactly as a
 // one-token step would.
 #include "ops_common.h"
+#include "gemv_common.h"
 
 #include <immintrin.h>
 
@@ -47,7 +48,7 @@ struct Format {
 
 constexpr int64_t kCols = 16;
 constexpr int64_t kChunkBytes = 32;
-constexpr int kMaxRows = 8;
+using pagoda_gemv::kMaxRows;
 
 struct Problem {
   const uint8_t* w;       // [N/16, K/kPerChunk, 32]
@@ -123,29 +124,6 @@ inline void run_block(const Problem& p, int64_t block) {
   }
 }
 
-// Sum of n bf16 values, in an order fixed by n alone. Vectors of 16 lanes summed lane-wise,
-// then one shuffle tree: a sequential fp32 sum is a chain of n dependent adds (~4 cycles
-// each), which at 64 rows cost ~40% of the 1536-wide down projection's GEMV.
-inline float group_sum(const uint16_t* x, int64_t n) {
-  int64_t i = 0;
-  float s = 0.0f;
-  if (n >= 16) {
-    __m512 acc = _mm512_setzero_ps();
-    for (; i + 16 <= n; i += 16) {
-      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i));
-      acc = _mm512_add_ps(acc, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
-    }
-    s = _mm512_reduce_add_ps(acc);
-  }
-  for (; i < n; ++i) {  // groups of 4, 8 or 16k + 4: the tail in order
-    const uint32_t bits = static_cast<uint32_t>(x[i]) << 16;
-    float f;
-    std::memcpy(&f, &bits, 4);
-    s += f;
-  }
-  return s;
-}
-
 // One task is one block of 16 columns, walked down K as a single stream (measured from DRAM
 // on Zen 5: walking 2 or 4 blocks at once is 1.7-2x slower at 1-3 rows, whatever it saves
 // in vdpbf16ps latency). Each row has two accumulators (low and high nibbles: independent
@@ -159,17 +137,8 @@ void run_rows(const Problem& p, int64_t num_blocks) {
 
 template <int Bits>
 void run(const Problem& p, int rows, int64_t num_blocks) {
-  switch (rows) {
-    case 1: return run_rows<Bits, 1>(p, num_blocks);
-    case 2: return run_rows<Bits, 2>(p, num_blocks);
-    case 3: return run_rows<Bits, 3>(p, num_blocks);
-    case 4: return run_rows<Bits, 4>(p, num_blocks);
-    case 5: return run_rows<Bits, 5>(p, num_blocks);
-    case 6: return run_rows<Bits, 6>(p, num_blocks);
-    case 7: return run_rows<Bits, 7>(p, num_blocks);
-    case 8: return run_rows<Bits, 8>(p, num_blocks);
-  }
-  TORCH_CHECK(false, "pagoda::int4_gemv: ", rows, " rows in a block");
+  const bool ok = pagoda_gemv::with_rows(rows, [&](auto m) { run_rows<Bits, decltype(m)::value>(p, num_blocks); });
+  TORCH_CHECK(ok, "pagoda::int4_gemv: ", rows, " rows in a block");
 }
 
 #endif  // PAGODA_HAVE_INT4_GEMV
@@ -212,7 +181,7 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor&
     at::parallel_for(0, M, M >= 16 ? 8 : M, [&](int64_t begin, int64_t end) {
       for (int64_t m = begin; m < end; ++m)
         for (int64_t g = 0; g < G; ++g)
-          sxp[m * G + g] = group_sum(reinterpret_cast<const uint16_t*>(xp + m * K + g * group_size), group_size);
+          sxp[m * G + g] = pagoda_gemv::sum_bf16(reinterpret_cast<const uint16_t*>(xp + m * K + g * group_size), group_size);
     });
   }
   for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {

@@ -29,6 +29,7 @@
 // rows or the thread count -- so a speculative step verifies a token exactly as a one-token
 // decode step scores it.
 #include "ops_common.h"
+#include "gemv_common.h"
 
 #include <immintrin.h>
 
@@ -47,7 +48,9 @@ constexpr int64_t kActGroup8 = 32;  // activation group of the 8-bit form (its w
 
 constexpr int64_t kCols = 16;
 constexpr int64_t kChunkBytes = 32;
-constexpr int kMaxRows = 8;
+using pagoda_gemv::bf16_to_float;
+using pagoda_gemv::kMaxRows;
+using pagoda_gemv::load_bf16x16;
 
 // One row's activations, quantized per group.
 struct QuantRows {
@@ -58,42 +61,22 @@ struct QuantRows {
   int64_t K, G;
 };
 
-inline __m512 load_bf16x16(const uint16_t* x) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-inline float bf16_to_float(uint16_t v) {
-  const uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
 // Quantizes row `x` (K bf16) in groups of `gs`: fixed arithmetic per element and a fixed
-// summation order per group (vectors of 16 lanes, then a shuffle tree; a tail in order),
-// so a row's codes and sums never depend on anything but the row.
+// summation order per group (sum_bf16), so a row's codes and sums never depend on anything
+// but the row.
 void quantize_row(const uint16_t* x, int64_t K, int64_t gs, int8_t* xq, float* scale, float* sum_x,
                   int32_t* sum_q) {
   for (int64_t g0 = 0; g0 < K; g0 += gs) {
     const uint16_t* xg = x + g0;
     int64_t i = 0;
-    float amax = 0.0f, sx = 0.0f;
+    float amax = 0.0f;  // a maximum: any order gives the same
     if (gs >= 16) {
-      __m512 vmax = _mm512_setzero_ps(), vsum = _mm512_setzero_ps();
-      for (; i + 16 <= gs; i += 16) {
-        const __m512 v = load_bf16x16(xg + i);
-        vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v));
-        vsum = _mm512_add_ps(vsum, v);
-      }
+      __m512 vmax = _mm512_setzero_ps();
+      for (; i + 16 <= gs; i += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(load_bf16x16(xg + i)));
       amax = _mm512_reduce_max_ps(vmax);
-      sx = _mm512_reduce_add_ps(vsum);
     }
-    for (int64_t t = i; t < gs; ++t) {
-      const float v = bf16_to_float(xg[t]);
-      amax = std::max(amax, std::fabs(v));
-      sx += v;
-    }
+    for (int64_t t = i; t < gs; ++t) amax = std::max(amax, std::fabs(bf16_to_float(xg[t])));
+    const float sx = pagoda_gemv::sum_bf16(xg, gs);
     const float s = amax / 127.0f;
     const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
     int32_t sq = 0;
@@ -126,8 +109,21 @@ inline __m512i dot4(__m512i acc, __m512i w, const int8_t* p) {
   return acc;
 }
 
+// Two consecutive weight vectors (k = 4c .. 4c+7 of 16 columns) into every row's pair of
+// accumulators: even[m] += w0 . x[m][4c..4c+3], odd[m] += w1 . x[m][4c+4..4c+7]. Chunks
+// alternate between the two (exact int32 sums: no bit changes), which hides vpdpbusd's
+// latency when few rows share a weight vector. `xr` is row 0's activations at k = 4c.
+template <int M>
+inline void dot_rows(__m512i* even, __m512i* odd, __m512i w0, __m512i w1, const int8_t* xr, int64_t K) {
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m) {
+    even[m] = dot4(even[m], w0, xr + m * K);
+    odd[m] = dot4(odd[m], w1, xr + m * K + 4);
+  }
+}
+
 struct Problem {
-  const uint8_t* w;    // int4: [N/16, K/4, 32]; int8: [N/16, K/2, 32]
+  const uint8_t* w;    // int4: [N/16, K/4, 32] (int4_gemv.cpp's nibbles); int8: [N/16, K/4, 64] (q + 128)
   const uint16_t* sc;  // fp16; int4: [N/16, G, 32] (d then m); int8: [N/16, 1, 16]
   QuantRows x;         // rows m0 ..
   uint16_t* y;         // bf16 [M, ldy] (int4)
@@ -144,21 +140,14 @@ inline void run_block_int4(const Problem& p, int64_t block) {
 #pragma GCC unroll 8
   for (int m = 0; m < M; ++m) tot[m] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
-    // Chunks alternate between two accumulators per row (exact int32 sums: no bit changes),
-    // which hides vpdpbusd's latency when few rows share a weight vector.
-    __m512i even[M], odd[M];
+    __m512i even[M], odd[M];  // see dot_rows
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) even[m] = odd[m] = _mm512_setzero_si512();
     const int64_t c0 = g * gs / 4, c1 = c0 + gs / 4;  // gs / 4 is even: gs is a multiple of 8
     for (int64_t c = c0; c < c1; c += 2) {
       const __m512i w0 = unpack_int4(w + c * kChunkBytes);
       const __m512i w1 = unpack_int4(w + (c + 1) * kChunkBytes);
-      const int8_t* xr = p.x.xq + 4 * c;
-#pragma GCC unroll 8
-      for (int m = 0; m < M; ++m) {
-        even[m] = dot4(even[m], w0, xr + m * K);
-        odd[m] = dot4(odd[m], w1, xr + m * K + 4);
-      }
+      dot_rows<M>(even, odd, w0, w1, p.x.xq + 4 * c, K);
     }
     const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + g * 32)));
     const __m512 off = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + g * 32 + 16)));
@@ -191,12 +180,7 @@ inline void run_block_int8(const Problem& p, int64_t block) {
     for (int64_t v = v0; v < v1; v += 2) {
       const __m512i w0 = _mm512_loadu_si512(w + v * 64);
       const __m512i w1 = _mm512_loadu_si512(w + (v + 1) * 64);
-      const int8_t* xr = p.x.xq + 4 * v;
-#pragma GCC unroll 8
-      for (int m = 0; m < M; ++m) {
-        even[m] = dot4(even[m], w0, xr + m * K);
-        odd[m] = dot4(odd[m], w1, xr + m * K + 4);
-      }
+      dot_rows<M>(even, odd, w0, w1, p.x.xq + 4 * v, K);
     }
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) {
@@ -222,17 +206,8 @@ void run_rows(const Problem& p, int64_t num_blocks) {
 
 template <int Bits>
 void run(const Problem& p, int rows, int64_t num_blocks) {
-  switch (rows) {
-    case 1: return run_rows<Bits, 1>(p, num_blocks);
-    case 2: return run_rows<Bits, 2>(p, num_blocks);
-    case 3: return run_rows<Bits, 3>(p, num_blocks);
-    case 4: return run_rows<Bits, 4>(p, num_blocks);
-    case 5: return run_rows<Bits, 5>(p, num_blocks);
-    case 6: return run_rows<Bits, 6>(p, num_blocks);
-    case 7: return run_rows<Bits, 7>(p, num_blocks);
-    case 8: return run_rows<Bits, 8>(p, num_blocks);
-  }
-  TORCH_CHECK(false, "pagoda::int", Bits, "_gemv_q8: ", rows, " rows in a block");
+  const bool ok = pagoda_gemv::with_rows(rows, [&](auto m) { run_rows<Bits, decltype(m)::value>(p, num_blocks); });
+  TORCH_CHECK(ok, "pagoda::int", Bits, "_gemv_q8: ", rows, " rows in a block");
 }
 
 #endif  // PAGODA_HAVE_Q8_GEMV

@@ -55,6 +55,8 @@ class CpuAttentionBackend(AttentionBackend):
 
     def __init__(self, op: Callable, num_splits: int = 0):
         self._op = op
+        # The step's K/V rows into the cache in one call (attention.cpp); None: index_copy_.
+        self._write_kv = getattr(torch.ops.pagoda, "write_kv", None)
         self.num_splits = num_splits
 
     def build_metadata(self, layout: StepLayout) -> CpuAttentionMetadata:
@@ -69,9 +71,9 @@ class CpuAttentionBackend(AttentionBackend):
 
     def forward(self, q, k, v, k_cache, v_cache, meta: CpuAttentionMetadata, scale):
         head_dim = k.shape[-1]
-        if (k.stride(-1) == 1 and k.stride(-2) == head_dim and v.stride(-1) == 1 and v.stride(-2) == head_dim
-                and hasattr(torch.ops.pagoda, "write_kv")):
-            torch.ops.pagoda.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)  # one call for K and V
+        if (self._write_kv is not None and k.stride(-1) == 1 and k.stride(-2) == head_dim
+                and v.stride(-1) == 1 and v.stride(-2) == head_dim):
+            self._write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         else:
             write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         num_tokens, num_heads, head_dim = q.shape
