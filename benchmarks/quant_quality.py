@@ -48,7 +48,9 @@ class Config:
     dtype: str
     quantization: str
     small_m_everywhere: bool = False
-    gemv_q8: tuple[bool, bool] | None = None  # (4-bit, 8-bit) int8 activations in pagoda's GEMV; None: defaults
+    # (4-bit, 8-bit) int8 activations in pagoda's GEMV: True / False for every layer, or a set of
+    # layer names (packed.GEMV_Q8_ACTIVATIONS); None: the defaults (4-bit: none; 8-bit: all).
+    gemv_q8: tuple[bool | frozenset[str], bool | frozenset[str]] | None = None
 
 
 CONFIGS = [
@@ -57,6 +59,8 @@ CONFIGS = [
     Config("gguf", "bfloat16", "gguf"),
     Config("gguf@small-M", "bfloat16", "gguf", True),
     Config("gguf@small-M, bf16 activations", "bfloat16", "gguf", True, (False, False)),
+    Config("gguf@small-M, int8 activations but qkv_proj", "bfloat16", "gguf", True,
+           (packed.Q8_TOLERANT_LAYERS, True)),
     Config("gguf@small-M, int8 activations", "bfloat16", "gguf", True, (True, True)),
     Config("int8", "bfloat16", "int8"),
     Config("int8@small-M", "bfloat16", "int8", True),

@@ -56,6 +56,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompt-lookup-min", type=int, default=2, help="ngram: shortest suffix n-gram looked up")
+    parser.add_argument("--prompt-lookup-max", type=int, default=5, help="ngram: longest suffix n-gram looked up")
     parser.add_argument("--max-tokens-per-step", type=int, default=None,
                         help="speculative_config.max_tokens_per_step (default: the engine's)")
     parser.add_argument("--step-cost", type=float, nargs="+", default=None,
@@ -84,8 +86,8 @@ def main() -> None:
     if args.step_cost is not None:
         tokens_per_step["step_cost"] = args.step_cost
     if method == "ngram":
-        spec_config = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_min": 2,
-                       "prompt_lookup_max": 5, **tokens_per_step}
+        spec_config = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_min": args.prompt_lookup_min,
+                       "prompt_lookup_max": args.prompt_lookup_max, **tokens_per_step}
         engines = {"plain": LLM(**kwargs), "ngram": LLM(speculative_config=spec_config, **kwargs)}
     else:
         target = {**kwargs, "quantization": args.target_quantization or "none"}

@@ -122,6 +122,26 @@ def test_fused_shards_are_row_concatenations() -> None:
     _close(layer(x), x.float() @ reference.t(), 1e-2)
 
 
+@pytest.mark.skipif(not packed.q8_gemv_available(), reason="pagoda's int8-activation GEMV needs AVX-512 BF16 + VNNI")
+def test_int8_activations_follow_the_layer_name(monkeypatch) -> None:
+    """GEMV_Q8_ACTIVATIONS by layer name: the named 4-bit layers take int8 activations, others
+    bf16; True / False hold for every layer; the default keeps 4-bit layers on bf16."""
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randn(64, 64, generator=gen) * 0.05
+
+    def q8_of(role: str | None) -> bool:
+        layer = Linear(64, 64)
+        layer.load_gguf_shard(0, _blocks(weight, QType.Q4_1), "w")
+        GGUFMethod().process(layer, role)
+        return layer.packed.gemv.q8
+
+    assert not q8_of("down_proj") and not q8_of(None)  # the default: 4-bit layers on bf16 activations
+    monkeypatch.setitem(packed.GEMV_Q8_ACTIVATIONS, 4, packed.Q8_TOLERANT_LAYERS)
+    assert q8_of("down_proj") and q8_of("gate_up_proj") and not q8_of("qkv_proj") and not q8_of(None)
+    monkeypatch.setitem(packed.GEMV_Q8_ACTIVATIONS, 4, True)
+    assert q8_of("qkv_proj") and q8_of(None)
+
+
 # --------------------------------------------------------------------------- whole models
 
 

@@ -25,7 +25,7 @@ from torch import nn
 from pagoda.config import QUANTIZATION_CHOICES, ConfigError, cpu_has_fast_bf16
 from pagoda.model.layers.linear import Linear, PackedEmbedding
 from pagoda.model.quant.gguf_blocks import PACKED_GGUF_TYPES, Int4Codes, decode_blocks
-from pagoda.model.quant.packed import Int4Weight, Int8Weight
+from pagoda.model.quant.packed import Int4Weight, Int8Weight, gemv_q8_activations
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +41,10 @@ class LinearMethod:
     name = "none"
     gguf_types: frozenset = frozenset()
 
-    def process(self, layer: Linear) -> str:
-        """Packs ``layer`` in place; returns what it became (for the load summary)."""
+    def process(self, layer: Linear, role: str | None = None) -> str:
+        """Packs ``layer`` in place; returns what it became (for the load summary). ``role``: the
+        layer's name in its block ("qkv_proj", "down_proj", ...), which decides whether pagoda's
+        GEMV quantizes its activations to int8 (`pagoda.model.quant.packed.GEMV_Q8_ACTIVATIONS`)."""
         return "float"
 
 
@@ -56,10 +58,10 @@ class GGUFMethod(LinearMethod):
     name = "gguf"
     gguf_types = PACKED_GGUF_TYPES
 
-    def process(self, layer: Linear) -> str:
+    def process(self, layer: Linear, role: str | None = None) -> str:
         if len(layer.gguf_shards) == len(layer.shard_sizes):
             codes = Int4Codes.cat([decode_blocks(layer.gguf_shards[i]) for i in range(len(layer.shard_sizes))])
-            layer.set_packed(Int4Weight.from_codes(codes))
+            layer.set_packed(Int4Weight.from_codes(codes, q8=gemv_q8_activations(4, role)))
             return "int4 (GGUF blocks)"
         # Some shard arrived as float (F16/Q8_0/K-quants dequantized by the loader):
         # put the packed shards' exact values next to them and use int8 rows.
@@ -67,14 +69,14 @@ class GGUFMethod(LinearMethod):
             for shard, blocks in layer.gguf_shards.items():
                 start, rows = layer.shard_rows(shard)
                 layer.weight[start:start + rows].copy_(decode_blocks(blocks).dequantize())
-        layer.set_packed(Int8Weight.quantize(layer.weight))
+        layer.set_packed(Int8Weight.quantize(layer.weight, q8=gemv_q8_activations(8, role)))
         return "int8 (from float)"
 
 
 class Int8Method(LinearMethod):
     name = "int8"
 
-    def process(self, layer: Linear) -> str:
+    def process(self, layer: Linear, role: str | None = None) -> str:
         layer.set_packed(Int8Weight.quantize(layer.weight, w8a8_at_large_m=True))
         return "int8"
 
@@ -82,11 +84,11 @@ class Int8Method(LinearMethod):
 class Int4Method(LinearMethod):
     name = "int4"
 
-    def process(self, layer: Linear) -> str:
+    def process(self, layer: Linear, role: str | None = None) -> str:
         if layer.in_features % 32:
-            layer.set_packed(Int8Weight.quantize(layer.weight))
+            layer.set_packed(Int8Weight.quantize(layer.weight, q8=gemv_q8_activations(8, role)))
             return "int8 (in_features not a multiple of 32)"
-        layer.set_packed(Int4Weight.quantize(layer.weight, group_size=32))
+        layer.set_packed(Int4Weight.quantize(layer.weight, group_size=32, q8=gemv_q8_activations(4, role)))
         return "int4"
 
 
@@ -133,7 +135,7 @@ def apply_linear_method(model: nn.Module, method: LinearMethod) -> None:
                   and sum(m.in_features * m.out_features for m in layers) * 2 <= DENSE_COPY_MAX_BYTES)
     for name, module in model.named_modules():
         if isinstance(module, Linear) and module is not lm_head:
-            summary[method.process(module)] += 1
+            summary[method.process(module, name.rsplit(".", 1)[-1])] += 1
             if dense_copy and isinstance(module.packed, Int4Weight):
                 module.packed.dense = module.packed.dequantize_bf16()
             elif dense_copy and isinstance(module.packed, Int8Weight):

@@ -54,13 +54,29 @@ def _gemv_max_rows(form: str) -> int:
 
 _KERNEL_DTYPE = torch.bfloat16
 _GEMV_MAX_ROWS = {form: _gemv_max_rows(form) for form in ("int4", "int8", "int8_q8")}
-# Whether pagoda's GEMV takes int8-quantized activations (q8_gemv.cpp, VNNI) for 4-bit / 8-bit
-# weights, where that kernel runs; read when a weight is packed. Measured on the default model
-# (benchmarks/quant_quality.py, decode kernels at every row count): int8 activations on the
-# int8 lm_head cost nothing measurable (perplexity -0.09% vs -0.05% against the float32
-# reference) and halve its time; on the int4 layers they cost +1.4% perplexity (over the 1%
-# bar) for ~1.1x, so 4-bit weights keep bf16 activations.
-GEMV_Q8_ACTIVATIONS = {4: False, 8: True}
+# Which layers' GEMV takes int8-quantized activations (q8_gemv.cpp, VNNI; per row and group of 32,
+# as llama.cpp's Q8 activations) instead of bf16 ones, by weight bits: True (every layer), False
+# (none) or the layers' names (the last part of the module path); read when a weight is packed.
+# Measured on the default model (benchmarks/quant_quality.py, decode kernels at every row count,
+# perplexity against the float32 reference; docs/quantization.md):
+# - the int8 lm_head: costs nothing measurable (-0.09% vs -0.05%) and halves its time;
+# - 4-bit layers: +1.2% on every layer (over the 1% bar); the attention's input projection is the
+#   sensitive one (+0.86% alone: its input carries the outlier channels), and int8 activations on
+#   `Q8_TOLERANT_LAYERS` alone cost +0.56% for a GEMV ~1.2x faster from 4 rows on (offline mix
+#   ~+3%, decode batches of 16 ~+6%). Not adopted: top-1 agreement with the float model falls from
+#   96.0% to 93.3%, and the wider gap to the prefill path (a bf16 copy) makes greedy answers
+#   depend on prefix-cache hits more often, for a few percent. So 4-bit weights keep bf16.
+Q8_TOLERANT_LAYERS = frozenset({"o_proj", "gate_up_proj", "down_proj"})
+GEMV_Q8_ACTIVATIONS: dict[int, bool | frozenset[str]] = {4: False, 8: True}
+
+
+def gemv_q8_activations(bits: int, layer: str | None = None) -> bool:
+    """Whether the GEMV of a ``bits``-bit layer named ``layer`` (None: unnamed) takes int8
+    activations, by `GEMV_Q8_ACTIVATIONS`."""
+    rule = GEMV_Q8_ACTIVATIONS[bits]
+    if isinstance(rule, bool):
+        return rule
+    return layer is not None and layer in rule
 
 
 def _as_2d(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -87,12 +103,12 @@ class Int8Gemv:
     @classmethod
     def from_rows(cls, q: torch.Tensor, scale: torch.Tensor, q8: bool | None = None) -> Int8Gemv | None:
         """``q`` int8 [N, K], ``scale`` [N] (fp16-exact). None where the kernel cannot take them.
-        ``q8``: int8 activations (default `GEMV_Q8_ACTIVATIONS`, where that kernel runs)."""
+        ``q8``: int8 activations (None: `gemv_q8_activations` for an unnamed layer), where that kernel runs."""
         n, k = q.shape
         if not int4_gemv_available() or n % 16 or k % 4:
             return None
         scales = scale.to(torch.float16).view(n // 16, 1, 16).contiguous()
-        if (GEMV_Q8_ACTIVATIONS[8] if q8 is None else q8) and k % 32 == 0 and q8_gemv_available():
+        if (gemv_q8_activations(8) if q8 is None else q8) and k % 32 == 0 and q8_gemv_available():
             shifted = (q.to(torch.int16) + 128).to(torch.uint8)
             packed = shifted.view(n // 16, 16, k // 4, 4).permute(0, 2, 1, 3).reshape(n // 16, k // 4, 64)
             return cls(packed.contiguous(), scales, True)
@@ -216,7 +232,8 @@ class Int4Gemv:
     @classmethod
     def from_codes(cls, codes: Int4Codes, q8: bool | None = None) -> Int4Gemv | None:
         """None where the kernel cannot take these codes (no AVX-512 BF16 build, a shape off
-        its grid, or scales that fp16 cannot hold to its precision)."""
+        its grid, or scales that fp16 cannot hold to its precision). ``q8``: int8 activations
+        (None: `gemv_q8_activations` for an unnamed layer), where that kernel runs."""
         if not int4_gemv_available():
             return None
         q = codes.q
@@ -239,7 +256,7 @@ class Int4Gemv:
         hi = blocks[..., 2:4].reshape(n // 16, k // 4, 32)  # its high nibble: k = 4c + 2 + j % 2
         packed = (lo | (hi << 4)).contiguous()
         scales = half.view(2, n // 16, 16, k // g).permute(1, 3, 0, 2).reshape(n // 16, k // g, 32).contiguous()
-        use_q8 = (GEMV_Q8_ACTIVATIONS[4] if q8 is None else q8) and g % 8 == 0 and q8_gemv_available()
+        use_q8 = (gemv_q8_activations(4) if q8 is None else q8) and g % 8 == 0 and q8_gemv_available()
         return cls(packed, scales, g, use_q8)
 
     @property
@@ -292,10 +309,12 @@ class Int4Weight:
     gemv: Int4Gemv | None = None
 
     @classmethod
-    def from_codes(cls, codes: Int4Codes, with_w8a8: bool = False, torch_kernel: bool = False) -> Int4Weight:
-        """``torch_kernel``: torch's layout even where pagoda's kernel is available."""
+    def from_codes(cls, codes: Int4Codes, with_w8a8: bool = False, torch_kernel: bool = False,
+                   q8: bool | None = None) -> Int4Weight:
+        """``torch_kernel``: torch's layout even where pagoda's kernel is available. ``q8``: int8
+        activations in pagoda's kernel (`Int4Gemv.from_codes`)."""
         w8a8 = Int8Weight.quantize(codes.dequantize(), w8a8_at_large_m=True) if with_w8a8 else None
-        gemv = None if torch_kernel else Int4Gemv.from_codes(codes)
+        gemv = None if torch_kernel else Int4Gemv.from_codes(codes, q8)
         if gemv is not None:
             return cls(None, None, codes.group_size, w8a8, gemv=gemv)
         packed = torch._convert_weight_to_int4pack_for_cpu(codes.q.to(torch.int32).contiguous(), 1)
@@ -305,9 +324,9 @@ class Int4Weight:
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, group_size: int = 32, with_w8a8: bool = False,
-                 torch_kernel: bool = False) -> Int4Weight:
+                 torch_kernel: bool = False, q8: bool | None = None) -> Int4Weight:
         """Asymmetric min/max 4-bit groups of ``group_size`` along K (like GGUF Q4_1)."""
-        return cls.from_codes(quantize_int4_codes(weight, group_size), with_w8a8, torch_kernel)
+        return cls.from_codes(quantize_int4_codes(weight, group_size), with_w8a8, torch_kernel, q8)
 
     @property
     def nbytes(self) -> int:
