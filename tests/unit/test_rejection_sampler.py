@@ -93,6 +93,29 @@ def test_greedy_accepts_longest_matching_prefix_on_random_logits() -> None:
         assert out.logprobs == [None] * len(ks) and out.failed == {}
 
 
+def test_greedy_rows_verify_alike_with_or_without_sampled_rows_in_the_batch() -> None:
+    """An all-greedy batch takes a shortcut (lists, one argmax); greedy rows in a batch with a
+    sampled row take the general path. Both give the same tokens, acceptances and logprobs."""
+    gen = torch.Generator().manual_seed(4)
+    rng = random.Random(4)
+    vocab = 13
+    for _ in range(20):
+        ks = [rng.randint(0, 5) for _ in range(rng.randint(1, 5))]
+        logits = torch.randn(sum(ks) + len(ks), vocab, generator=gen)
+        argmax = logits.argmax(dim=-1).tolist()
+        drafts, start = [], 0
+        for k in ks:
+            drafts.append([argmax[start + j] if rng.random() > 0.3 else rng.randrange(vocab) for j in range(k)])
+            start += k + 1
+        greedy = [make_request(f"g{i}", temperature=0.0, logprobs=2) for i in range(len(ks))]
+        alone = run(RejectionSampler(), logits, drafts, greedy)
+        sampled_logits = torch.randn(3, vocab, generator=gen)
+        mixed = run(RejectionSampler(seed=1), torch.cat([logits, sampled_logits]), drafts + [[1, 2]],
+                    greedy + [make_request("s", temperature=1.0)])
+        assert alone.token_ids == mixed.token_ids[:-1] and alone.num_accepted == mixed.num_accepted[:-1]
+        assert alone.logprobs == mixed.logprobs[:-1] and alone.failed == mixed.failed == {}
+
+
 def test_greedy_all_accepted_emits_k_plus_one_tokens() -> None:
     logits = torch.randn(4, 9, generator=torch.Generator().manual_seed(1))
     argmax = logits.argmax(dim=-1).tolist()
