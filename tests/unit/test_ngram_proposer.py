@@ -12,15 +12,19 @@ from pagoda.engine.spec_decode.ngram import NgramConfig, NgramProposer, find_ngr
 
 
 def reference(history: list[int], k: int, min_n: int, max_n: int) -> list[int]:
-    """Plain Python: longest n from max_n down to min_n, earliest earlier start s < L - n."""
+    """Plain Python: longest n from max_n down to min_n, latest earlier start s < L - n, then k
+    tokens copied from s + n on, the copy reading what it has already copied past the end."""
     length = len(history)
     for n in range(max_n, min_n - 1, -1):
         if n >= length:
             continue
         suffix = history[length - n:]
-        for s in range(0, length - n):
+        for s in range(length - n - 1, -1, -1):
             if history[s:s + n] == suffix:
-                return history[s + n:s + n + k]
+                extended = list(history)
+                for j in range(k):
+                    extended.append(extended[s + n + j])
+                return extended[length:]
     return []
 
 
@@ -74,8 +78,9 @@ def test_matches_reference_on_long_random_histories() -> None:
 
 
 def test_vllm_docstring_example() -> None:
-    # [1,2,3,4,2,3], n=2, k=4: [2,3] occurs at 1, followed by [4,2,3] (history ends first).
-    assert propose([1, 2, 3, 4, 2, 3], 4, 2, 2).tolist() == [4, 2, 3]
+    # [1,2,3,4,2,3], n=2, k=4: [2,3] occurs at 1, followed by [4,2,3], where vLLM stops (the
+    # history ends); the overlapping copy goes on with what follows its own [2,3]: 4.
+    assert propose([1, 2, 3, 4, 2, 3], 4, 2, 2).tolist() == [4, 2, 3, 4]
 
 
 def test_empty_and_single_token_histories_propose_nothing() -> None:
@@ -88,7 +93,7 @@ def test_empty_and_single_token_histories_propose_nothing() -> None:
 def test_history_too_short_for_min_n() -> None:
     # min 3 needs 4 tokens at least; [5,5,5] has a 2-gram match only.
     assert propose([5, 5, 5], 3, 3, 4).tolist() == []
-    assert propose([5, 5, 5, 5], 3, 3, 4).tolist() == [5]
+    assert propose([5, 5, 5, 5], 3, 3, 4).tolist() == [5, 5, 5]  # one token follows; the copy repeats it
 
 
 def test_no_match() -> None:
@@ -106,32 +111,34 @@ def test_longest_ngram_wins_over_shorter_more_recent_one() -> None:
     # Suffix [1,2]: the 2-gram [1,2] occurs at 0 (followed by 7); the 1-gram [2] also at 4 (by 8).
     h = [1, 2, 7, 5, 2, 8, 1, 2]
     assert propose(h, 1, 1, 3).tolist() == [7]
-    # With max 1 only the last token counts: earliest [2] is at 1, followed by 7.
-    assert propose(h, 1, 1, 1).tolist() == [7]
+    # With max 1 only the last token counts: the latest [2] is at 4, followed by 8.
+    assert propose(h, 1, 1, 1).tolist() == [8]
 
 
-def test_earliest_occurrence_is_used() -> None:
+def test_latest_occurrence_is_used() -> None:
     h = [4, 5, 10, 4, 5, 20, 4, 5]
-    assert propose(h, 1, 2, 2).tolist() == [10]
-    assert find_ngram_match(np.array(h), 2, 2) == (2, 0)
+    assert propose(h, 1, 2, 2).tolist() == [20]
+    assert find_ngram_match(np.array(h), 2, 2) == (2, 3)
 
 
 def test_match_at_the_very_end_overlapping_the_suffix() -> None:
-    # The only earlier occurrence of [3,3] ends right before the last token: one token follows.
-    assert propose([1, 2, 3, 3, 3], 5, 2, 2).tolist() == [3]
-    # Repetition loop: the earliest occurrence gives the longest continuation.
+    # The only earlier occurrence of [3,3] ends right before the last token: one token follows,
+    # and the copy goes on over what it copied.
+    assert propose([1, 2, 3, 3, 3], 5, 2, 2).tolist() == [3, 3, 3, 3, 3]
+    # Repetition loop: the latest occurrence is one period back; the copy repeats the period.
     assert propose([6, 6, 6, 6, 6], 3, 2, 2).tolist() == [6, 6, 6]
+    assert propose([1, 7, 8, 1, 7, 8, 1, 7], 5, 2, 2).tolist() == [8, 1, 7, 8, 1]
 
 
 def test_k_larger_than_what_follows() -> None:
     h = [1, 2, 3, 9, 1, 2]
-    assert propose(h, 100, 2, 2).tolist() == [3, 9, 1, 2]
+    assert propose(h, 6, 2, 2).tolist() == [3, 9, 1, 2, 3, 9]
 
 
 def test_ngram_longer_than_max_is_capped() -> None:
-    # The whole prefix repeats, but only max_n tokens are matched; earliest start of the 2-gram.
+    # The whole prefix repeats, but only max_n tokens are matched; the latest start of the 2-gram.
     h = [1, 2, 3, 1, 2, 3, 1, 2, 3]
-    assert find_ngram_match(np.array(h), 1, 2) == (2, 1)
+    assert find_ngram_match(np.array(h), 1, 2) == (2, 4)
     assert propose(h, 2, 1, 2).tolist() == [1, 2]
 
 
@@ -155,7 +162,7 @@ def test_propose_batch_per_row_k() -> None:
     p = proposer(k=3, lo=1, hi=2)
     hs = [np.array([1, 2, 3, 4, 1, 2]), [7, 8], np.array([5, 5, 5, 5, 5, 5]), [1, 2, 3, 1, 2]]
     out = p.propose_batch(hs, [2, 3, 0, 10])
-    assert [o.tolist() for o in out] == [[3, 4], [], [], [3, 1, 2]]
+    assert [o.tolist() for o in out] == [[3, 4], [], [], [3, 1, 2, 3, 1, 2, 3, 1, 2, 3]]
     assert [o.tolist() for o in p.propose_batch(hs)] == [[3, 4, 1], [], [5, 5, 5], [3, 1, 2]]
     assert [o.tolist() for o in p.propose_batch(hs, 1)] == [[3], [], [5], [3]]
     assert p.propose_batch([], None) == []
