@@ -187,8 +187,9 @@ def test_unload_frees_the_worker_slot_and_a_folder_rewritten_in_place_serves_its
         assert complete_x()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
         assert old_id in manager.slot_ids and old_id in manager.host
         assert client.post("/v1/unload_lora_adapter", json={"lora_name": "x"}).status_code == 200
-        deadline = time.monotonic() + 30  # the engine loop applies the removal
-        while (old_id in manager.slot_ids or old_id in manager.host) and time.monotonic() < deadline:
+        deadline = time.monotonic() + 30  # the engine loop applies the removal (host, slot, then path: wait for all)
+        while (old_id in manager.slot_ids or old_id in manager.host or old_id in manager.requests) \
+                and time.monotonic() < deadline:
             time.sleep(0.05)
         assert old_id not in manager.slot_ids and old_id not in manager.host and old_id not in manager.requests
         make_adapter(tiny_chat_llama, folder, ["k_proj", "v_proj"], rank=4, seed=22)  # same folder, new weights
