@@ -64,6 +64,20 @@ def check_invariants(out: RejectionOutput, drafts: list[list[int]]) -> None:
         assert tokens[:accepted] == row[:accepted]
 
 
+def random_greedy_case(gen: torch.Generator, rng: random.Random, vocab: int,
+                       max_rows: int) -> tuple[list[int], torch.Tensor, list[int], list[list[int]]]:
+    """(ks, logits, argmax, drafts): 1..max_rows rows of 0..5 drafts each, the drafts equal to
+    the target's argmax but each corrupted with probability 0.3."""
+    ks = [rng.randint(0, 5) for _ in range(rng.randint(1, max_rows))]
+    logits = torch.randn(sum(ks) + len(ks), vocab, generator=gen)
+    argmax = logits.argmax(dim=-1).tolist()
+    drafts, start = [], 0
+    for k in ks:
+        drafts.append([argmax[start + j] if rng.random() > 0.3 else rng.randrange(vocab) for j in range(k)])
+        start += k + 1
+    return ks, logits, argmax, drafts
+
+
 # --------------------------------------------------------------------------- greedy
 
 
@@ -72,13 +86,7 @@ def test_greedy_accepts_longest_matching_prefix_on_random_logits() -> None:
     rng = random.Random(0)
     vocab = 11
     for _ in range(30):
-        ks = [rng.randint(0, 5) for _ in range(rng.randint(1, 6))]
-        logits = torch.randn(sum(ks) + len(ks), vocab, generator=gen)
-        argmax = logits.argmax(dim=-1).tolist()
-        drafts, start = [], 0
-        for k in ks:  # drafts equal the argmax, each corrupted with probability 0.3
-            drafts.append([argmax[start + j] if rng.random() > 0.3 else rng.randrange(vocab) for j in range(k)])
-            start += k + 1
+        ks, logits, argmax, drafts = random_greedy_case(gen, rng, vocab, max_rows=6)
         requests = [make_request(f"r{i}", temperature=0.0) for i in range(len(ks))]
         out = run(RejectionSampler(), logits, drafts, requests)
         check_invariants(out, drafts)
@@ -100,13 +108,7 @@ def test_greedy_rows_verify_alike_with_or_without_sampled_rows_in_the_batch() ->
     rng = random.Random(4)
     vocab = 13
     for _ in range(20):
-        ks = [rng.randint(0, 5) for _ in range(rng.randint(1, 5))]
-        logits = torch.randn(sum(ks) + len(ks), vocab, generator=gen)
-        argmax = logits.argmax(dim=-1).tolist()
-        drafts, start = [], 0
-        for k in ks:
-            drafts.append([argmax[start + j] if rng.random() > 0.3 else rng.randrange(vocab) for j in range(k)])
-            start += k + 1
+        ks, logits, _, drafts = random_greedy_case(gen, rng, vocab, max_rows=5)
         greedy = [make_request(f"g{i}", temperature=0.0, logprobs=2) for i in range(len(ks))]
         alone = run(RejectionSampler(), logits, drafts, greedy)
         sampled_logits = torch.randn(3, vocab, generator=gen)

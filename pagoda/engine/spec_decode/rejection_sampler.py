@@ -140,9 +140,11 @@ class RejectionSampler:
         drafts = draft_token_ids.reshape(-1).to(device=device, dtype=torch.long)
         draft_list = drafts.tolist()
         ds, ts = [], []  # row i's first draft index, and its first position in target_logits
+        start = 0
         for i, k in enumerate(ks):
-            ds.append(ds[-1] + ks[i - 1] if i else 0)
-            ts.append(ds[i] + i)
+            ds.append(start)
+            ts.append(start + i)
+            start += k
 
         failed: dict[int, str] = {}
         logits = self._process(target_logits, requests, plan.processing_rows, ks, ds, ts, draft_list, failed)
