@@ -16,7 +16,8 @@
     CUDA graphs and eager, and transformers' ``generate`` over static batches of 128 (bf16,
     SDPA; measured on the first 256 requests: every request has the same lengths, so the
     rate is the same) (target >= 15x).
-(d) Correctness: pytest on tests/gpu (Triton kernels vs the torch backend on CUDA, tiny
+(d) Correctness: pytest on tests/gpu (the parity and batching checks of tests/models on CUDA
+    with the triton backend and CUDA graphs; Triton kernels vs the torch backend on CUDA, tiny
     model greedy tokens with graphs == eager == torch, on-device sampling) in a process of
     its own (no TRITON_INTERPRET), plus the sampler's unit tests.
 
@@ -72,7 +73,7 @@ FULL = dict(copy_bytes=1 << 30, copy_iters=20, attn=dict(batch=64, ctx=4096, hea
             split=dict(batch=4, ctx=16384, splits=0), attn_iters=20, kv_cache_gib=(2, 24),
             decode_prompt=128, decode_tokens=256, model_len=1024,
             requests=512, prompt_len=512, output_len=256, max_num_seqs=256, batched_tokens=8192,
-            hf_batch=128, hf_requests=256, pytest_timeout=150)
+            hf_batch=128, hf_requests=256, pytest_timeout=240)
 SMOKE = dict(copy_bytes=1 << 22, copy_iters=2, attn=dict(batch=2, ctx=64, heads=4, kv_heads=2, head_dim=32),
              split=dict(batch=1, ctx=96, splits=3), attn_iters=1, kv_cache_gib=(1 / 16, 1 / 16),
              decode_prompt=8, decode_tokens=4, model_len=128,
@@ -381,7 +382,7 @@ def section_d(results: dict) -> list[tuple]:
                 "graph buffers (dry run)": ["tests/kernels/test_cuda_graph_buffers.py"]}
     else:
         env.pop("TRITON_INTERPRET", None)
-        runs = {"tests/gpu (triton + graphs + sampling on CUDA)": ["tests/gpu"],
+        runs = {"tests/gpu (parity + batching with triton and graphs, kernels, sampling on CUDA)": ["tests/gpu"],
                 "sampler unit tests": ["tests/unit/test_sampler.py", "tests/unit/test_sampler_device_generators.py"]}
     rows, out = [], {}
     for name, args in runs.items():
@@ -392,9 +393,12 @@ def section_d(results: dict) -> list[tuple]:
                                   cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=budget)
             summary = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
             passed = proc.returncode == 0
-        except subprocess.TimeoutExpired:
+            log = (proc.stdout + proc.stderr)[-6000:]  # the failures' tracebacks, for the JSON
+        except subprocess.TimeoutExpired as error:
             summary, passed = f"timed out after {budget} s", False
-        out[name] = dict(passed=passed, summary=summary, seconds=time.perf_counter() - start)
+            log = str(error.stdout or "")[-6000:]
+        out[name] = dict(passed=passed, summary=summary, seconds=time.perf_counter() - start,
+                         log=None if passed else log)
         rows.append(("d", name, "PASS" if passed else "FAIL", summary))
     results["correctness"] = out
     return rows
