@@ -28,7 +28,7 @@ whole call; the engine then finds the culprit (engine/llm_engine.py).
 
 from __future__ import annotations
 
-import weakref
+import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -75,7 +75,7 @@ class Sampler:
         # Off the CPU: the shared device generator per device, and each seeded request's device
         # generator, found from its CPU generator (gone when the request's is).
         self._device_generators: dict[torch.device, torch.Generator] = {}
-        self._request_device_generators: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._request_device_generators = DeviceGeneratorTable()
 
     def __call__(self, logits: torch.Tensor, requests: list[Request],
                  plan: SamplingPlan | None = None, grammar: GrammarBitmask | None = None) -> SamplerOutput:
@@ -155,8 +155,43 @@ class Sampler:
             if seed is None:  # a generator without a seed: continue from the CPU one's state
                 seed = int(torch.randint(0, 2**63 - 1, (1,), generator=request.generator))
             generator = torch.Generator(device=device).manual_seed(seed)
-            self._request_device_generators[request.generator] = generator
+            self._request_device_generators.put(request.generator, generator)
         return generator
+
+
+class DeviceGeneratorTable:
+    """Seeded requests' device generators, found from their CPU generators and dropped with them.
+
+    torch.Generator takes weak references only from torch 2.13 on (2.11 refuses them), so the
+    table keys entries by id() and holds each CPU generator itself, which keeps its id from being
+    reused while the entry lives. An entry whose CPU generator nothing else holds belongs to a
+    request that has ended (the worker drops its generator then); sweeps drop those entries,
+    whenever the table has doubled since the last sweep and before it is counted."""
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[torch.Generator, torch.Generator]] = {}
+        self._sweep_at = 64
+
+    def get(self, cpu_generator: torch.Generator) -> torch.Generator | None:
+        entry = self._entries.get(id(cpu_generator))
+        return entry[1] if entry is not None else None
+
+    def put(self, cpu_generator: torch.Generator, device_generator: torch.Generator) -> None:
+        self._entries[id(cpu_generator)] = (cpu_generator, device_generator)
+        if len(self._entries) >= self._sweep_at:
+            self.sweep()
+            self._sweep_at = max(64, 2 * len(self._entries))
+
+    def sweep(self) -> None:
+        # References to a CPU generator held only here: the entry's tuple, the loop's `cpu` and
+        # getrefcount's own argument.
+        ended = [key for key, (cpu, _) in self._entries.items() if sys.getrefcount(cpu) <= 3]
+        for key in ended:
+            del self._entries[key]
+
+    def __len__(self) -> int:
+        self.sweep()
+        return len(self._entries)
 
 
 def _apply_grammar(logits: torch.Tensor, grammar: GrammarBitmask, requests: list[Request],

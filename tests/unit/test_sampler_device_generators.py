@@ -56,3 +56,16 @@ def test_the_stream_continues_across_steps_whatever_the_device_is_called():
     assert sampler._request_device_generator(a, torch.device("cpu", 0)) is first
     draws = [torch.empty(3).exponential_(generator=sampler._request_device_generator(a, CPU)) for _ in range(2)]
     assert not torch.equal(draws[0], draws[1])
+
+
+def test_the_table_drops_ended_requests_and_keeps_live_ones_across_sweeps():
+    # No weak references (torch.Generator refuses them before torch 2.13): the table sweeps
+    # entries whose CPU generator only it still holds.
+    sampler = Sampler(10)
+    live = seeded("live", 1)
+    kept = sampler._request_device_generator(live, CPU)
+    for i in range(500):  # requests that start and end; sweeps run as the table doubles
+        sampler._request_device_generator(seeded(f"r{i}", i), CPU)
+        assert len(sampler._request_device_generators._entries) <= 128
+    assert sampler._request_device_generator(live, CPU) is kept
+    assert len(sampler._request_device_generators) == 1
