@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from pagoda.worker.input_batch import StepTensors
+    from pagoda.worker.input_batch import HostDecodeStep
     from pagoda.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -88,11 +88,21 @@ class CudaGraphRunner:
         self.max_batch = self.batch_sizes[-1]
         self.max_blocks = -(-max_model_len // self.block_size)
         device, top = self.device, self.max_batch
-        self.input_ids = torch.zeros(top, dtype=torch.long, device=device)
-        self.positions = torch.zeros(top, dtype=torch.long, device=device)
-        self.slot_mapping = torch.full((top,), -1, dtype=torch.long, device=device)
-        self.block_tables = torch.zeros(top, self.max_blocks, dtype=torch.int32, device=device)
-        self.seq_lens = torch.ones(top, dtype=torch.int32, device=device)
+        # The static inputs are views of one byte buffer, filled from a pinned host twin with one
+        # copy per step: int64 input ids, positions and slots, int32 seq_lens, then the int32
+        # block tables [top, max_blocks] last, so a bucket of b rows needs the buffer's first
+        # `_tables_at + b * max_blocks * 4` bytes only (entries past a row's blocks are never read).
+        self._tables_at = 28 * top
+        nbytes = self._tables_at + 4 * top * self.max_blocks
+        self._device_bytes = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+        self._host_bytes = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
+        self.input_ids, self.positions, self.slot_mapping, self.seq_lens, self.block_tables = self._views(
+            self._device_bytes)
+        self._host = tuple(view.numpy() for view in self._views(self._host_bytes))
+        self._host[2][:] = -1  # padding: no slot, one key (of block 0)
+        self._host[3][:] = 1
+        self._device_bytes.copy_(self._host_bytes)
+        self._copied = None  # the event after the last copy: the host twin is free again once it has passed
         self.query_start_loc = torch.arange(top + 1, dtype=torch.int32, device=device)
         self._backend = backend
         # Speculative decoding forces one range (verification must round like decoding).
@@ -101,6 +111,13 @@ class CudaGraphRunner:
         self._max_model_len = max_model_len
         self.graphs: dict[int, _Graph] = {}
         self.num_replays = 0
+
+    def _views(self, buffer: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        top = self.max_batch
+        int64 = [buffer[8 * top * i:8 * top * (i + 1)].view(torch.int64) for i in range(3)]
+        seq_lens = buffer[24 * top:self._tables_at].view(torch.int32)
+        tables = buffer[self._tables_at:].view(torch.int32).view(top, self.max_blocks)
+        return (*int64, seq_lens, tables)
 
     # -- capture -------------------------------------------------------------
 
@@ -145,11 +162,9 @@ class CudaGraphRunner:
 
     # -- replay --------------------------------------------------------------
 
-    def covers(self, batch: StepTensors) -> bool:
-        """Whether this step replays a graph: decode rows only, within the largest bucket."""
-        layout = batch.layout
-        return (0 < layout.num_rows <= self.max_batch and layout.num_decodes == layout.num_rows
-                and layout.block_tables.shape[1] <= self.max_blocks)
+    def covers(self, num_rows: int, num_decodes: int) -> bool:
+        """Whether a step replays a graph: decode rows only, within the largest bucket."""
+        return 0 < num_rows <= self.max_batch and num_decodes == num_rows
 
     def bucket(self, num_rows: int) -> int:
         for size in self.batch_sizes:
@@ -157,24 +172,32 @@ class CudaGraphRunner:
                 return size
         raise ValueError(f"{num_rows} rows is more than the largest captured batch ({self.max_batch})")
 
-    def replay(self, batch: StepTensors) -> torch.Tensor:
+    def replay(self, step: HostDecodeStep) -> torch.Tensor:
         """The step's hidden states [n, hidden] (a view of the graph's output, valid until the next
-        replay): its data copied into the static buffers, padding rows reset, the graph replayed."""
-        layout = batch.layout
-        n = layout.num_rows
+        replay): its arrays written into the pinned host twin (padding rows reset), one copy to
+        the static buffers, the graph replayed."""
+        n = len(step.rows)
         size = self.bucket(n)
-        width = layout.block_tables.shape[1]
-        self.input_ids[:n].copy_(batch.input_ids, non_blocking=True)
-        self.positions[:n].copy_(batch.positions, non_blocking=True)
-        self.slot_mapping[:n].copy_(layout.slot_mapping, non_blocking=True)
-        self.block_tables[:n, :width].copy_(layout.block_tables, non_blocking=True)
-        self.seq_lens[:n].copy_(layout.seq_lens_tensor, non_blocking=True)
+        width = step.block_tables.shape[1]
+        if self._copied is not None:  # the last step's copy has read the host twin (long since, as a rule)
+            self._copied.synchronize()
+        ids, positions, slots, seq_lens, tables = self._host
+        ids[:n] = step.input_ids
+        positions[:n] = step.positions
+        slots[:n] = step.slot_mapping
+        seq_lens[:n] = step.seq_lens
+        tables[:n, :width] = step.block_tables
         if size > n:  # padding rows: token 0 at position 0, no slot, one key of block 0
-            self.input_ids[n:size].zero_()
-            self.positions[n:size].zero_()
-            self.slot_mapping[n:size].fill_(-1)
-            self.block_tables[n:size, 0].zero_()
-            self.seq_lens[n:size].fill_(1)
+            ids[n:size] = 0
+            positions[n:size] = 0
+            slots[n:size] = -1
+            seq_lens[n:size] = 1
+            tables[n:size, 0] = 0
+        nbytes = self._tables_at + 4 * size * self.max_blocks
+        self._device_bytes[:nbytes].copy_(self._host_bytes[:nbytes], non_blocking=True)
+        if not self.dry_run:
+            self._copied = torch.cuda.Event()
+            self._copied.record()
         self.num_replays += 1
         return self.graphs[size].replay()[:n]
 

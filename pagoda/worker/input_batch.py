@@ -73,6 +73,21 @@ class StepTensors:
     lora_ids: np.ndarray | None = None
 
 
+@dataclass
+class HostDecodeStep:
+    """A decode-only step's model inputs as host arrays, one token a row (rows in `rows` order),
+    for a CUDA graph's replay: the graph runner packs them into its static buffers with one
+    host-to-device copy (worker/cuda_graphs.py), where `prepare` would make a device tensor of each."""
+
+    rows: list[StepRow]
+    input_ids: np.ndarray  # [rows] int64
+    positions: np.ndarray  # [rows] int64: each row's one new token
+    slot_mapping: np.ndarray  # [rows] int64
+    seq_lens: np.ndarray  # [rows] int64: positions + 1
+    block_tables: np.ndarray  # [rows, blocks to hold the longest row] int32
+    lora_ids: None = None  # graphs take no LoRA rows
+
+
 class InputBatch:
     def __init__(self, block_size: int, max_model_len: int, initial_rows: int = 16):
         self.block_size = block_size
@@ -241,6 +256,19 @@ class InputBatch:
         lora_ids = row_lora[token_row] if row_lora.any() else None
         return StepTensors(rows, torch.from_numpy(input_ids).to(device), torch.from_numpy(positions).to(device),
                            layout, lora_ids)
+
+    def prepare_host_decodes(self, rows: list[StepRow]) -> HostDecodeStep | None:
+        """Host arrays for `rows`, decodes only (one new token each, earlier context); None where
+        a row uses a LoRA adapter (graphs take none)."""
+        index = np.fromiter((self.states[r.request_id].row for r in rows), dtype=np.int64, count=len(rows))
+        if self.lora_id[index].any():
+            return None
+        positions = np.fromiter((r.start for r in rows), dtype=np.int64, count=len(rows))
+        seq_lens = positions + 1
+        bs = self.block_size
+        tables = self.block_table[index, :int(-(-seq_lens.max() // bs))]
+        slots = tables[np.arange(len(rows)), positions // bs].astype(np.int64) * bs + positions % bs
+        return HostDecodeStep(rows, self.token_ids[index, positions], positions, slots, seq_lens, tables)
 
     def layout(self, index: np.ndarray, starts: np.ndarray, counts: np.ndarray, num_decodes: int,
                device: torch.device) -> tuple[np.ndarray, np.ndarray, StepLayout]:

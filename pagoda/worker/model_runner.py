@@ -19,12 +19,12 @@ import torch
 from torch import nn
 
 from pagoda.core.scheduler_output import ModelRunnerOutput, SchedulerOutput, describe_error
-from pagoda.core.worker_step import StepRow, WorkerStep
+from pagoda.core.worker_step import GrammarBitmask, StepRow, WorkerStep
 from pagoda.engine.spec_decode.rejection_sampler import RejectionSampler
 from pagoda.model.attention.backend import select_attention_backend
 from pagoda.worker.cpu_threads import bind_model_threads
 from pagoda.worker.draft_runner import DraftRow, DraftRunner
-from pagoda.worker.input_batch import InputBatch, RowState
+from pagoda.worker.input_batch import HostDecodeStep, InputBatch, RowState, StepTensors
 from pagoda.worker.kv_cache import move_blocks
 from pagoda.worker.onednn_caches import bound_onednn_caches
 from pagoda.worker.sampler import Sampler, token_logprobs
@@ -141,23 +141,36 @@ class ModelRunner:
                 prefills.append(row)
         if not decodes and not prefills:
             return out
-        # Decodes first, then prefill chunks (StepLayout's promise; backends sort further if they want).
-        batch = self.input_batch.prepare(decodes + prefills, len(decodes), self.device)
+        # CUDA graphs: a decode-only step (no LoRA rows) replays one from host arrays.
+        graphs, host_step = self.cuda_graphs, None
+        if graphs is not None and graphs.covers(len(decodes) + len(prefills), len(decodes)):
+            host_step = self.input_batch.prepare_host_decodes(decodes)
+        if host_step is not None:
+            batch = host_step
+            hidden = graphs.replay(host_step)
+        else:
+            # Decodes first, then prefill chunks (StepLayout's promise; backends sort further if they want).
+            batch = self.input_batch.prepare(decodes + prefills, len(decodes), self.device)
+            hidden = self._forward(batch)
+        return self._finish_step(batch, hidden, step.grammar_bitmask, out)
+
+    def _forward(self, batch: StepTensors) -> torch.Tensor:
+        """The eager forward pass of a step (with its LoRA rows, if any)."""
         if batch.lora_ids is not None:
             if self.lora_manager is None:
                 raise RuntimeError("a row uses a LoRA adapter but this worker has LoRA off")
             meta = self.attention.build_metadata(batch.layout)
             self.lora_manager.begin_step(batch.lora_ids)  # LoRA path for this forward pass only
             try:
-                hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, meta)
+                return self.model(batch.input_ids, batch.positions, self.kv_caches, meta)
             finally:
                 self.lora_manager.end_step()
-        elif self.cuda_graphs is not None and self.cuda_graphs.covers(batch):  # CUDA graphs: no LoRA rows
-            hidden = self.cuda_graphs.replay(batch)
-        else:
-            meta = self.attention.build_metadata(batch.layout)
-            hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, meta)
+        meta = self.attention.build_metadata(batch.layout)
+        return self.model(batch.input_ids, batch.positions, self.kv_caches, meta)
 
+    def _finish_step(self, batch: StepTensors | HostDecodeStep, hidden: torch.Tensor,
+                     grammar_bitmask: GrammarBitmask | None, out: ModelRunnerOutput) -> ModelRunnerOutput:
+        """Sampling, verification and prompt logprobs from the step's hidden states."""
         states = self.input_batch.states
         sample_rows, sample_states = [], []
         verify_rows: list[int] = []  # speculative decoding: rows that verify drafts
@@ -182,9 +195,12 @@ class ModelRunner:
             offset += row.num_new_tokens
 
         if sample_rows:
-            logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
+            # Every token samples (decode-only steps, as a rule): the hidden states as they are.
+            every_token = len(sample_rows) == hidden.shape[0] and sample_rows[-1] == len(sample_rows) - 1
+            logits = self.model.compute_logits(
+                hidden if every_token else hidden[torch.tensor(sample_rows, device=self.device)])
             result = self.sampler(logits, sample_states, self.input_batch.sampling_plan(sample_states),
-                                  step.grammar_bitmask)
+                                  grammar_bitmask)
             candidates = result.beam_candidates or [None] * len(sample_states)
             for i, (state, token, logprobs, beams) in enumerate(
                     zip(sample_states, result.token_ids, result.logprobs, candidates)):
