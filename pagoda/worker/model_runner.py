@@ -278,8 +278,11 @@ class ModelRunner:
             if num_blocks * self.block_size < row.end:
                 return (f"its block table ({num_blocks} blocks of {self.block_size}) "
                         f"does not reach position {row.end - 1}")
-            tokens = self.input_batch.token_ids[state.row, row.start:row.end]
-            low, high = int(tokens.min()), int(tokens.max())
+            if row.end - row.start == 1:  # a decode: one token, no array reductions
+                low = high = int(self.input_batch.token_ids[state.row, row.start])
+            else:
+                tokens = self.input_batch.token_ids[state.row, row.start:row.end]
+                low, high = int(tokens.min()), int(tokens.max())
             if low < 0 or (self.vocab_size is not None and high >= self.vocab_size):
                 bad = low if low < 0 else high
                 return f"token id {bad} is outside the vocabulary [0, {self.vocab_size})"
