@@ -23,15 +23,18 @@ def request(rid: str, seed: int | None) -> Request:
 def test_seeded_rows_reproduce_on_the_device_alone_or_batched():
     logits = torch.randn(4, 1000, device="cuda")
     tokens = []
-    for batch in ([request("a", 5)], [request("x", None), request("a", 5), request("y", None), request("z", 9)]):
+    # "a" has the same logits (row 1 of `logits`) alone and batched.
+    for batch, rows in (([request("a", 5)], slice(1, 2)),
+                        ([request("x", None), request("a", 5), request("y", None), request("z", 9)], slice(0, 4))):
         sampler = Sampler(1000, seed=0)
         row = 0 if len(batch) == 1 else 1
         draws = []
         for _ in range(8):
-            out = sampler(logits[: len(batch)].clone(), batch)
+            out = sampler(logits[rows].clone(), batch)
             draws.append(out.token_ids[row])
         tokens.append(draws)
     assert tokens[0] == tokens[1]
+    assert len(set(tokens[0])) > 1  # the draws are random, not one token every time
 
 
 def test_the_noise_never_leaves_the_device(monkeypatch):
