@@ -55,6 +55,19 @@ SCRIPT = textwrap.dedent('''
     build(tp._merge_splits_kernel, dict(out_ptr="*bf16", part_acc_ptr="*fp32", part_max_ptr="*fp32",
                                         part_sum_ptr="*fp32"),
           dict(NUM_HEADS=32, HEAD_DIM=128, HEAD_DIM_P2=128, NUM_SPLITS=5, SPLITS_P2=8))
+    from pagoda.model.layers import triton_fused as tf
+
+    for dt in ("bf16", "fp16", "fp32"):
+        build(tf._rms_norm_kernel, dict(x_ptr="*" + dt, residual_ptr="*" + dt, out_ptr="*" + dt, w_ptr="*" + dt,
+                                        eps="fp32"),
+              dict(HAS_RESIDUAL=True, BLOCK=2048))
+        build(tf._rms_norm_kernel, dict(x_ptr="*" + dt, residual_ptr="*" + dt, out_ptr="*" + dt, w_ptr="*" + dt,
+                                        eps="fp32"),
+              dict(HAS_RESIDUAL=False, BLOCK=128))
+        build(tf._rotary_kernel, dict(pos_ptr="*i64", q_ptr="*" + dt, k_ptr="*" + dt, cos_ptr="*fp32",
+                                      sin_ptr="*fp32"),
+              dict(HALF=32, HALF_P2=32, HEADS_P2=32))
+        build(tf._silu_and_mul_kernel, dict(x_ptr="*" + dt, out_ptr="*" + dt), dict(BLOCK=1024))
     print("compiled")
 ''')
 

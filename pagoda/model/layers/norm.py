@@ -2,8 +2,9 @@
 
 On CPU tensors a compiled op does the same arithmetic in one pass
 (`torch.ops.pagoda.rms_norm`), and the residual add of the decoder is fused
-into the norm (`fused_add_rms_norm`, as vLLM does); elsewhere, or without the
-extension, the torch code below runs.
+into the norm (`fused_add_rms_norm`, as vLLM does); on CUDA tensors a Triton
+kernel does both (layers/triton_fused.py); elsewhere, or without the extension
+or Triton, the torch code below runs.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pagoda.model.layers.fused import cpu_ops_for
+from pagoda.model.layers.fused import cpu_ops_for, triton_ops_for
 
 
 def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -35,6 +36,15 @@ class RMSNorm(nn.Module):
         rounded to the activation dtype before the norm, as HF's separate add.
         """
         weight = self.weight
+        if x.dtype == weight.dtype and x.dim() in (2, 3) and x.stride(-1) == 1:
+            triton_ops = triton_ops_for(x)
+            if triton_ops is not None:  # CUDA: one Triton kernel
+                if residual is None:
+                    return triton_ops.rms_norm(x, weight, self.eps)
+                if (x.dim() == 2 and residual.dtype == x.dtype and residual.shape == x.shape
+                        and residual.stride(-1) == 1):
+                    triton_ops.fused_add_rms_norm(x, residual, weight, self.eps)
+                    return x, residual
         ops = cpu_ops_for(x) if x.dtype == weight.dtype and x.dim() <= 3 else None
         if residual is None:
             if ops is not None and x.stride(-1) == 1:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pagoda.model.layers.fused import cpu_ops_for
+from pagoda.model.layers.fused import cpu_ops_for, triton_ops_for
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 
@@ -113,10 +113,17 @@ class RotaryEmbedding(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [N, heads, head_dim], k: [N, kv_heads, head_dim]; returns the rotated (q, k).
 
-        On CPU tensors the compiled op rotates q and k in place (views into a
-        fused qkv output are fine: only the last dim must be contiguous) with
-        the same roundings as the torch code; use the returned tensors.
+        On CPU tensors the compiled op (on CUDA tensors a Triton kernel) rotates
+        q and k in place (views into a fused qkv output are fine: only the last
+        dim must be contiguous) with the same roundings as the torch code; use
+        the returned tensors.
         """
+        if (k.dtype == q.dtype and q.dim() == 3 and k.dim() == 3 and q.stride(-1) == 1 and k.stride(-1) == 1
+                and self.cos_cache.device == q.device):
+            triton_ops = triton_ops_for(q)
+            if triton_ops is not None:  # CUDA: one Triton kernel rotates q and k in place
+                triton_ops.rotary_embedding(positions, q, k, self.cos_cache, self.sin_cache)
+                return q, k
         ops = cpu_ops_for(q)
         if (ops is not None and k.dtype == q.dtype and q.dim() == 3 and k.dim() == 3
                 and q.stride(-1) == 1 and k.stride(-1) == 1 and self.cos_cache.is_cpu):
