@@ -284,9 +284,12 @@ def decode_profile(llm, prompts: list[list[int]], steps: int, name: str) -> dict
     import pstats
 
     from pagoda import SamplingParams
+    from pagoda.sampling_params import RequestOutputKind
 
     engine = llm.engine
-    params = SamplingParams(temperature=0.0, max_tokens=3 * steps + 8, ignore_eos=True)
+    # FINAL_ONLY, as LLM.generate asks: no per-step outputs are built.
+    params = SamplingParams(temperature=0.0, max_tokens=3 * steps + 8, ignore_eos=True,
+                            output_kind=RequestOutputKind.FINAL_ONLY)
     for prompt in prompts:
         engine.add_request(prompt, params)
     scheduler = engine.scheduler
