@@ -102,7 +102,9 @@ class CudaGraphRunner:
         self._host[2][:] = -1  # padding: no slot, one key (of block 0)
         self._host[3][:] = 1
         self._device_bytes.copy_(self._host_bytes)
-        self._copied = None  # the event after the last copy: the host twin is free again once it has passed
+        # The event after the last copy: the host twin is free again once it has passed.
+        self._copied = torch.cuda.Event() if device.type == "cuda" else None
+        self._copy_pending = False
         self.query_start_loc = torch.arange(top + 1, dtype=torch.int32, device=device)
         self._backend = backend
         # Speculative decoding forces one range (verification must round like decoding).
@@ -163,7 +165,8 @@ class CudaGraphRunner:
     # -- replay --------------------------------------------------------------
 
     def covers(self, num_rows: int, num_decodes: int) -> bool:
-        """Whether a step replays a graph: decode rows only, within the largest bucket."""
+        """Whether a step may replay a graph: decode rows only, within the largest bucket (and
+        block tables within the captured width: `replay` checks that)."""
         return 0 < num_rows <= self.max_batch and num_decodes == num_rows
 
     def bucket(self, num_rows: int) -> int:
@@ -179,7 +182,9 @@ class CudaGraphRunner:
         n = len(step.rows)
         size = self.bucket(n)
         width = step.block_tables.shape[1]
-        if self._copied is not None:  # the last step's copy has read the host twin (long since, as a rule)
+        if width > self.max_blocks:
+            raise ValueError(f"a row needs {width} blocks; the graphs were captured for {self.max_blocks}")
+        if self._copy_pending:  # the last step's copy has read the host twin (long since, as a rule)
             self._copied.synchronize()
         ids, positions, slots, seq_lens, tables = self._host
         ids[:n] = step.input_ids
@@ -195,9 +200,9 @@ class CudaGraphRunner:
             tables[n:size, 0] = 0
         nbytes = self._tables_at + 4 * size * self.max_blocks
         self._device_bytes[:nbytes].copy_(self._host_bytes[:nbytes], non_blocking=True)
-        if not self.dry_run:
-            self._copied = torch.cuda.Event()
-            self._copied.record()
+        if self._copied is not None:
+            self._copied.record(torch.cuda.current_stream(self.device))
+            self._copy_pending = True
         self.num_replays += 1
         return self.graphs[size].replay()[:n]
 

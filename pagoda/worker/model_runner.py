@@ -145,6 +145,8 @@ class ModelRunner:
         graphs, host_step = self.cuda_graphs, None
         if graphs is not None and graphs.covers(len(decodes) + len(prefills), len(decodes)):
             host_step = self.input_batch.prepare_host_decodes(decodes)
+            if host_step is not None and host_step.block_tables.shape[1] > graphs.max_blocks:
+                host_step = None  # longer than the graphs were captured for: eager
         if host_step is not None:
             batch = host_step
             hidden = graphs.replay(host_step)

@@ -159,6 +159,25 @@ class Sampler:
         return generator
 
 
+def _held_only_here(entries: dict, alone: int) -> list:
+    """Keys whose first tuple item has no reference but the entry's (refcount <= `alone`)."""
+    return [key for key, (held, _) in entries.items() if sys.getrefcount(held) <= alone]
+
+
+def _alone_count() -> int:
+    """What sys.getrefcount reads in `_held_only_here` for an object nothing else holds (it
+    counts the tuple's reference, the loop's and the call's; interpreters differ: 3.14 borrows
+    the loop's), measured once with a probe."""
+    probe = {0: (object(), None)}
+    for threshold in range(1, 8):  # the count the loop reads for the probe
+        if _held_only_here(probe, threshold):
+            return threshold
+    raise RuntimeError("cannot measure reference counts on this interpreter")
+
+
+_ALONE = _alone_count()
+
+
 class DeviceGeneratorTable:
     """Seeded requests' device generators, found from their CPU generators and dropped with them.
 
@@ -183,10 +202,7 @@ class DeviceGeneratorTable:
             self._sweep_at = max(64, 2 * len(self._entries))
 
     def sweep(self) -> None:
-        # References to a CPU generator held only here: the entry's tuple, the loop's `cpu` and
-        # getrefcount's own argument.
-        ended = [key for key, (cpu, _) in self._entries.items() if sys.getrefcount(cpu) <= 3]
-        for key in ended:
+        for key in _held_only_here(self._entries, _ALONE):
             del self._entries[key]
 
     def __len__(self) -> int:

@@ -35,6 +35,8 @@ def _round(x, dtype: tl.constexpr):
     if dtype == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        # A NaN stays a NaN (the carry would turn 0x7FFFFFFF into -0.0, a low-bits payload into Inf).
+        bits = tl.where(x != x, tl.full(x.shape, 0x7FC00000, tl.uint32), bits)
         return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
     else:
         return x.to(dtype)
@@ -142,6 +144,10 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     """In place on q [tokens, heads, dim] and k [tokens, kv_heads, dim] (last dims contiguous)."""
     if q.dim() != 3 or k.dim() != 3 or q.stride(-1) != 1 or k.stride(-1) != 1 or q.dtype != k.dtype:
         raise ValueError("q and k must be [tokens, heads, head_dim] of one dtype with contiguous last dims")
+    if positions.dim() != 1 or positions.stride(0) != 1 or positions.device != q.device:
+        raise ValueError(f"positions must be a contiguous 1-D tensor on {q.device}")
+    # Positions are not bounds-checked here: the engine keeps them below max_model_len, which
+    # the tables cover (RotaryEmbedding is built for max_position_embeddings or more).
     if q.shape[0] != k.shape[0] or q.shape[0] != positions.shape[0] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)} and positions {tuple(positions.shape)} disagree")
     dim = q.shape[-1]
