@@ -165,3 +165,19 @@ def test_a_tiny_model_gives_the_torch_code_tokens_through_the_kernels(tiny_llama
             triton_fused.rotary_embedding = original
         assert calls["n"] > 0  # the kernels ran
         assert got == want
+
+
+def test_kernels_that_fail_their_self_test_leave_the_torch_code(monkeypatch, caplog):
+    x = torch.randn(2, 8)
+    with triton_ops_on_cpu():
+        assert triton_fused.self_test(x.device, torch.float32) is None
+        assert triton_ops_for(x) is triton_fused
+
+    def broken(*args):
+        raise RuntimeError("no kernel image for this GPU")
+
+    monkeypatch.setattr(triton_fused, "silu_and_mul", broken)
+    with triton_ops_on_cpu(), caplog.at_level("WARNING"):
+        assert triton_ops_for(x) is None  # the layers run their torch code
+        assert triton_ops_for(x) is None  # decided once per device and dtype
+    assert [r.message for r in caplog.records if "self-test" in r.message] and "no kernel image" in caplog.text

@@ -17,6 +17,7 @@ every compiled CPU op.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 
 import torch
@@ -24,6 +25,7 @@ import torch
 from pagoda.kernels import cpu_ext
 
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+logger = logging.getLogger(__name__)
 
 _switch = {"enabled": True}
 
@@ -34,7 +36,10 @@ def cpu_ops_for(x: torch.Tensor):
     return cpu_ext.cpu_ops()
 
 
-_triton = {"module": None, "tried": False, "on_cpu": False}
+# The Triton module once imported (None: no triton), and per (device, dtype) whether the
+# kernels passed their self-test there (triton_fused.self_test), so a GPU or Triton build that
+# cannot compile or run them falls back to the torch code with one warning, as the CPU ops do.
+_triton: dict = {"module": None, "tried": False, "on_cpu": False, "checked": {}}
 
 
 def triton_ops_for(x: torch.Tensor):
@@ -49,18 +54,34 @@ def triton_ops_for(x: torch.Tensor):
         except ImportError:  # no triton: the torch code runs
             triton_fused = None
         _triton["module"] = triton_fused
-    return _triton["module"]
+    module = _triton["module"]
+    if module is None:
+        return None
+    key = (x.device, x.dtype)
+    ok = _triton["checked"].get(key)
+    if ok is None:
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return module  # no test inside a graph capture (the warm-up runs before it tested them)
+        problem = module.self_test(x.device, x.dtype)
+        if problem is not None:
+            logger.warning("fused Triton kernels failed their self-test on %s (%s): %s; RMSNorm, rotary and "
+                           "SwiGLU run the torch code there", x.device, x.dtype, problem)
+        ok = _triton["checked"][key] = problem is None
+    return module if ok else None
 
 
 @contextlib.contextmanager
 def triton_ops_on_cpu() -> Iterator[None]:
-    """Within the block, CPU tensors take the Triton kernels too (tests, under TRITON_INTERPRET=1)."""
+    """Within the block, CPU tensors take the Triton kernels too (tests, under TRITON_INTERPRET=1);
+    the self-tests run afresh inside and after it."""
     before = _triton["on_cpu"]
     _triton["on_cpu"] = True
+    _triton["checked"] = {}
     try:
         yield
     finally:
         _triton["on_cpu"] = before
+        _triton["checked"] = {}
 
 
 def fused_enabled() -> bool:

@@ -186,3 +186,38 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
         _silu_and_mul_kernel[(x.shape[0], triton.cdiv(inter, block))](x, out, x.stride(0), out.stride(0), inter,
                                                                        BLOCK=block, num_warps=4)
     return out.view(*shape[:-1], inter)
+
+
+def self_test(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Runs each kernel once on small inputs on `device` in `dtype` against the layers' torch
+    code: None when they compile, run and agree, else what went wrong (the layers then use
+    the torch code there: pagoda.model.layers.fused.triton_ops_for)."""
+    from pagoda.model.layers.activation import silu_and_mul_torch
+    from pagoda.model.layers.norm import rms_norm_torch
+
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(3, 64, generator=gen).to(device=device, dtype=dtype)
+        residual = torch.randn(3, 64, generator=gen).to(device=device, dtype=dtype)
+        weight = torch.rand(64, generator=gen).to(device=device, dtype=dtype) + 0.5
+        checks = [("rms_norm", rms_norm(x, weight, 1e-6), rms_norm_torch(x, weight, 1e-6))]
+        want = rms_norm_torch(x + residual, weight, 1e-6)
+        fused_x, fused_residual = x.clone(), residual.clone()
+        fused_add_rms_norm(fused_x, fused_residual, weight, 1e-6)
+        checks.append(("fused_add_rms_norm", fused_x, want))
+        checks.append(("silu_and_mul", silu_and_mul(x), silu_and_mul_torch(x)))
+        q, k = x.view(3, 2, 32).clone(), residual.view(3, 2, 32)[:, :1].clone()
+        positions = torch.tensor([0, 5, 9], device=device)
+        freqs = torch.arange(16, dtype=torch.float32).repeat(2)[None, :] * 0.1 * torch.arange(10.0)[:, None]
+        cos, sin = freqs.cos().to(device), freqs.sin().to(device)
+        c, s = cos[positions].to(dtype)[:, None], sin[positions].to(dtype)[:, None]
+        half = lambda t: torch.cat((-t[..., 16:], t[..., :16]), dim=-1)  # noqa: E731
+        want_q, want_k = q * c + half(q) * s, k * c + half(k) * s
+        rotary_embedding(positions, q, k, cos, sin)
+        checks += [("rotary_embedding q", q, want_q), ("rotary_embedding k", k, want_k)]
+        for name, got, expected in checks:
+            if not torch.allclose(got.float(), expected.float(), atol=5e-2, rtol=5e-2):
+                return f"{name} disagrees with the torch code"
+    except Exception as error:  # noqa: BLE001 - any failure (compile, launch, driver) means: not here
+        return f"{type(error).__name__}: {error}"
+    return None
