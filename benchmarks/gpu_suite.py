@@ -10,7 +10,8 @@
 (b) Batch-1 decode of a Llama-3.2-1B-shaped model (dummy bf16 weights, an HF config folder
     written with transformers' LlamaConfig): time per output token with CUDA graphs and
     eager, against the roofline (every weight byte read once per token at the copy
-    bandwidth of (a); target within 1.4x).
+    bandwidth of (a); target within 1.4x); and with graphs but the layers' torch code in
+    place of the fused Triton kernels (what those are worth).
 (c) Throughput, Qwen3-0.6B shape (dummy bf16): 512 requests of 512 random prompt tokens and
     256 output tokens (greedy, EOS ignored, prefix caching off): pagoda's output tok/s with
     CUDA graphs and eager, and transformers' ``generate`` over static batches of 128 (bf16,
@@ -363,21 +364,42 @@ def section_b(results: dict, root: Path, bandwidth: float) -> list[tuple]:
     nbytes = weight_bytes(llm.engine.model)
     roofline = nbytes / bandwidth
     rows, per_mode = [], {}
-    generate_seconds(llm, prompt, 4)  # warm-up (kernels compiled for prefill and decode)
-    for mode in ("graphs", "eager"):
-        llm.engine.runner.cuda_graphs = graphs if mode == "graphs" else None
+    shape = "tiny (smoke)" if ARGS.smoke else "Llama-3.2-1B"
+
+    def measure(llm, mode: str) -> None:
         prefill = min(generate_seconds(llm, prompt, 1) for _ in range(2))
         total = min(generate_seconds(llm, prompt, n + 1) for _ in range(2))
         per_token = (total - prefill) / n
         per_mode[mode] = dict(seconds_per_token=per_token, tokens_per_s=1 / per_token, vs_roofline=per_token / roofline)
-        rows.append(("b", f"{'tiny (smoke)' if ARGS.smoke else 'Llama-3.2-1B'} shape, batch-1 decode, {mode}",
+        rows.append(("b", f"{shape} shape, batch-1 decode, {mode}",
                      f"{per_token * 1e3:.3f} ms/token ({1 / per_token:.0f} tok/s)",
                      f"{per_token / roofline:.2f}x roofline {roofline * 1e3:.3f} ms (target <= 1.4x)"))
+
+    generate_seconds(llm, prompt, 4)  # warm-up (kernels compiled for prefill and decode)
+    for mode in ("graphs", "eager"):
+        llm.engine.runner.cuda_graphs = graphs if mode == "graphs" else None
+        measure(llm, mode)
     llm.engine.runner.cuda_graphs = graphs
     results["batch1_decode"] = dict(weight_bytes=nbytes, roofline_s=roofline, target=1.4,
                                     met=per_mode["graphs"]["vs_roofline"] <= 1.4, **per_mode)
     profiled(results["batch1_decode"], "profile", lambda: decode_profile(llm, prompt, 32, "batch1"))
     del llm
+    free_memory()
+    # The same with the layers' torch code instead of the fused Triton kernels (model/layers/
+    # triton_fused.py), graphs captured that way: what the kernels are worth.
+    from pagoda.model.layers.fused import fused_ops_disabled
+
+    try:
+        with fused_ops_disabled():
+            plain = make_llm(config_folder("llama", fields, root), max_num_seqs=4,
+                             kv_cache_memory=int(SHAPES["kv_cache_gib"][0] * 2**30))
+            graphs_of(plain, 4)
+            generate_seconds(plain, prompt, 4)
+            measure(plain, "graphs, torch-code layers")
+        results["batch1_decode"]["graphs_torch_layers"] = per_mode["graphs, torch-code layers"]
+        del plain
+    except Exception as error:  # noqa: BLE001 - the comparison failing must not lose the section
+        results["batch1_decode"]["graphs_torch_layers"] = dict(error=f"{type(error).__name__}: {error}")
     free_memory()
     return rows
 
