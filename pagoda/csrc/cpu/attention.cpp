@@ -370,7 +370,16 @@ PAGODA_INLINE void accumulate_block_bf16(float* acc, const float* correction, co
   int64_t m = 0;
   for (; m + QG <= M; m += QG)
     accumulate_group_bf16<DC, QG>(acc + m * D, correction + m, p + m * 16, v, stride, n);
-  for (; m < M; ++m) accumulate_group_bf16<DC, 1>(acc + m * D, correction + m, p + m * 16, v, stride, n);
+  // The rest in one group too, so each value row is converted once per block, not once per
+  // query (a decode of SmolLM2's 3 query heads per KV head: 3 queries, one pass instead of 3).
+  const int64_t rest = M - m;  // < QG
+  if constexpr (QG > 3) {
+    if (rest == 3) return accumulate_group_bf16<DC, 3>(acc + m * D, correction + m, p + m * 16, v, stride, n);
+  }
+  if constexpr (QG > 2) {
+    if (rest == 2) return accumulate_group_bf16<DC, 2>(acc + m * D, correction + m, p + m * 16, v, stride, n);
+  }
+  if (rest == 1) accumulate_group_bf16<DC, 1>(acc + m * D, correction + m, p + m * 16, v, stride, n);
 }
 #endif
 
