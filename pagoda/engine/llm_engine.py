@@ -73,6 +73,7 @@ from pagoda.core.swap_space import SwapSpace
 from pagoda.core.worker_step import WorkerStep, WorkerStepBuilder
 from pagoda.engine.beam_search import BeamSearch, BeamStep
 from pagoda.engine.detokenizer import IncrementalDetokenizer
+from pagoda.engine.memory_profile import kv_budget_bytes, peak_step_bytes
 from pagoda.engine.spec_decode.draft_model import load_draft_model
 from pagoda.engine.spec_decode.speculator import Speculator
 from pagoda.executor import Executor, InProcessExecutor
@@ -206,6 +207,8 @@ class LLMEngine:
                 show_progress=show_progress)
 
         block_size = config.cache.block_size
+        # CUDA: the largest step's peak activations, reserved before the KV cache takes the rest.
+        self.profiled_step_bytes: int | None = None
         num_blocks = self._num_kv_blocks()
         capacity = num_blocks * block_size
         if self.max_model_len > capacity:
@@ -303,8 +306,22 @@ class LLMEngine:
         budget = cache.kv_cache_memory
         if budget is None:
             if self.device.type == "cuda":
+                # The largest step's activations first (engine/memory_profile.py), then the rest.
+                sched = self.config.scheduler
+                self.profiled_step_bytes = peak_step_bytes(
+                    self.model, self.hf_config, self.dtype, self.device, sched.max_num_batched_tokens,
+                    self.max_model_len, sched.max_num_seqs, cache.block_size, self.config.attention_backend)
                 free, total = torch.cuda.mem_get_info(self.device)
-                budget = int(free - total * (1 - cache.gpu_memory_utilization))
+                budget = kv_budget_bytes(total, free, cache.gpu_memory_utilization, self.profiled_step_bytes)
+                logger.info("KV cache: %.2f GiB of %.2f GiB (%.0f%%), after the weights and a %.2f GiB peak of the "
+                            "largest step (%d tokens)", budget / 2**30, total / 2**30,
+                            100 * cache.gpu_memory_utilization, self.profiled_step_bytes / 2**30,
+                            sched.max_num_batched_tokens)
+                if budget < cache.block_size * per_token:
+                    raise ConfigError("gpu_memory_utilization", cache.gpu_memory_utilization,
+                                      f"leaves {max(budget, 0)} bytes for the KV cache after the weights and the "
+                                      f"largest step ({self.profiled_step_bytes} bytes at max_num_batched_tokens="
+                                      f"{sched.max_num_batched_tokens}); raise it or lower max_num_batched_tokens")
             else:
                 budget = DEFAULT_CPU_KV_CACHE_BYTES
         blocks = num_blocks_for_budget(budget, cache.block_size, per_token)

@@ -128,3 +128,19 @@ def test_bf16_models_give_the_same_tokens_with_the_fused_kernels(tiny_llama):
         ta, tb = a.outputs[0].token_ids, b.outputs[0].token_ids
         same = next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), len(ta))
         assert same >= 4, (ta, tb)
+
+
+def test_the_kv_cache_is_sized_after_the_largest_steps_peak(tiny_llama):
+    # engine/memory_profile.py: the largest prefill ran once before the cache took the rest.
+    from pagoda import LLM, SamplingParams
+
+    llm = LLM(str(tiny_llama), dtype="float32", device="cuda", show_progress=False, max_num_batched_tokens=4096,
+              max_num_seqs=8, gpu_memory_utilization=0.5)
+    engine = llm.engine
+    assert engine.profiled_step_bytes is not None and engine.profiled_step_bytes > 0
+    free, total = torch.cuda.mem_get_info()
+    kv_bytes = sum(2 * k.numel() * k.element_size() for k, _ in engine.kv_caches)
+    assert kv_bytes < 0.5 * total  # within the utilisation asked for
+    prompts = [[5 + (i * 7 + j) % 400 for j in range(1000)] for i in range(4)]  # one 4,000-token step
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    assert all(len(o.outputs[0].token_ids) == 4 for o in outs)
