@@ -84,8 +84,7 @@ class HostDecodeStep:
     positions: np.ndarray  # [rows] int64: each row's one new token
     slot_mapping: np.ndarray  # [rows] int64
     seq_lens: np.ndarray  # [rows] int64: positions + 1
-    block_tables: np.ndarray  # [rows, blocks to hold the longest row] int32
-    lora_ids: None = None  # graphs take no LoRA rows
+    block_tables: np.ndarray  # [rows, blocks to hold the longest row] int32 (no LoRA rows: graphs take none)
 
 
 class InputBatch:

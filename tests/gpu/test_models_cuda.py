@@ -8,22 +8,18 @@ by 1e-1 or more)."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+from tests.gpu.compiled_triton import require_compiled_triton
 
-if torch.cuda.is_available():
-    pytest.importorskip("triton")
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        pytest.skip("TRITON_INTERPRET is set in this process", allow_module_level=True)
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+require_compiled_triton()
 
 from pagoda import LLM, SamplingParams  # noqa: E402
 from tests.conftest import TINY_VOCAB, make_tiny_checkpoint  # noqa: E402
 from tests.models.test_batching_invariance import LENGTHS, _requests  # noqa: E402
-from tests.models.test_parity import CASES, LOGPROB_ATOL, NEW_TOKENS, _prompts  # noqa: E402
+from tests.models.test_parity import CASES, NEW_TOKENS, _prompts, assert_matches_transformers  # noqa: E402
 
 CUDA = torch.device("cuda")
 
@@ -32,14 +28,6 @@ def _llm(folder, **kwargs) -> LLM:
     kwargs.setdefault("kv_cache_memory", 64 * 1024**2)
     kwargs.setdefault("max_num_seqs", 8)  # graphs captured for 1, 2, 4, 8 rows: a quick start-up
     return LLM(str(folder), dtype="float32", device="cuda", show_progress=False, **kwargs)
-
-
-def _hf_generate(model, prompt: list[int]) -> tuple[list[int], torch.Tensor]:
-    out = model.generate(torch.tensor([prompt], device=CUDA), max_new_tokens=NEW_TOKENS,
-                         min_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
-                         return_dict_in_generate=True, pad_token_id=0)
-    tokens = out.sequences[0, len(prompt):].tolist()
-    return tokens, torch.log_softmax(torch.stack(out.logits).squeeze(1).float(), dim=-1).cpu()
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -58,15 +46,7 @@ def test_greedy_tokens_and_logprobs_match_transformers_on_cuda(case, tmp_path):
     del llm
     torch.cuda.empty_cache()
     hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(CUDA).eval()
-    for prompt, output in zip(prompts, outputs):
-        ref_tokens, ref_logprobs = _hf_generate(hf_model, prompt)
-        completion = output.outputs[0]
-        assert completion.token_ids == ref_tokens, f"{case}, prompt of {len(prompt)} tokens"
-        for step, entry in enumerate(completion.logprobs):
-            top5 = ref_logprobs[step].topk(5)
-            for token_id, ref in zip(top5.indices.tolist(), top5.values.tolist()):
-                assert token_id in entry, f"{case}: step {step} top-5 differs"
-                assert abs(entry[token_id] - ref) < LOGPROB_ATOL, (case, step, token_id, entry[token_id], ref)
+    assert_matches_transformers(case, prompts, outputs, hf_model)  # transformers on the same GPU
 
 
 def _tokens(llm: LLM, one_at_a_time: bool = False) -> list[list[int]]:

@@ -4,17 +4,13 @@ in a process of its own, as benchmarks/gpu_suite.py does)."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+from tests.gpu.compiled_triton import require_compiled_triton
 
-if torch.cuda.is_available():
-    pytest.importorskip("triton")
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        pytest.skip("TRITON_INTERPRET is set in this process", allow_module_level=True)
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+require_compiled_triton()
 
 from tests.models.test_attention_backends import TOLERANCE, make_step  # noqa: E402
 

@@ -27,8 +27,9 @@ def _prompts(vocab: int) -> list[list[int]]:
 
 
 def _hf_generate(model, prompt: list[int]) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens and their log-softmax (on the CPU) from transformers, on the model's device."""
     out = model.generate(
-        torch.tensor([prompt]),
+        torch.tensor([prompt], device=model.device),
         max_new_tokens=NEW_TOKENS,
         min_new_tokens=NEW_TOKENS,
         do_sample=False,
@@ -37,8 +38,21 @@ def _hf_generate(model, prompt: list[int]) -> tuple[list[int], torch.Tensor]:
         pad_token_id=0,
     )
     tokens = out.sequences[0, len(prompt):].tolist()
-    logprobs = torch.log_softmax(torch.stack(out.logits).squeeze(1).float(), dim=-1)
+    logprobs = torch.log_softmax(torch.stack(out.logits).squeeze(1).float(), dim=-1).cpu()
     return tokens, logprobs
+
+
+def assert_matches_transformers(case: str, prompts: list[list[int]], outputs, hf_model) -> None:
+    """pagoda's greedy tokens equal transformers', and its top-5 logprobs are within LOGPROB_ATOL."""
+    for prompt, output in zip(prompts, outputs):
+        ref_tokens, ref_logprobs = _hf_generate(hf_model, prompt)
+        completion = output.outputs[0]
+        assert completion.token_ids == ref_tokens, f"{case}, prompt of {len(prompt)} tokens"
+        for step, entry in enumerate(completion.logprobs):
+            top5 = ref_logprobs[step].topk(5)
+            for token_id, ref in zip(top5.indices.tolist(), top5.values.tolist()):
+                assert token_id in entry, f"{case}: step {step} top-5 differs"
+                assert abs(entry[token_id] - ref) < LOGPROB_ATOL, (case, step, token_id, entry[token_id], ref)
 
 
 CASES = {
@@ -65,15 +79,7 @@ def test_greedy_tokens_and_logprobs_match_transformers(case, tmp_path):
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=5)
     outputs = llm.generate(prompts, params)  # all prompts in one batch
     hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    for prompt, output in zip(prompts, outputs):
-        ref_tokens, ref_logprobs = _hf_generate(hf_model, prompt)
-        completion = output.outputs[0]
-        assert completion.token_ids == ref_tokens, f"{case}, prompt of {len(prompt)} tokens"
-        for step, entry in enumerate(completion.logprobs):
-            top5 = ref_logprobs[step].topk(5)
-            for token_id, ref in zip(top5.indices.tolist(), top5.values.tolist()):
-                assert token_id in entry, f"{case}: step {step} top-5 differs"
-                assert abs(entry[token_id] - ref) < LOGPROB_ATOL, (case, step, token_id, entry[token_id], ref)
+    assert_matches_transformers(case, prompts, outputs, hf_model)
 
 
 def test_unknown_rope_type_is_a_clear_error(tmp_path):

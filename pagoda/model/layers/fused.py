@@ -43,9 +43,10 @@ _triton: dict = {"module": None, "tried": False, "on_cpu": False, "checked": {}}
 
 
 def triton_ops_for(x: torch.Tensor):
-    if x.dtype not in FUSED_DTYPES or not _switch["enabled"]:
-        return None
+    # The device first: CPU tensors (every call on the CPU path) leave at once.
     if not (x.is_cuda or (_triton["on_cpu"] and x.is_cpu)):
+        return None
+    if x.dtype not in FUSED_DTYPES or not _switch["enabled"]:
         return None
     if not _triton["tried"]:
         _triton["tried"] = True

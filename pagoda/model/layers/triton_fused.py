@@ -194,6 +194,7 @@ def self_test(device: torch.device, dtype: torch.dtype) -> str | None:
     the torch code there: pagoda.model.layers.fused.triton_ops_for)."""
     from pagoda.model.layers.activation import silu_and_mul_torch
     from pagoda.model.layers.norm import rms_norm_torch
+    from pagoda.model.layers.rotary import RopeSpec, RotaryEmbedding
 
     try:
         gen = torch.Generator().manual_seed(0)
@@ -208,12 +209,10 @@ def self_test(device: torch.device, dtype: torch.dtype) -> str | None:
         checks.append(("silu_and_mul", silu_and_mul(x), silu_and_mul_torch(x)))
         q, k = x.view(3, 2, 32).clone(), residual.view(3, 2, 32)[:, :1].clone()
         positions = torch.tensor([0, 5, 9], device=device)
-        freqs = torch.arange(16, dtype=torch.float32).repeat(2)[None, :] * 0.1 * torch.arange(10.0)[:, None]
-        cos, sin = freqs.cos().to(device), freqs.sin().to(device)
-        c, s = cos[positions].to(dtype)[:, None], sin[positions].to(dtype)[:, None]
-        half = lambda t: torch.cat((-t[..., 16:], t[..., :16]), dim=-1)  # noqa: E731
-        want_q, want_k = q * c + half(q) * s, k * c + half(k) * s
-        rotary_embedding(positions, q, k, cos, sin)
+        rope = RotaryEmbedding(RopeSpec(head_dim=32, theta=10000.0), 16)
+        rope.build(device)
+        want_q, want_k = rope.forward_torch(positions, q, k)
+        rotary_embedding(positions, q, k, rope.cos_cache, rope.sin_cache)
         checks += [("rotary_embedding q", q, want_q), ("rotary_embedding k", k, want_k)]
         for name, got, expected in checks:
             if not torch.allclose(got.float(), expected.float(), atol=5e-2, rtol=5e-2):
