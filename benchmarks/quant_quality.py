@@ -7,11 +7,14 @@ windows of ``--window`` tokens:
 - top-1 agreement: how often the method's most likely next token equals the
   reference's. The reference is the float model: the GGUF dequantized, in float32.
 
-A prefill runs the large-M kernels, decode the small-M ones, and they differ: above
-SMALL_M_MAX rows ``int8`` runs W8A8 and the small model's 4-bit forms a bf16 copy of
-their weights, while up to it the packed weight-only kernels run (pagoda's int4/int8
-GEMV where built). ``int8@small-M`` and ``gguf@small-M`` force the small-M kernels at
-every row count, to measure what decode computes too.
+A prefill runs the large-M kernels, decode the small-M ones, and they differ. In a
+small model's 4-bit forms, up to W8A8_OVER_INT4_ROWS rows every layer runs pagoda's
+packed GEMV; above it the W8A8_LAYERS (o_proj, gate_up_proj) run W8A8 on their int8
+copy, and the other layers the GEMV up to 64 rows (decode batches) or a bf16 copy of
+their weights above (prefill). ``int8`` runs W8A8 on every layer above SMALL_M_MAX rows.
+The plain rows measure the prefill kernels (teacher forcing runs 512-token windows);
+``@small-M`` forces the small-batch kernels at every row count (single-stream decode),
+``@decode-batch`` the kernels of decode batches of 17-64 rows.
 
 Speed (``--speed``): every configuration is loaded once, then rounds run round-robin
 (single stream: 128 greedy tokens; batch: 64 requests x 64 tokens at once), and the
@@ -47,7 +50,7 @@ class Config:
     label: str
     dtype: str
     quantization: str
-    small_m_everywhere: bool = False
+    kernels: str = "prefill"  # "prefill" (as the row counts decide), "small-M" or "decode-batch" everywhere
     # (4-bit, 8-bit) int8 activations in pagoda's GEMV: True / False for every layer, or a set of
     # layer names (packed.GEMV_Q8_ACTIVATIONS); None: the defaults (4-bit: none; 8-bit: all).
     gemv_q8: tuple[bool | frozenset[str], bool | frozenset[str]] | None = None
@@ -57,29 +60,32 @@ CONFIGS = [
     Config("reference (float32)", "float32", "none"),
     Config("none (bf16)", "bfloat16", "none"),
     Config("gguf", "bfloat16", "gguf"),
-    Config("gguf@small-M", "bfloat16", "gguf", True),
-    Config("gguf@small-M, bf16 activations", "bfloat16", "gguf", True, (False, False)),
-    Config("gguf@small-M, int8 activations but qkv_proj", "bfloat16", "gguf", True,
+    Config("gguf@small-M", "bfloat16", "gguf", "small-M"),
+    Config("gguf@decode-batch", "bfloat16", "gguf", "decode-batch"),
+    Config("gguf@small-M, bf16 activations", "bfloat16", "gguf", "small-M", (False, False)),
+    Config("gguf@small-M, int8 activations but qkv_proj", "bfloat16", "gguf", "small-M",
            (packed.Q8_TOLERANT_LAYERS, True)),
-    Config("gguf@small-M, int8 activations", "bfloat16", "gguf", True, (True, True)),
+    Config("gguf@small-M, int8 activations", "bfloat16", "gguf", "small-M", (True, True)),
     Config("int8", "bfloat16", "int8"),
-    Config("int8@small-M", "bfloat16", "int8", True),
+    Config("int8@small-M", "bfloat16", "int8", "small-M"),
     Config("int4", "bfloat16", "int4"),
 ]
 SPEED_CONFIGS = ["none (bf16)", "gguf", "int8", "int4"]
 
 
 @contextlib.contextmanager
-def small_m_kernels(enabled: bool):
-    saved, saved_gemv = packed.SMALL_M_MAX, dict(packed._GEMV_MAX_ROWS)
-    if enabled:
-        packed.SMALL_M_MAX = 1 << 30
-        packed._GEMV_MAX_ROWS.update({form: 1 << 30 for form in saved_gemv})
+def forced_kernels(kernels: str):
+    """Within the block, every row count takes the kernels of ``kernels`` (Config.kernels)."""
+    saved = packed.SMALL_M_MAX, packed.W8A8_OVER_INT4_ROWS, dict(packed._GEMV_MAX_ROWS)
+    if kernels in ("small-M", "decode-batch"):  # the GEMV (not a bf16 copy) at any row count
+        packed._GEMV_MAX_ROWS.update({form: 1 << 30 for form in saved[2]})
+    if kernels == "small-M":  # and no W8A8
+        packed.SMALL_M_MAX = packed.W8A8_OVER_INT4_ROWS = 1 << 30
     try:
         yield
     finally:
-        packed.SMALL_M_MAX = saved
-        packed._GEMV_MAX_ROWS.update(saved_gemv)
+        packed.SMALL_M_MAX, packed.W8A8_OVER_INT4_ROWS = saved[:2]
+        packed._GEMV_MAX_ROWS.update(saved[2])
 
 
 def read_text() -> str:
@@ -122,7 +128,7 @@ def measure_quality(window: int, only: list[str] | None = None) -> list[dict]:
             continue
         llm = make_llm(config, max_num_batched_tokens=max(2048, window))
         ids = llm.get_tokenizer()(read_text()).input_ids
-        with small_m_kernels(config.small_m_everywhere):
+        with forced_kernels(config.kernels):
             start = time.perf_counter()
             logprobs, top1 = teacher_forced(llm, windows(ids, window))
             seconds = time.perf_counter() - start

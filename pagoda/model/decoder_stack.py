@@ -25,7 +25,7 @@ from pagoda.model.attention.cpu_paged import CpuAttentionMetadata
 from pagoda.model.attention.metadata import AttentionMetadata
 from pagoda.model.layers import fused
 from pagoda.model.layers.linear import Linear
-from pagoda.model.quant.packed import SMALL_M_MAX, Int4Weight, Int8Weight
+from pagoda.model.quant.packed import SMALL_M_MAX, Int4Weight, Int8Weight, step_has_prompt_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +68,9 @@ def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
 class CompiledDecoderStack:
     """A `DecoderModel`'s layers and final norm as one C++ object (see the module docstring)."""
 
-    def __init__(self, stack):
+    def __init__(self, stack, has_w8a8: bool = False):
         self._stack = stack
+        self.has_w8a8 = has_w8a8  # some layer holds a W8A8 copy (the stack itself runs int4)
         self._kv_caches: list | None = None  # the list last handed to the C++ side
 
     @classmethod
@@ -105,13 +106,20 @@ class CompiledDecoderStack:
             for kind, a, b, group_size, bias in linears:
                 stack.add_linear(kind, a, b, group_size, bias)
         logger.debug("compiled decoder stack: %d layers", len(specs))
-        return cls(stack)
+        has_w8a8 = any(isinstance(m.packed, Int4Weight) and m.packed.w8a8 is not None
+                       for m in decoder.modules() if isinstance(m, Linear))
+        return cls(stack, has_w8a8)
 
     @staticmethod
     def applies(input_ids: torch.Tensor, hidden_dtype: torch.dtype, meta: AttentionMetadata) -> bool:
         """Whether this step may take the stack (else the Python modules run)."""
         return (_switch["enabled"] and input_ids.shape[0] <= SMALL_M_MAX and isinstance(meta, CpuAttentionMetadata)
                 and fused.fused_enabled() and hidden_dtype in fused.FUSED_DTYPES)
+
+    def takes_step(self) -> bool:
+        """False for a step with prompt tokens (`w8a8_for_prompt_tokens`) where some layer has a W8A8
+        copy: those tokens take it, and the C++ stack runs the int4 GEMV."""
+        return not (self.has_w8a8 and step_has_prompt_tokens())
 
     def __call__(self, hidden: torch.Tensor, positions: torch.Tensor,
                  kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: CpuAttentionMetadata) -> torch.Tensor:

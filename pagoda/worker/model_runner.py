@@ -22,6 +22,7 @@ from pagoda.core.scheduler_output import ModelRunnerOutput, SchedulerOutput, des
 from pagoda.core.worker_step import GrammarBitmask, StepRow, WorkerStep
 from pagoda.engine.spec_decode.rejection_sampler import RejectionSampler
 from pagoda.model.attention.backend import select_attention_backend
+from pagoda.model.quant.packed import w8a8_for_prompt_tokens
 from pagoda.worker.cpu_threads import bind_model_threads
 from pagoda.worker.draft_runner import DraftRow, DraftRunner
 from pagoda.worker.input_batch import HostDecodeStep, InputBatch, RowState, StepTensors
@@ -153,11 +154,30 @@ class ModelRunner:
         else:
             # Decodes first, then prefill chunks (StepLayout's promise; backends sort further if they want).
             batch = self.input_batch.prepare(decodes + prefills, len(decodes), self.device)
-            hidden = self._forward(batch)
+            hidden = self._forward(batch, self._generated_tokens(decodes, prefills))
         return self._finish_step(batch, hidden, step.grammar_bitmask, out)
 
-    def _forward(self, batch: StepTensors) -> torch.Tensor:
-        """The eager forward pass of a step (with its LoRA rows, if any)."""
+    def _generated_tokens(self, decodes: list[StepRow], prefills: list[StepRow]) -> torch.Tensor | None:
+        """Positions among the step's tokens (decodes, then prefills) of those that are not prompt
+        tokens, or None when the step computes no prompt token."""
+        if not prefills:
+            return None
+        positions, offset, any_prompt = list(range(len(decodes))), len(decodes), False
+        for row in prefills:
+            end = row.start + row.num_new_tokens
+            prompt = max(0, min(end, self.input_batch.states[row.request_id].num_prompt_tokens) - row.start)
+            any_prompt = any_prompt or prompt > 0
+            positions.extend(range(offset + prompt, offset + row.num_new_tokens))
+            offset += row.num_new_tokens
+        return torch.tensor(positions, dtype=torch.int64, device=self.device) if any_prompt else None
+
+    def _forward(self, batch: StepTensors, generated: torch.Tensor | None = None) -> torch.Tensor:
+        """The eager forward pass of a step (with its LoRA rows, if any). Where the step has prompt
+        tokens, ``generated`` says which are not (`pagoda.model.quant.packed.w8a8_for_prompt_tokens`)."""
+        with w8a8_for_prompt_tokens(generated):
+            return self._forward_model(batch)
+
+    def _forward_model(self, batch: StepTensors) -> torch.Tensor:
         if batch.lora_ids is not None:
             if self.lora_manager is None:
                 raise RuntimeError("a row uses a LoRA adapter but this worker has LoRA off")

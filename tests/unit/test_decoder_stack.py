@@ -14,7 +14,7 @@ from pagoda import LLM, SamplingParams
 from pagoda.kernels import cpu_ext
 from pagoda.model import decoder_stack
 from pagoda.model.decoder_stack import CompiledDecoderStack, decoder_stack_disabled
-from pagoda.model.quant import packed
+from pagoda.model.quant import methods, packed
 from tests.conftest import TINY_VOCAB, make_tiny_checkpoint
 
 
@@ -62,6 +62,9 @@ def test_stack_equals_python_modules(tmp_path, calls, monkeypatch, arch, dtype, 
         monkeypatch.setitem(packed.GEMV_Q8_ACTIVATIONS, 4, True)
         quantization = quantization.removesuffix("+q8")
     folder = make_tiny_checkpoint(tmp_path, arch)
+    # 4-bit layers without W8A8 copies (with them, steps with prompt tokens leave the stack:
+    # test_prompt_steps_leave_the_stack_to_w8a8_copies).
+    monkeypatch.setattr(methods, "w8a8_fast", lambda: False)
     # A budget of 8 tokens: later steps mix decodes with prefill chunks, all through the stack.
     llm = LLM(str(folder), dtype=dtype, quantization=quantization, attention_backend="cpu",
               show_progress=False, kv_cache_memory=16 * 1024**2, max_num_batched_tokens=8)
@@ -78,6 +81,25 @@ def test_stack_equals_python_modules(tmp_path, calls, monkeypatch, arch, dtype, 
         plain = _generate(llm, prompts, params)
         assert calls["n"] == before
     assert compiled == plain
+
+
+def test_prompt_steps_leave_the_stack_to_w8a8_copies(tmp_path, calls, monkeypatch):
+    """With W8A8 copies (int4 layers of a small model on a VNNI CPU), a step that computes prompt
+    tokens runs the Python modules, whose W8A8 copies then serve every row count: a prompt's
+    products do not depend on how its prefill was cut. Decode-only steps still take the stack."""
+    monkeypatch.setattr(methods, "w8a8_fast", lambda: True)
+    folder = make_tiny_checkpoint(tmp_path, "llama")
+    llm = LLM(str(folder), dtype="bfloat16", quantization="int4", attention_backend="cpu",
+              show_progress=False, kv_cache_memory=16 * 1024**2)
+    assert any(getattr(m.packed, "w8a8", None) is not None for m in llm.engine.model.modules()
+               if type(m).__name__ == "Linear")
+    w8a8_rows = []
+    real = packed.Int8Weight.matmul_w8a8
+    monkeypatch.setattr(packed.Int8Weight, "matmul_w8a8",
+                        lambda self, x, dtype=torch.float32: w8a8_rows.append(x.shape[0]) or real(self, x, dtype))
+    llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    assert w8a8_rows and set(w8a8_rows) == {3}  # the 3-token prompt step, under W8A8_OVER_INT4_ROWS rows
+    assert calls["n"] == 3  # the three decode steps
 
 
 def test_large_steps_and_torch_attention_take_the_python_path(tmp_path, calls):

@@ -57,7 +57,8 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, rel: float) -> None:
     assert err <= rel * expected.abs().max().item(), (err, expected.abs().max().item())
 
 
-@pytest.mark.parametrize("m", [1, 3, packed.SMALL_M_MAX, packed.SMALL_M_MAX + 1, 40])
+@pytest.mark.parametrize("m", [1, 3, packed.SMALL_M_MAX, packed.SMALL_M_MAX + 1, packed.W8A8_OVER_INT4_ROWS,
+                               packed.W8A8_OVER_INT4_ROWS + 1, 40])
 @pytest.mark.parametrize("qtype", sorted(PACKED_GGUF_TYPES), ids=lambda t: t.name)
 def test_int4_matmul_matches_dequantized_gguf(qtype: QType, m: int) -> None:
     gen = torch.Generator().manual_seed(m)
@@ -66,7 +67,7 @@ def test_int4_matmul_matches_dequantized_gguf(qtype: QType, m: int) -> None:
     form = Int4Weight.from_codes(codes, with_w8a8=True)
     x = torch.randn(m, 128, generator=gen).to(BF16)
     _close(Int4Weight.from_codes(codes).matmul(x), x.float() @ _int4_reference(codes).t(), 1e-2)
-    if m <= packed.SMALL_M_MAX:
+    if m <= packed.W8A8_OVER_INT4_ROWS:
         # int4 kernel: exact up to bf16 rounding of the scales and of the output.
         _close(form.matmul(x), x.float() @ _int4_reference(codes).t(), 1e-2)
     else:
@@ -97,16 +98,10 @@ def test_int4_quantize_is_within_half_a_step() -> None:
     assert ((codes.dequantize() - weight).abs() <= step / 2 + 1e-6).all()
 
 
-def test_dispatch_by_batch_rows(monkeypatch: pytest.MonkeyPatch) -> None:
-    form = Int4Weight.quantize(torch.randn(64, 64) * 0.05, with_w8a8=True)
-    calls = []
-    monkeypatch.setattr(form, "matmul_int4", lambda x: calls.append("int4") or torch.zeros(x.shape[0], 64))
-    monkeypatch.setattr(form.w8a8, "matmul_w8a8", lambda x: calls.append("w8a8") or torch.zeros(x.shape[0], 64))
-    form.matmul(torch.randn(packed.SMALL_M_MAX, 64))
-    form.matmul(torch.randn(packed.SMALL_M_MAX + 1, 64))
-    assert calls == ["int4", "w8a8"]
+def test_int4_forms_without_a_w8a8_copy_stay_weight_only() -> None:
+    # (the dispatch to a W8A8 copy: tests/unit/test_w8a8.py)
     int4_only = Int4Weight.quantize(torch.randn(64, 64) * 0.05)
-    assert int4_only.w8a8 is None  # the built-in methods: weight-only at every M
+    assert int4_only.w8a8 is None
 
 
 def test_fused_shards_are_row_concatenations() -> None:

@@ -5,7 +5,7 @@ One method per format, chosen once at load (`resolve_quantization`):
 | method | linear layers | lm_head (and a tied embedding) |
 |---|---|---|
 | ``none``  | float weights in the engine dtype (the reference) | float |
-| ``gguf``  | Q4_0/Q4_1 blocks repacked exactly into int4 groups of 32; other GGUF types dequantized, then int8 per row; weight-only kernels | int8 per row, weight-only |
+| ``gguf``  | Q4_0/Q4_1 blocks repacked exactly into int4 groups of 32; other GGUF types dequantized, then int8 per row; weight-only kernels (small models: W8A8 on o_proj/gate_up_proj in large batches and prompts) | int8 per row, weight-only |
 | ``int8``  | float checkpoint quantized to int8 per output row: weight-only at small M, W8A8 at large M (fastest batches, +3% perplexity) | int8 per row, same dispatch |
 | ``int4``  | float checkpoint quantized to asymmetric int4 groups of 32; weight-only kernels | int8 per row, weight-only |
 
@@ -25,14 +25,15 @@ from torch import nn
 from pagoda.config import QUANTIZATION_CHOICES, ConfigError, cpu_has_fast_bf16
 from pagoda.model.layers.linear import Linear, PackedEmbedding
 from pagoda.model.quant.gguf_blocks import PACKED_GGUF_TYPES, Int4Codes, decode_blocks
-from pagoda.model.quant.packed import Int4Weight, Int8Weight, gemv_q8_activations
+from pagoda.model.quant.packed import W8A8_LAYERS, Int4Weight, Int8Weight, gemv_q8_activations, w8a8_fast
 
 logger = logging.getLogger(__name__)
 
 # Models whose linear weights take at most this much in bf16 also keep a bf16 copy of
-# them for batches of more than SMALL_M_MAX rows (packed.py): torch's packed kernels are
-# 1.5-2.5x slower than a bf16 matmul there, and W8A8 costs 3% perplexity. Memory is what
-# it costs (the default 135M model: +212 MiB). Larger models stay packed at every size.
+# them for large batches (packed.py): the packed weight-only kernels are slower than a bf16
+# matmul there, and W8A8 on every layer costs 3% perplexity. On CPUs with int8 dot products
+# the W8A8_LAYERS keep int8 rows for W8A8 instead (packed.W8A8_LAYERS). Memory is what it
+# costs (the default 135M model: +~150 MiB). Larger models stay packed at every size.
 DENSE_COPY_MAX_BYTES = 1 << 30
 
 class LinearMethod:
@@ -133,10 +134,15 @@ def apply_linear_method(model: nn.Module, method: LinearMethod) -> None:
     layers = [m for m in model.modules() if isinstance(m, Linear)]
     dense_copy = (not isinstance(method, Int8Method)
                   and sum(m.in_features * m.out_features for m in layers) * 2 <= DENSE_COPY_MAX_BYTES)
+    w8a8 = w8a8_fast()
     for name, module in model.named_modules():
         if isinstance(module, Linear) and module is not lm_head:
-            summary[method.process(module, name.rsplit(".", 1)[-1])] += 1
-            if dense_copy and isinstance(module.packed, Int4Weight):
+            role = name.rsplit(".", 1)[-1]
+            summary[method.process(module, role)] += 1
+            if dense_copy and isinstance(module.packed, Int4Weight) and w8a8 and role in W8A8_LAYERS:
+                # int8 rows of the kernel's own values (exact bf16 ones): W8A8 in large batches
+                module.packed.w8a8 = Int8Weight.quantize(module.packed.dequantize_bf16(), w8a8_at_large_m=True)
+            elif dense_copy and isinstance(module.packed, Int4Weight):
                 module.packed.dense = module.packed.dequantize_bf16()
             elif dense_copy and isinstance(module.packed, Int8Weight):
                 module.packed.dense = module.packed.dequantize().to(torch.bfloat16)
@@ -155,4 +161,4 @@ def apply_linear_method(model: nn.Module, method: LinearMethod) -> None:
     nbytes = sum(m.packed.nbytes for m in model.modules() if isinstance(m, Linear) and m.packed is not None)
     logger.info("quantization=%s: %s; packed linear weights %.1f MiB%s", method.name,
                 ", ".join(f"{n} {k}" for k, n in sorted(summary.items())), nbytes / 2**20,
-                " (with a bf16 copy for batches of more than 8 rows)" if dense_copy else "")
+                " (with a bf16 copy, or int8 rows for W8A8, for large batches)" if dense_copy else "")

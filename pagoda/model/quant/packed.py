@@ -8,9 +8,11 @@ Kernels (measured on an AMD EPYC Zen 5, 2 threads; docs/quantization.md):
   per weight instead of 2), but 1.5-2.5x *slower* than bf16 at M >= 16. Quality:
   perplexity within 0.15% of the float model.
 - W8A8, int8 weights times per-row dynamically quantized int8 activations with
-  ``torch._int_mm`` (VNNI): ~2x faster than bf16 at M >= 16, but the int8
-  activations cost +3.2% perplexity on SmolLM2-135M. So only the ``int8`` method
-  uses it, for ``M > SMALL_M_MAX``; every other form stays weight-only at every M.
+  ``torch._int_mm`` (VNNI; `w8a8_matmul`, csrc/cpu/w8a8.cpp): ~2x faster than bf16 at
+  M >= 16, but int8 activations on every layer cost +3.2% perplexity on SmolLM2-135M. The
+  ``int8`` method uses it on every layer for ``M > SMALL_M_MAX``; the 4-bit forms of small
+  models on `W8A8_LAYERS` only (o_proj, gate_up_proj: +0.67% together), above
+  ``W8A8_OVER_INT4_ROWS`` rows and for prompt tokens (`w8a8_for_prompt_rows`).
 
 Invariant: a form holds integer weights and small per-row / per-group scales, plus,
 for small models only, ``dense``: a bf16 copy of the same (dequantized) weights that
@@ -22,6 +24,8 @@ scalar path, ~50x slower), so activations are cast to bf16 and results back.
 
 from __future__ import annotations
 
+import contextlib
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +71,52 @@ _GEMV_MAX_ROWS = {form: _gemv_max_rows(form) for form in ("int4", "int8", "int8_
 #   96.0% to 93.3%, and the wider gap to the prefill path (a bf16 copy) makes greedy answers
 #   depend on prefix-cache hits more often, for a few percent. So 4-bit weights keep bf16.
 Q8_TOLERANT_LAYERS = frozenset({"o_proj", "gate_up_proj", "down_proj"})
+
+# Layers whose 4-bit weights get an int8 per-row copy for W8A8 (per-row int8 activations,
+# `w8a8_matmul`) in batches of more than W8A8_OVER_INT4_ROWS rows, in small models (where
+# the others keep a bf16 copy: `pagoda.model.quant.methods.DENSE_COPY_MAX_BYTES`), on CPUs
+# with int8 dot products (VNNI / AMX). Measured on the default model (docs/quantization.md,
+# benchmarks/quant_quality.py; AMD Zen 5, 2 threads):
+# - speed: torch._int_mm runs ~2x the bf16 matmul's rate (1.9 vs 0.97 TFLOP/s at 2048 rows);
+#   with the activations quantized and the products scaled in one op, 576->3072 takes 4.3 ms
+#   at 2048 rows against 7.7 (bf16), and 189 us at 64 rows against 328 (the int4 GEMV);
+# - quality (prefill, teacher-forced perplexity vs the float model): o_proj -0.08%, gate_up_proj
+#   +0.25%, both +0.51%; down_proj (+0.83% alone) and qkv_proj (+1.03%) carry the outlier
+#   channels and stay out.
+W8A8_LAYERS = frozenset({"o_proj", "gate_up_proj"})
+# Decode rows above which an int4 form with a W8A8 copy takes it (prompt rows take it at any
+# count: `w8a8_for_prompt_rows`): where the GEMV would hand over to a bf16 copy, 64 rows (8
+# with AMX). W8A8 is faster from ~16 rows (576->3072: 16 rows 73 vs 84 us, 64: 189 vs 328),
+# but a decode token's numerics must not depend on how many tokens share its step: a step
+# verifying speculative drafts (rows of 1 + k tokens) reproduces plain decoding bit for bit
+# only while both take the same kernel. Offline mix: +9% with 64 here, +10% with 16.
+W8A8_OVER_INT4_ROWS = _GEMV_MAX_ROWS["int4"]
+
+# Set while a step that computes prompt tokens runs (`w8a8_for_prompt_tokens`): the positions,
+# among the step's tokens, of those that are not prompt tokens (decodes, draft verification,
+# generated tokens recomputed after a preemption). W8A8 copies serve the prompt tokens at any
+# count, so a prompt's products in those layers never depend on how its prefill was cut; the
+# other tokens take what a decode-only step of as many tokens would, so theirs do not depend
+# on whether a prompt shared their step. Without it, a prefix-cache hit leaving a 5-token tail
+# would compute that tail with the int4 GEMV next to a prefix computed with W8A8, and a greedy
+# answer at a near-tie (the default model's first token for "What is the capital of France?":
+# 0.08 nats between two tokens even in float32) would flip on the second identical request.
+_GENERATED_TOKENS: ContextVar[torch.Tensor | None] = ContextVar("pagoda_generated_tokens", default=None)
+
+
+@contextlib.contextmanager
+def w8a8_for_prompt_tokens(generated: torch.Tensor | None):
+    """Within the block (this thread or task), the step has prompt tokens and ``generated`` (int64
+    positions) are its other tokens; None: the step has no prompt token (nothing changes)."""
+    token = _GENERATED_TOKENS.set(generated)
+    try:
+        yield
+    finally:
+        _GENERATED_TOKENS.reset(token)
+
+
+def step_has_prompt_tokens() -> bool:
+    return _GENERATED_TOKENS.get() is not None
 GEMV_Q8_ACTIVATIONS: dict[int, bool | frozenset[str]] = {4: False, 8: True}
 
 
@@ -81,6 +131,47 @@ def gemv_q8_activations(bits: int, layer: str | None = None) -> bool:
 
 def _as_2d(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
     return x.reshape(-1, x.shape[-1]), x.shape[:-1]
+
+
+def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8 activations: ``(xq int8 [M, K], scale float32 [M])`` with
+    ``xq = round(x * (127 / amax))`` (half to even) and ``scale = amax / 127``. A row of zeros
+    gets scale 0; a row holding a NaN or an infinity gets a NaN scale (so its products are NaN).
+    The torch code of csrc/cpu/w8a8.cpp's quantization, op for op (equal bit for bit)."""
+    xf = x.float()
+    amax = xf.abs().amax(dim=1)
+    amax = torch.where(torch.isfinite(xf).all(dim=1), amax, torch.full_like(amax, float("nan")))
+    inv = torch.full_like(amax, 127.0).div(amax)  # 127 / amax as one division, as the C++ code
+    xq = torch.round(xf * inv[:, None]).clamp_(-127, 127).nan_to_num_(0.0)
+    return xq.to(torch.int8), amax / 127.0
+
+
+def w8a8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """``x[M, K] @ (scale[:, None] * q).T`` on per-row int8 activations (`quantize_rows_int8`):
+    an exact int32 product (``torch._int_mm``, VNNI/AMX), then ``acc * x_scale[m] * scale[n]``.
+    pagoda's C++ op (csrc/cpu/w8a8.cpp) fuses the three steps in chunks of rows; the torch code
+    below is its fallback and gives the same bits. A row's result never depends on the others."""
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    floats = (torch.float32, torch.bfloat16, torch.float16)
+    if _w8a8_op_available() and x.dtype in floats and out_dtype in floats:
+        return torch.ops.pagoda.w8a8_linear(x, q, scale, out_dtype)
+    xq, x_scale = quantize_rows_int8(x)
+    acc = torch._int_mm(xq, q.t())
+    return (acc.float() * x_scale[:, None] * scale[None, :]).to(out_dtype)
+
+
+def w8a8_fast() -> bool:
+    """Whether this CPU multiplies int8 natively (AVX-512 VNNI, AVX-VNNI or AMX-INT8): where
+    `W8A8_LAYERS` get their W8A8 copy. Elsewhere torch._int_mm is unmeasured and they keep bf16."""
+    from pagoda.config import cpu_flags
+
+    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def _w8a8_op_available() -> bool:
+    from pagoda.kernels.cpu_ext import cpu_ops
+
+    return cpu_ops() is not None and hasattr(torch.ops.pagoda, "w8a8_linear")
 
 
 @dataclass
@@ -195,13 +286,10 @@ class Int8Weight:
             return self.gemv.matmul(x.to(_KERNEL_DTYPE))
         return torch._weight_int8pack_mm(x.to(_KERNEL_DTYPE), self.q, self.scale_kernel)
 
-    def matmul_w8a8(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        x_scale = (xf.abs().amax(dim=1, keepdim=True) / 127.0).clamp_min(1e-12)
-        xq = torch.round(xf / x_scale).to(torch.int8)
+    def matmul_w8a8(self, x: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``x[M, K] @ W.T`` on per-row int8 activations (`w8a8_matmul`), in ``out_dtype``."""
         q = self.q if self.q is not None else self.gemv.codes().contiguous()  # (only W8A8 forms run this hot)
-        acc = torch._int_mm(xq, q.t())
-        return acc.float().mul_(x_scale).mul_(self.scale)
+        return w8a8_matmul(x, q, self.scale, out_dtype)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         x2, lead = _as_2d(x)
@@ -209,7 +297,7 @@ class Int8Weight:
         if self.dense is not None and x2.shape[0] > gemv_rows:
             y = torch.nn.functional.linear(x2.to(self.dense.dtype), self.dense)
         elif self.w8a8_at_large_m and x2.shape[0] > SMALL_M_MAX:
-            y = self.matmul_w8a8(x2)
+            y = self.matmul_w8a8(x2, torch.float32 if self.float_out else x.dtype)
         else:
             y = self.matmul_weight_only(x2)
         return y.to(torch.float32 if self.float_out else x.dtype).reshape(*lead, -1)
@@ -297,8 +385,9 @@ class Int4Weight:
       activation dtype), so codes ``w = s * q + o`` (GGUF Q4_1: ``d * q + m``) map
       exactly with ``zero = o + 8 * s`` up to rounding scale and zero to bf16.
     Invariant: exactly one of ``gemv`` and ``packed`` is set.
-    ``w8a8``: an int8 per-row copy of the same weights for W8A8 at large M (None: int4
-    at every M; what the built-in methods use, for quality).
+    ``w8a8``: an int8 per-row copy of the same weights for W8A8 above ``W8A8_OVER_INT4_ROWS``
+    rows (None: int4, or ``dense``, at every M). The built-in methods give one to small
+    models' `W8A8_LAYERS` (`pagoda.model.quant.methods.apply_linear_method`).
     """
 
     packed: torch.Tensor | None  # uint8 [N, K // 2] (torch's layout)
@@ -351,18 +440,29 @@ class Int4Weight:
                                                  self.scales_zeros)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        generated = _GENERATED_TOKENS.get() if self.w8a8 is not None else None
+        if generated is not None:  # prompt tokens: W8A8; the others as in a decode-only step
+            x2, lead = _as_2d(x)
+            y = self.w8a8.matmul_w8a8(x2, x.dtype)
+            if 0 < generated.numel() <= W8A8_OVER_INT4_ROWS:
+                y.index_copy_(0, generated, self._matmul_by_rows(x2.index_select(0, generated)))
+            return y.reshape(*lead, -1)
+        return self._matmul_by_rows(x)
+
+    def _matmul_by_rows(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2 and x.dtype == _KERNEL_DTYPE and x.shape[0] <= SMALL_M_MAX:
             # The decode hot path (bf16 rows, few of them): one kernel call, no casts or reshapes.
             if self.gemv is not None:
                 return self.gemv.matmul(x)
             return torch._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_zeros)
         x2, lead = _as_2d(x)
-        if self.dense is not None and x2.shape[0] > (_GEMV_MAX_ROWS["int4"] if self.gemv is not None else SMALL_M_MAX):
+        rows = x2.shape[0]
+        if self.w8a8 is not None and rows > W8A8_OVER_INT4_ROWS:
+            y = self.w8a8.matmul_w8a8(x2, x.dtype)
+        elif self.dense is not None and rows > (_GEMV_MAX_ROWS["int4"] if self.gemv is not None else SMALL_M_MAX):
             y = torch.nn.functional.linear(x2.to(self.dense.dtype), self.dense)
-        elif x2.shape[0] <= SMALL_M_MAX or self.w8a8 is None:
-            y = self.matmul_int4(x2)
         else:
-            y = self.w8a8.matmul_w8a8(x2)
+            y = self.matmul_int4(x2)
         return y.to(x.dtype).reshape(*lead, -1)
 
 
