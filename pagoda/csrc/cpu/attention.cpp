@@ -337,10 +337,6 @@ PAGODA_INLINE void score_block16_bf16(const uint16_t* q, int64_t M, const uint16
 // accumulators stay in registers while each value row is converted once; a query's sum
 // runs over t in order whatever its group, and a weight of 0 (a key the query does not see;
 // n never exceeds the block's written keys) adds an exact zero.
-// acc is kept in "even/odd" order (`from_even_odd`): each 32-element chunk of a value row is
-// one 512-bit load whose 32-bit lanes hold pairs (v[2l], v[2l+1]); a shift gives the even
-// elements as fp32 and a mask the odd ones (two ops per 32 values instead of a widening
-// load and a shift per 16). The arithmetic per element is unchanged.
 template <int DC, int QG>
 PAGODA_INLINE void accumulate_group_bf16(float* acc, const float* correction, const float* p, const uint16_t* v,
                                          int64_t stride, int64_t n) {
@@ -351,13 +347,11 @@ PAGODA_INLINE void accumulate_group_bf16(float* acc, const float* correction, co
     const __m512 c = _mm512_set1_ps(correction[j]);
     for (int i = 0; i < VC; ++i) a[j][i] = _mm512_mul_ps(_mm512_loadu_ps(acc + j * D + 16 * i), c);
   }
-  const __m512i high_halves = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
   for (int64_t t = 0; t < n; ++t) {
     __m512 vt[VC];
-    for (int c = 0; c < DC; ++c) {
-      const __m512i pairs = _mm512_loadu_si512(v + t * stride + 32 * c);
-      vt[2 * c] = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));               // v[32c + 2l]
-      vt[2 * c + 1] = _mm512_castsi512_ps(_mm512_and_si512(pairs, high_halves));   // v[32c + 2l + 1]
+    for (int i = 0; i < VC; ++i) {
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + t * stride + 16 * i));
+      vt[i] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
     }
     for (int j = 0; j < QG; ++j) {
       const __m512 pj = _mm512_set1_ps(p[j * 16 + t]);
@@ -366,22 +360,6 @@ PAGODA_INLINE void accumulate_group_bf16(float* acc, const float* correction, co
   }
   for (int j = 0; j < QG; ++j)
     for (int i = 0; i < VC; ++i) _mm512_storeu_ps(acc + j * D + 16 * i, a[j][i]);
-}
-
-// Rows of acc (M rows of D floats) from even/odd order (accumulate_group_bf16) back to
-// element order: in each chunk of 32, floats l and 16 + l are elements 2l and 2l + 1.
-inline void from_even_odd(float* acc, int64_t M, int64_t D) {
-  float chunk[32];
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t c = 0; c < D; c += 32) {
-      float* a = acc + m * D + c;
-      for (int l = 0; l < 16; ++l) {
-        chunk[2 * l] = a[l];
-        chunk[2 * l + 1] = a[16 + l];
-      }
-      std::memcpy(a, chunk, sizeof(chunk));
-    }
-  }
 }
 
 template <int DC>
@@ -594,9 +572,6 @@ void run_item(const WorkItem& item, int64_t kv_head, const T* q, const T* k_cach
     }
   }
 
-#ifdef PAGODA_ATTENTION_BF16_SCORES
-  if (bf16_scores) from_even_odd(acc, M, D);
-#endif
   if (item.partial < 0) {  // the whole row's keys: normalise and write
     for (int64_t m = 0; m < M; ++m) {
       const int64_t i = m / G, g = m % G;
