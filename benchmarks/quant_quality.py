@@ -8,13 +8,12 @@ windows of ``--window`` tokens:
   reference's. The reference is the float model: the GGUF dequantized, in float32.
 
 A prefill runs the large-M kernels, decode the small-M ones, and they differ. In a
-small model's 4-bit forms, up to W8A8_OVER_INT4_ROWS rows every layer runs pagoda's
-packed GEMV; above it the W8A8_LAYERS (o_proj, gate_up_proj) run W8A8 on their int8
-copy, and the other layers the GEMV up to 64 rows (decode batches) or a bf16 copy of
-their weights above (prefill). ``int8`` runs W8A8 on every layer above SMALL_M_MAX rows.
+small model's 4-bit forms, prompt tokens take W8A8 on the W8A8_LAYERS (o_proj,
+gate_up_proj; on CPUs with int8 dot products) and a bf16 copy of the other layers'
+weights above 64 rows; generated tokens take pagoda's packed GEMV on every layer up to
+64 of them in a step (decode). ``int8`` runs W8A8 on every layer above SMALL_M_MAX rows.
 The plain rows measure the prefill kernels (teacher forcing runs 512-token windows);
-``@small-M`` forces the small-batch kernels at every row count (single-stream decode),
-``@decode-batch`` the kernels of decode batches of 17-64 rows.
+``@small-M`` forces the decode kernels at every row count, prompt tokens included.
 
 Speed (``--speed``): every configuration is loaded once, then rounds run round-robin
 (single stream: 128 greedy tokens; batch: 64 requests x 64 tokens at once), and the
@@ -40,6 +39,7 @@ import torch
 
 from pagoda import LLM
 from pagoda.model.quant import packed
+from pagoda.worker import model_runner
 from pagoda.sampling_params import SamplingParams
 
 TEXT = Path(__file__).resolve().parent / "data" / "opticks_excerpt.txt"
@@ -50,7 +50,7 @@ class Config:
     label: str
     dtype: str
     quantization: str
-    kernels: str = "prefill"  # "prefill" (as the row counts decide), "small-M" or "decode-batch" everywhere
+    kernels: str = "prefill"  # "prefill" (as the tokens and row counts decide) or "small-M" (decode's everywhere)
     # (4-bit, 8-bit) int8 activations in pagoda's GEMV: True / False for every layer, or a set of
     # layer names (packed.GEMV_Q8_ACTIVATIONS); None: the defaults (4-bit: none; 8-bit: all).
     gemv_q8: tuple[bool | frozenset[str], bool | frozenset[str]] | None = None
@@ -61,7 +61,6 @@ CONFIGS = [
     Config("none (bf16)", "bfloat16", "none"),
     Config("gguf", "bfloat16", "gguf"),
     Config("gguf@small-M", "bfloat16", "gguf", "small-M"),
-    Config("gguf@decode-batch", "bfloat16", "gguf", "decode-batch"),
     Config("gguf@small-M, bf16 activations", "bfloat16", "gguf", "small-M", (False, False)),
     Config("gguf@small-M, int8 activations but qkv_proj", "bfloat16", "gguf", "small-M",
            (packed.Q8_TOLERANT_LAYERS, True)),
@@ -75,17 +74,20 @@ SPEED_CONFIGS = ["none (bf16)", "gguf", "int8", "int4"]
 
 @contextlib.contextmanager
 def forced_kernels(kernels: str):
-    """Within the block, every row count takes the kernels of ``kernels`` (Config.kernels)."""
+    """Within the block, with ``kernels="small-M"``, every row count takes the decode kernels:
+    the GEMV, not a bf16 copy or W8A8, and prompt tokens are not told apart."""
     saved = packed.SMALL_M_MAX, packed.W8A8_OVER_INT4_ROWS, dict(packed._GEMV_MAX_ROWS)
-    if kernels in ("small-M", "decode-batch"):  # the GEMV (not a bf16 copy) at any row count
+    saved_marker = model_runner.w8a8_for_prompt_tokens
+    if kernels == "small-M":
         packed._GEMV_MAX_ROWS.update({form: 1 << 30 for form in saved[2]})
-    if kernels == "small-M":  # and no W8A8
         packed.SMALL_M_MAX = packed.W8A8_OVER_INT4_ROWS = 1 << 30
+        model_runner.w8a8_for_prompt_tokens = lambda generated: contextlib.nullcontext()
     try:
         yield
     finally:
         packed.SMALL_M_MAX, packed.W8A8_OVER_INT4_ROWS = saved[:2]
         packed._GEMV_MAX_ROWS.update(saved[2])
+        model_runner.w8a8_for_prompt_tokens = saved_marker
 
 
 def read_text() -> str:

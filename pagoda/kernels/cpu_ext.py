@@ -20,6 +20,7 @@ log line and callers use their torch code. Invariant: every caller of
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -84,22 +85,49 @@ def _build() -> ModuleType | None:
     directory = build_dir()
     directory.mkdir(parents=True, exist_ok=True)
     try:
-        cpp_extension.load(
-            name=EXTENSION_NAME,
-            sources=sources,
-            extra_cflags=["-O3", "-march=native", "-fopenmp", "-DNDEBUG"],
-            extra_ldflags=["-fopenmp"],
-            extra_include_paths=[str(SOURCE_DIR)],
-            build_directory=str(directory),
-            is_python_module=False,
-            verbose=False,
-        )
+        with _build_lock(directory):
+            _load(cpp_extension, sources, directory)
     except Exception as error:  # noqa: BLE001 - any build failure means: fall back
         logger.warning("building the compiled CPU kernels failed (%s: %s); using the torch "
                        "fallbacks (slower)", type(error).__name__, str(error).strip()[-400:])
         return None
     logger.info("compiled CPU kernels loaded from %s", directory)
     return torch.ops.pagoda
+
+
+@contextlib.contextmanager
+def _build_lock(directory: Path):
+    """Holds an exclusive lock on the build folder for as long as this process builds or loads.
+
+    torch's own lock (a ``lock`` file that exists while a build runs) outlives a build that
+    was killed (Ctrl-C, a timeout), and every later process then waits for it forever. This
+    lock is an fcntl lock, which the system releases when its holder dies; whoever holds it
+    is the only pagoda process in the folder, so a ``lock`` file found then is stale and goes."""
+    import fcntl
+
+    with open(directory / "pagoda.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            stale = directory / "lock"
+            if stale.exists():
+                logger.warning("removing a stale build lock left by an interrupted build: %s", stale)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _load(cpp_extension, sources: list[str], directory: Path) -> None:
+    cpp_extension.load(
+        name=EXTENSION_NAME,
+        sources=sources,
+        extra_cflags=["-O3", "-march=native", "-fopenmp", "-DNDEBUG"],
+        extra_ldflags=["-fopenmp"],
+        extra_include_paths=[str(SOURCE_DIR)],
+        build_directory=str(directory),
+        is_python_module=False,
+        verbose=False,
+    )
 
 
 def cpu_ops():
