@@ -186,3 +186,9 @@ def test_a_prefix_cache_hit_repeats_the_first_answer(tmp_path, monkeypatch: pyte
     assert second.num_cached_tokens >= 32
     assert first.outputs[0].token_ids == second.outputs[0].token_ids
     assert first.outputs[0].logprobs == second.outputs[0].logprobs
+
+
+def test_no_w8a8_copies_without_the_op(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The torch fallback's separate scaling pass costs more than the int8 product saves.
+    monkeypatch.setattr(packed, "_w8a8_op_available", lambda: False)
+    assert not packed.w8a8_fast()

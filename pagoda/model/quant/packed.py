@@ -12,7 +12,7 @@ Kernels (measured on an AMD EPYC Zen 5, 2 threads; docs/quantization.md):
   M >= 16, but int8 activations on every layer cost +3.2% perplexity on SmolLM2-135M. The
   ``int8`` method uses it on every layer for ``M > SMALL_M_MAX``; the 4-bit forms of small
   models on `W8A8_LAYERS` only (o_proj, gate_up_proj: +0.67% together), above
-  ``W8A8_OVER_INT4_ROWS`` rows and for prompt tokens (`w8a8_for_prompt_rows`).
+  ``W8A8_OVER_INT4_ROWS`` rows and for prompt tokens (`w8a8_for_prompt_tokens`).
 
 Invariant: a form holds integer weights and small per-row / per-group scales, plus,
 for small models only, ``dense``: a bf16 copy of the same (dequantized) weights that
@@ -73,7 +73,7 @@ _GEMV_MAX_ROWS = {form: _gemv_max_rows(form) for form in ("int4", "int8", "int8_
 Q8_TOLERANT_LAYERS = frozenset({"o_proj", "gate_up_proj", "down_proj"})
 
 # Layers whose 4-bit weights get an int8 per-row copy for W8A8 (per-row int8 activations,
-# `w8a8_matmul`) in batches of more than W8A8_OVER_INT4_ROWS rows, in small models (where
+# `w8a8_matmul`) for prompt tokens and decode steps of more than W8A8_OVER_INT4_ROWS tokens, in small models (where
 # the others keep a bf16 copy: `pagoda.model.quant.methods.DENSE_COPY_MAX_BYTES`), on CPUs
 # with int8 dot products (VNNI / AMX). Measured on the default model (docs/quantization.md,
 # benchmarks/quant_quality.py; AMD Zen 5, 2 threads):
@@ -81,11 +81,11 @@ Q8_TOLERANT_LAYERS = frozenset({"o_proj", "gate_up_proj", "down_proj"})
 #   with the activations quantized and the products scaled in one op, 576->3072 takes 4.3 ms
 #   at 2048 rows against 7.7 (bf16), and 189 us at 64 rows against 328 (the int4 GEMV);
 # - quality (prefill, teacher-forced perplexity vs the float model): o_proj -0.08%, gate_up_proj
-#   +0.25%, both +0.51%; down_proj (+0.83% alone) and qkv_proj (+1.03%) carry the outlier
-#   channels and stay out.
+#   +0.25% (one at a time), both +0.67% (top-1 agreement 94.7%, from 97.4% with the bf16 copy);
+#   down_proj (+0.83% alone) and qkv_proj (+1.03%) carry the outlier channels and stay out.
 W8A8_LAYERS = frozenset({"o_proj", "gate_up_proj"})
 # Decode rows above which an int4 form with a W8A8 copy takes it (prompt rows take it at any
-# count: `w8a8_for_prompt_rows`): where the GEMV would hand over to a bf16 copy, 64 rows (8
+# count: `w8a8_for_prompt_tokens`): where the GEMV would hand over to a bf16 copy, 64 rows (8
 # with AMX). W8A8 is faster from ~16 rows (576->3072: 16 rows 73 vs 84 us, 64: 189 vs 328),
 # but a decode token's numerics must not depend on how many tokens share its step: a step
 # verifying speculative drafts (rows of 1 + k tokens) reproduces plain decoding bit for bit
@@ -161,11 +161,13 @@ def w8a8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, out_dtype
 
 
 def w8a8_fast() -> bool:
-    """Whether this CPU multiplies int8 natively (AVX-512 VNNI, AVX-VNNI or AMX-INT8): where
-    `W8A8_LAYERS` get their W8A8 copy. Elsewhere torch._int_mm is unmeasured and they keep bf16."""
+    """Whether `W8A8_LAYERS` get their W8A8 copy: this CPU multiplies int8 natively (AVX-512
+    VNNI, AVX-VNNI or AMX-INT8) and pagoda's W8A8 op is built. Elsewhere they keep bf16:
+    torch._int_mm is unmeasured there, and without the op the torch code's separate scaling
+    pass over the int32 products (6.9 ms for 2048 x 3072) costs more than the int8 product saves."""
     from pagoda.config import cpu_flags
 
-    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"}) and _w8a8_op_available()
 
 
 def _w8a8_op_available() -> bool:
