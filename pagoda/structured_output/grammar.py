@@ -24,6 +24,44 @@ def choice_ebnf(choices: list[str]) -> str:
     return "root ::= " + " | ".join(json.dumps(choice, ensure_ascii=False) for choice in choices)
 
 
+def regex_for_xgrammar(regex: str) -> str:
+    """``regex`` with each unescaped ``.`` outside a character class written ``[^\\n]``.
+
+    xgrammar reads ``.`` as any character, newline included; Python's ``re``, JavaScript
+    and the JSON-schema ``pattern`` dialect (what OpenAI and vLLM clients write against) do
+    not match a newline with it. Without this, ``0..0`` let the model answer ``"0)\\n0"``
+    (found by the fuzzed-regex server test). Everything else passes through unchanged, and
+    xgrammar still rejects what it cannot parse."""
+    out, i, in_class = [], 0, False
+    while i < len(regex):
+        c = regex[i]
+        if c == "\\":  # an escape: keep it and the escaped character as they are
+            out.append(regex[i:i + 2])
+            i += 2
+            continue
+        if in_class:
+            if c == "]":
+                in_class = False
+        elif c == "[":
+            in_class = True
+            out.append(c)
+            i += 1
+            if regex[i:i + 1] == "^":  # "[^]...]" / "[]...]": a leading "]" is a literal
+                out.append("^")
+                i += 1
+            if regex[i:i + 1] == "]":
+                out.append("]")
+                i += 1
+            continue
+        elif c == ".":
+            out.append("[^\\n]")
+            i += 1
+            continue
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
 def build_grammar(params: StructuredOutputsParams) -> xgr.Grammar:
     """The grammar of the constraint; raises xgrammar's errors (RuntimeError, ValueError...)."""
     kind, spec = params.kind, params.spec
@@ -35,7 +73,7 @@ def build_grammar(params: StructuredOutputsParams) -> xgr.Grammar:
         return xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=params.any_whitespace,
                                             strict_mode=False)
     if kind == "regex":
-        return xgr.Grammar.from_regex(spec)
+        return xgr.Grammar.from_regex(regex_for_xgrammar(spec))
     if kind == "choice":
         return xgr.Grammar.from_ebnf(choice_ebnf(params.choice))
     if kind == "grammar":
@@ -54,7 +92,7 @@ def compile_grammar(compiler: xgr.GrammarCompiler, params: StructuredOutputsPara
         return compiler.compile_json_schema('{"type": "object"}', any_whitespace=params.any_whitespace,
                                             strict_mode=False)
     if kind == "regex":
-        return compiler.compile_regex(spec)
+        return compiler.compile_regex(regex_for_xgrammar(spec))
     if kind == "choice":
         return compiler.compile_grammar(choice_ebnf(params.choice))
     if kind == "grammar":

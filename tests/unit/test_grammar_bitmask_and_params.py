@@ -332,3 +332,19 @@ def test_min_tokens_is_refused_with_a_grammar():
     with pytest.raises(SamplingParamsError) as info:
         SamplingParams(min_tokens=3, structured_outputs=S(regex="a+"))
     assert info.value.field_name == "min_tokens" and "structured_outputs" in str(info.value)
+
+
+def test_a_regex_dot_matches_no_newline_as_in_python() -> None:
+    import re
+
+    import xgrammar as xgr
+
+    from pagoda.structured_output.grammar import build_grammar, regex_for_xgrammar
+    from pagoda.structured_output.params import StructuredOutputsParams
+
+    # Escaped dots and dots in character classes stay as they are.
+    assert regex_for_xgrammar(r"a\.b[.]c[^.]d[]x.]") == r"a\.b[.]c[^.]d[]x.]"
+    assert regex_for_xgrammar(r"0..0\\.") == r"0[^\n][^\n]0\\[^\n]"
+    for regex, text in [("0..0", "0ab0"), ("0..0", "0)\n0"), ("a.*b", "a\nb"), (r"x[.\n]y", "x\ny")]:
+        grammar = build_grammar(StructuredOutputsParams(regex=regex))
+        assert xgr.testing._is_grammar_accept_string(grammar, text) == bool(re.fullmatch(regex, text)), (regex, text)
