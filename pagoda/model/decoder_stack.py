@@ -25,7 +25,7 @@ from pagoda.model.attention.cpu_paged import CpuAttentionMetadata
 from pagoda.model.attention.metadata import AttentionMetadata
 from pagoda.model.layers import fused
 from pagoda.model.layers.linear import Linear
-from pagoda.model.quant.packed import SMALL_M_MAX, Int4Weight, Int8Weight, step_has_prompt_tokens
+from pagoda.model.quant.packed import SMALL_M_MAX, Int4Weight, Int8Weight, has_w8a8_copies, step_has_prompt_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -106,9 +106,7 @@ class CompiledDecoderStack:
             for kind, a, b, group_size, bias in linears:
                 stack.add_linear(kind, a, b, group_size, bias)
         logger.debug("compiled decoder stack: %d layers", len(specs))
-        has_w8a8 = any(isinstance(m.packed, Int4Weight) and m.packed.w8a8 is not None
-                       for m in decoder.modules() if isinstance(m, Linear))
-        return cls(stack, has_w8a8)
+        return cls(stack, has_w8a8_copies(decoder))
 
     @staticmethod
     def applies(input_ids: torch.Tensor, hidden_dtype: torch.dtype, meta: AttentionMetadata) -> bool:

@@ -22,7 +22,7 @@ from pagoda.core.scheduler_output import ModelRunnerOutput, SchedulerOutput, des
 from pagoda.core.worker_step import GrammarBitmask, StepRow, WorkerStep
 from pagoda.engine.spec_decode.rejection_sampler import RejectionSampler
 from pagoda.model.attention.backend import select_attention_backend
-from pagoda.model.quant.packed import w8a8_for_prompt_tokens
+from pagoda.model.quant.packed import has_w8a8_copies, w8a8_for_prompt_tokens
 from pagoda.worker.cpu_threads import bind_model_threads
 from pagoda.worker.draft_runner import DraftRow, DraftRunner
 from pagoda.worker.input_batch import HostDecodeStep, InputBatch, RowState, StepTensors
@@ -51,6 +51,8 @@ class ModelRunner:
         if device.type == "cpu":
             bound_onednn_caches()  # before the first matmul: flat memory under varying batch shapes
         self.model = model
+        # Layers with W8A8 copies need each prompt step's token kinds (`_generated_tokens`).
+        self._marks_prompt_tokens = has_w8a8_copies(model)
         # Host-memory tier of the prefix cache (core/kv_offload.py): the swap space's layout.
         self.offload_host = offload_host
         self.kv_caches = kv_caches
@@ -159,8 +161,8 @@ class ModelRunner:
 
     def _generated_tokens(self, decodes: list[StepRow], prefills: list[StepRow]) -> torch.Tensor | None:
         """Positions among the step's tokens (decodes, then prefills) of those that are not prompt
-        tokens, or None when the step computes no prompt token."""
-        if not prefills:
+        tokens, or None when the step computes no prompt token (or no layer asks)."""
+        if not prefills or not self._marks_prompt_tokens:
             return None
         positions, offset, any_prompt = list(range(len(decodes))), len(decodes), False
         for row in prefills:

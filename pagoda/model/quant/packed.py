@@ -117,6 +117,13 @@ def w8a8_for_prompt_tokens(generated: torch.Tensor | None):
 
 def step_has_prompt_tokens() -> bool:
     return _GENERATED_TOKENS.get() is not None
+
+
+def has_w8a8_copies(module: torch.nn.Module) -> bool:
+    """Whether some layer of ``module`` holds a W8A8 copy (the only readers of
+    `w8a8_for_prompt_tokens`: without one, nobody needs to know a step's prompt tokens)."""
+    return any(isinstance(getattr(m, "packed", None), Int4Weight) and m.packed.w8a8 is not None
+               for m in module.modules())
 GEMV_Q8_ACTIVATIONS: dict[int, bool | frozenset[str]] = {4: False, 8: True}
 
 
