@@ -116,9 +116,11 @@ def test_mixed_decodes_and_prefill_chunks_match_torch(cpu_op, dtype, group):
     check_against_torch(cpu_op, rows, kv_heads=3, group=group, head_dim=64, dtype=dtype, seed=1)
 
 
-@pytest.mark.parametrize("rows", [[(512, 1024)], [(1, 1), (2, 2), (3, 3)], [(BS + 1, BS + 1), (BS - 1, 2 * BS)]])
-def test_prefill_only_steps_match_torch(cpu_op, rows):
-    check_against_torch(cpu_op, rows, kv_heads=3, group=3, head_dim=64, dtype=torch.float32, seed=2)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [[(512, 1024)], [(1, 1), (2, 2), (3, 3)], [(BS + 1, BS + 1), (BS - 1, 2 * BS)],
+                                  [(1, 1100), (600, 1100)]])  # bf16: keys in chunks of 512
+def test_prefill_only_steps_match_torch(cpu_op, rows, dtype):
+    check_against_torch(cpu_op, rows, kv_heads=3, group=3, head_dim=64, dtype=dtype, seed=2)
 
 
 @pytest.mark.parametrize("num_splits", [2, 3, 7, 1000])
