@@ -6,16 +6,21 @@ the layers' tensors once to ``torch.classes.pagoda.DecoderStack``
 (pagoda/csrc/cpu/decoder_stack.cpp), which runs the same ops in the same
 order as `DecoderModel.forward`: results are bitwise equal (tests check it).
 
-It applies when the step has at most ``SMALL_M_MAX`` tokens (where every
-packed form takes its small-batch kernel), attention runs on the compiled
-``cpu`` backend, the fused CPU ops are on, and every linear layer is float or
-one of the packed forms the C++ side knows (int4, int8 weight-only). Anything
-else runs the Python modules.
+It applies when attention runs on the compiled ``cpu`` backend, the fused CPU
+ops are on, every linear layer is float or one of the packed forms the C++ side
+knows (int4, int8 weight-only), and the step has at most `max_tokens` tokens:
+as many as every packed layer's Python matmul would still give its small-batch
+kernel (the GEMV up to 64 rows on AVX-512 BF16 CPUs, 8 elsewhere; see
+`Int4Weight.int4_rows`), capped at ``STACK_MAX_TOKENS``. Decode batches of 9-64
+requests used to run the modules: ~4 ms of a 14 ms 16-row step was module and
+dispatch overhead (benchmarks/offline_phases.py). Anything else runs the Python
+modules.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 from torch import nn
@@ -25,11 +30,15 @@ from pagoda.model.attention.cpu_paged import CpuAttentionMetadata
 from pagoda.model.attention.metadata import AttentionMetadata
 from pagoda.model.layers import fused
 from pagoda.model.layers.linear import Linear
-from pagoda.model.quant.packed import SMALL_M_MAX, Int4Weight, Int8Weight, has_w8a8_copies, step_has_prompt_tokens
+from pagoda.model.quant.packed import Int4Weight, Int8Weight, has_w8a8_copies, step_has_prompt_tokens
 
 logger = logging.getLogger(__name__)
 
 _switch = {"enabled": True}
+
+# Steps above this many tokens run the modules whatever the layers: there the matmuls dominate
+# and the modules' per-op overhead is noise.
+STACK_MAX_TOKENS = 64
 
 
 def decoder_stack_disabled():
@@ -52,13 +61,23 @@ def _linear_args(layer: Linear) -> tuple | None:
             _detach(layer.bias)
     if isinstance(packed, Int4Weight):
         return _INT4, packed.packed, packed.scales_zeros, packed.group_size, _detach(layer.bias)
-    if isinstance(packed, Int8Weight) and packed.gemv is not None:  # at most SMALL_M_MAX rows: weight-only
+    if isinstance(packed, Int8Weight) and packed.gemv is not None:  # within weight_only_rows(): weight-only
         gemv = packed.gemv
         return (_INT8_GEMV_Q8 if gemv.q8 else _INT8_GEMV), gemv.packed, gemv.scales, gemv.packed.shape[1] * 2, \
             _detach(layer.bias)
-    if isinstance(packed, Int8Weight):  # at most SMALL_M_MAX rows: always weight-only
+    if isinstance(packed, Int8Weight):  # within weight_only_rows(): weight-only
         return _INT8, packed.q, packed.scale_kernel, 0, _detach(layer.bias)
     return None
+
+
+def _stack_rows(layer: Linear) -> int | float:
+    """Rows up to which ``layer``'s Python matmul takes the kernel the stack runs for it."""
+    packed = layer.packed
+    if isinstance(packed, Int4Weight):
+        return packed.int4_rows()
+    if isinstance(packed, Int8Weight):
+        return packed.weight_only_rows()
+    return math.inf  # float: at::linear at any count
 
 
 def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -68,9 +87,12 @@ def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
 class CompiledDecoderStack:
     """A `DecoderModel`'s layers and final norm as one C++ object (see the module docstring)."""
 
-    def __init__(self, stack, has_w8a8: bool = False):
+    def __init__(self, stack, has_w8a8: bool = False, max_tokens: int = 1):
         self._stack = stack
         self.has_w8a8 = has_w8a8  # some layer holds a W8A8 copy (the stack itself runs int4)
+        # Steps of at most this many tokens: every layer's Python matmul would take the kernel the
+        # stack runs, so results are bitwise those of the modules.
+        self.max_tokens = max_tokens
         self._kv_caches: list | None = None  # the list last handed to the C++ side
 
     @classmethod
@@ -86,9 +108,12 @@ class CompiledDecoderStack:
         if not rotary.cos_cache.is_cpu:
             return None
         specs = []
+        max_tokens: int | float = STACK_MAX_TOKENS
         for layer in layers:
             a = layer.self_attn
-            linears = [_linear_args(m) for m in (a.qkv_proj, a.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+            modules = (a.qkv_proj, a.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
+            linears = [_linear_args(m) for m in modules]
+            max_tokens = min([max_tokens, *(_stack_rows(m) for m in modules)])
             if any(spec is None for spec in linears) or a.rotary is not rotary:
                 return None
             q_norm = a.q_norm.weight.detach() if a.q_norm is not None else None
@@ -106,18 +131,20 @@ class CompiledDecoderStack:
             for kind, a, b, group_size, bias in linears:
                 stack.add_linear(kind, a, b, group_size, bias)
         logger.debug("compiled decoder stack: %d layers", len(specs))
-        return cls(stack, has_w8a8_copies(decoder))
+        logger.debug("compiled decoder stack: steps of up to %d tokens", int(max_tokens))
+        return cls(stack, has_w8a8_copies(decoder), int(max_tokens))
 
     @staticmethod
     def applies(input_ids: torch.Tensor, hidden_dtype: torch.dtype, meta: AttentionMetadata) -> bool:
         """Whether this step may take the stack (else the Python modules run)."""
-        return (_switch["enabled"] and input_ids.shape[0] <= SMALL_M_MAX and isinstance(meta, CpuAttentionMetadata)
+        return (_switch["enabled"] and input_ids.shape[0] <= STACK_MAX_TOKENS and isinstance(meta, CpuAttentionMetadata)
                 and fused.fused_enabled() and hidden_dtype in fused.FUSED_DTYPES)
 
-    def takes_step(self) -> bool:
-        """False for a step with prompt tokens (`w8a8_for_prompt_tokens`) where some layer has a W8A8
-        copy: those tokens take it, and the C++ stack runs the int4 GEMV."""
-        return not (self.has_w8a8 and step_has_prompt_tokens())
+    def takes_step(self, num_tokens: int) -> bool:
+        """False for a step of more than `max_tokens` tokens, and for a step with prompt tokens
+        (`w8a8_for_prompt_tokens`) where some layer has a W8A8 copy: those tokens take it, and the
+        C++ stack runs the int4 GEMV."""
+        return num_tokens <= self.max_tokens and not (self.has_w8a8 and step_has_prompt_tokens())
 
     def __call__(self, hidden: torch.Tensor, positions: torch.Tensor,
                  kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: CpuAttentionMetadata) -> torch.Tensor:

@@ -171,7 +171,7 @@ class LlamaForCausalLM(nn.Module):
         lora_active = self.lora_context is not None and self.lora_context.active
         if not lora_active and CompiledDecoderStack.applies(input_ids, self.model.norm.weight.dtype, meta):
             stack = self._decoder_stack()
-            if stack is not None and stack.takes_step():
+            if stack is not None and stack.takes_step(input_ids.shape[0]):
                 return stack(embed(input_ids), positions, kv_caches, meta)
         return self.model(input_ids, positions, kv_caches, meta)
 

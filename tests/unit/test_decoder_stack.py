@@ -110,8 +110,41 @@ def test_large_steps_and_torch_attention_take_the_python_path(tmp_path, calls):
     assert calls["n"] == 0
     llm = LLM(str(folder), dtype="bfloat16", attention_backend="cpu", show_progress=False,
               kv_cache_memory=16 * 1024**2)
-    llm.generate([list(range(3, 40))], SamplingParams(temperature=0, max_tokens=1))  # one 37-token step
+    prompt = list(range(3, 3 + decoder_stack.STACK_MAX_TOKENS + 1))
+    llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1))  # one 65-token step
     assert calls["n"] == 0
+
+
+@pytest.mark.parametrize("quantization", ["int4", "none"])
+def test_decode_batches_up_to_the_row_limit_take_the_stack(tmp_path, monkeypatch, quantization):
+    """A decode step of many requests runs in the stack while every layer's Python matmul would
+    still take the stack's kernel (the int4 GEMV up to 64 rows where it is built; float: up to
+    STACK_MAX_TOKENS), with the same tokens and logprobs as the modules."""
+    monkeypatch.setattr(methods, "w8a8_fast", lambda: True)  # the default model's form on VNNI CPUs
+    folder = make_tiny_checkpoint(tmp_path, "llama")
+    llm = LLM(str(folder), dtype="bfloat16", quantization=quantization, attention_backend="cpu",
+              show_progress=False, kv_cache_memory=16 * 1024**2)
+    stack = llm.engine.model._decoder_stack()
+    if quantization == "none":
+        assert stack.max_tokens == decoder_stack.STACK_MAX_TOKENS
+    else:  # o_proj / gate_up_proj hold W8A8 copies, qkv_proj / down_proj bf16 copies
+        gemv = packed.int4_gemv_available()
+        assert stack.max_tokens == min(packed.W8A8_OVER_INT4_ROWS,
+                                       packed._GEMV_MAX_ROWS["int4"] if gemv else packed.SMALL_M_MAX)
+    rows = []
+    real = CompiledDecoderStack.__call__
+    monkeypatch.setattr(CompiledDecoderStack, "__call__",
+                        lambda self, hidden, *args: rows.append(hidden.shape[0]) or real(self, hidden, *args))
+    gen = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, TINY_VOCAB, (int(n),), generator=gen).tolist()
+               for n in torch.randint(2, 12, (20,), generator=gen)]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=2)
+    compiled = _generate(llm, prompts, params)
+    assert (20 in rows) == (stack.max_tokens >= 20)  # the 20-request decode steps
+    assert all(n <= stack.max_tokens for n in rows)
+    with decoder_stack_disabled():
+        plain = _generate(llm, prompts, params)
+    assert compiled == plain
 
 
 def test_without_the_extension_nothing_is_built(monkeypatch, tmp_path):

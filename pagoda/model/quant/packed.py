@@ -25,6 +25,7 @@ scalar path, ~50x slower), so activations are cast to bf16 and results back.
 from __future__ import annotations
 
 import contextlib
+import math
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -300,6 +301,13 @@ class Int8Weight:
         q = self.q if self.q is not None else self.gemv.codes().contiguous()  # (only W8A8 forms run this hot)
         return w8a8_matmul(x, q, self.scale, out_dtype)
 
+    def weight_only_rows(self) -> int | float:
+        """Rows up to which `matmul` takes the weight-only kernel (inf: at any count). The compiled
+        decoder stack runs that kernel, so it takes steps of at most this many tokens."""
+        gemv_rows = SMALL_M_MAX if self.gemv is None else _GEMV_MAX_ROWS["int8_q8" if self.gemv.q8 else "int8"]
+        return min(gemv_rows if self.dense is not None else math.inf,
+                   SMALL_M_MAX if self.w8a8_at_large_m else math.inf)
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         x2, lead = _as_2d(x)
         gemv_rows = SMALL_M_MAX if self.gemv is None else _GEMV_MAX_ROWS["int8_q8" if self.gemv.q8 else "int8"]
@@ -447,6 +455,13 @@ class Int4Weight:
             return self.gemv.matmul(x.to(_KERNEL_DTYPE))
         return torch._weight_int4pack_mm_for_cpu(x.to(_KERNEL_DTYPE), self.packed, self.group_size,
                                                  self.scales_zeros)
+
+    def int4_rows(self) -> int | float:
+        """Rows up to which `_matmul_by_rows` takes the 4-bit kernel (inf: at any count). The
+        compiled decoder stack runs that kernel, so it takes steps of at most this many tokens."""
+        dense_over = _GEMV_MAX_ROWS["int4"] if self.gemv is not None else SMALL_M_MAX
+        return min(W8A8_OVER_INT4_ROWS if self.w8a8 is not None else math.inf,
+                   dense_over if self.dense is not None else math.inf)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         generated = _GENERATED_TOKENS.get() if self.w8a8 is not None else None
