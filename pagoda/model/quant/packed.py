@@ -68,9 +68,11 @@ _GEMV_MAX_ROWS = {form: _gemv_max_rows(form) for form in ("int4", "int8", "int8_
 # - 4-bit layers: +1.2% on every layer (over the 1% bar); the attention's input projection is the
 #   sensitive one (+0.86% alone: its input carries the outlier channels), and int8 activations on
 #   `Q8_TOLERANT_LAYERS` alone cost +0.56% for a GEMV ~1.2x faster from 4 rows on (offline mix
-#   ~+3%, decode batches of 16 ~+6%). Not adopted: top-1 agreement with the float model falls from
-#   96.0% to 93.3%, and the wider gap to the prefill path (a bf16 copy) makes greedy answers
-#   depend on prefix-cache hits more often, for a few percent. So 4-bit weights keep bf16.
+#   ~+3%, decode batches of 16 ~+6%), top-1 agreement with the float model 93.3% (from 96.0%).
+# - 4-bit `W8A8_LAYERS` (o_proj, gate_up_proj) alone: +0.39%, top-1 94.6%; offline mix +4-10%
+#   (decode steps 3.17-3.21 -> 2.83-3.01 s). Their prompt tokens already take int8 activations
+#   (W8A8: +0.67%, top-1 94.7%), so decode and prefill now round these layers alike. Adopted;
+#   qkv_proj and down_proj keep bf16 activations.
 Q8_TOLERANT_LAYERS = frozenset({"o_proj", "gate_up_proj", "down_proj"})
 
 # Layers whose 4-bit weights get an int8 per-row copy for W8A8 (per-row int8 activations,
@@ -125,7 +127,7 @@ def has_w8a8_copies(module: torch.nn.Module) -> bool:
     `w8a8_for_prompt_tokens`: without one, nobody needs to know a step's prompt tokens)."""
     return any(isinstance(getattr(m, "packed", None), Int4Weight) and m.packed.w8a8 is not None
                for m in module.modules())
-GEMV_Q8_ACTIVATIONS: dict[int, bool | frozenset[str]] = {4: False, 8: True}
+GEMV_Q8_ACTIVATIONS: dict[int, bool | frozenset[str]] = {4: W8A8_LAYERS, 8: True}
 
 
 def gemv_q8_activations(bits: int, layer: str | None = None) -> bool:
@@ -447,8 +449,14 @@ class Int4Weight:
         return self.gemv.packed.shape[1] * 4 if self.gemv is not None else self.packed.shape[1] * 2
 
     def dequantize_bf16(self) -> torch.Tensor:
-        """W [N, K] in bf16, exactly as the int4 kernel sees it (W.T = I @ W.T through it)."""
-        return self.matmul_int4(torch.eye(self.in_features, dtype=_KERNEL_DTYPE)).t().contiguous()
+        """W [N, K] in bf16, exactly as the int4 kernel sees it (W.T = I @ W.T through it). The
+        GEMV with bf16 activations, even for a form whose GEMV takes int8 ones: those would
+        round the identity's rows, and the W8A8 and bf16 copies built from this would move."""
+        eye = torch.eye(self.in_features, dtype=_KERNEL_DTYPE)
+        if self.gemv is not None:
+            gemv = self.gemv
+            return torch.ops.pagoda.int4_gemv(eye, gemv.packed, gemv.scales, gemv.group_size).t().contiguous()
+        return self.matmul_int4(eye).t().contiguous()
 
     def matmul_int4(self, x: torch.Tensor) -> torch.Tensor:
         if self.gemv is not None:
