@@ -130,8 +130,7 @@ class CompiledDecoderStack:
             stack.add_layer(input_norm, post_norm, q_norm, k_norm)
             for kind, a, b, group_size, bias in linears:
                 stack.add_linear(kind, a, b, group_size, bias)
-        logger.debug("compiled decoder stack: %d layers", len(specs))
-        logger.debug("compiled decoder stack: steps of up to %d tokens", int(max_tokens))
+        logger.debug("compiled decoder stack: %d layers, steps of up to %d tokens", len(specs), int(max_tokens))
         return cls(stack, has_w8a8_copies(decoder), int(max_tokens))
 
     @staticmethod
