@@ -11,7 +11,7 @@ A prefill runs the large-M kernels, decode the small-M ones, and they differ. In
 small model's 4-bit forms, prompt tokens take W8A8 on the W8A8_LAYERS (o_proj,
 gate_up_proj; on CPUs with int8 dot products) and a bf16 copy of the other layers'
 weights above 64 rows; generated tokens take pagoda's packed GEMV on every layer up to
-64 of them in a step (decode). ``int8`` runs W8A8 on every layer above SMALL_M_MAX rows.
+64 of them in a step (decode; int8 activations on the W8A8_LAYERS and the lm_head). ``int8`` runs W8A8 on every layer above SMALL_M_MAX rows.
 The plain rows measure the prefill kernels (teacher forcing runs 512-token windows);
 ``@small-M`` forces the decode kernels at every row count, prompt tokens included.
 
@@ -52,7 +52,7 @@ class Config:
     quantization: str
     kernels: str = "prefill"  # "prefill" (as the tokens and row counts decide) or "small-M" (decode's everywhere)
     # (4-bit, 8-bit) int8 activations in pagoda's GEMV: True / False for every layer, or a set of
-    # layer names (packed.GEMV_Q8_ACTIVATIONS); None: the defaults (4-bit: none; 8-bit: all).
+    # layer names (packed.GEMV_Q8_ACTIVATIONS); None: the defaults (4-bit: W8A8_LAYERS; 8-bit: all).
     gemv_q8: tuple[bool | frozenset[str], bool | frozenset[str]] | None = None
 
 

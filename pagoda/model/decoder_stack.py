@@ -87,7 +87,7 @@ def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
 class CompiledDecoderStack:
     """A `DecoderModel`'s layers and final norm as one C++ object (see the module docstring)."""
 
-    def __init__(self, stack, has_w8a8: bool = False, max_tokens: int = 1):
+    def __init__(self, stack, has_w8a8: bool, max_tokens: int):
         self._stack = stack
         self.has_w8a8 = has_w8a8  # some layer holds a W8A8 copy (the stack itself runs int4)
         # Steps of at most this many tokens: every layer's Python matmul would take the kernel the

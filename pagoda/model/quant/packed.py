@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import math
 from contextvars import ContextVar
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,20 @@ def _gemv_max_rows(form: str) -> int:
 
 _KERNEL_DTYPE = torch.bfloat16
 _GEMV_MAX_ROWS = {form: _gemv_max_rows(form) for form in ("int4", "int8", "int8_q8")}
+
+# Layers whose 4-bit weights get an int8 per-row copy for W8A8 (per-row int8 activations,
+# `w8a8_matmul`) for prompt tokens and decode steps of more than W8A8_OVER_INT4_ROWS tokens, in small models (where
+# the others keep a bf16 copy: `pagoda.model.quant.methods.DENSE_COPY_MAX_BYTES`), on CPUs
+# with int8 dot products (VNNI / AMX). Measured on the default model (docs/quantization.md,
+# benchmarks/quant_quality.py; AMD Zen 5, 2 threads):
+# - speed: torch._int_mm runs ~2x the bf16 matmul's rate (1.9 vs 0.97 TFLOP/s at 2048 rows);
+#   with the activations quantized and the products scaled in one op, 576->3072 takes 4.3 ms
+#   at 2048 rows against 7.7 (bf16), and 189 us at 64 rows against 328 (the int4 GEMV);
+# - quality (prefill, teacher-forced perplexity vs the float model): o_proj -0.08%, gate_up_proj
+#   +0.25% (one at a time), both +0.67% (top-1 agreement 94.7%, from 97.4% with the bf16 copy);
+#   down_proj (+0.83% alone) and qkv_proj (+1.03%) carry the outlier channels and stay out.
+W8A8_LAYERS = frozenset({"o_proj", "gate_up_proj"})
+
 # Which layers' GEMV takes int8-quantized activations (q8_gemv.cpp, VNNI; per row and group of 32,
 # as llama.cpp's Q8 activations) instead of bf16 ones, by weight bits: True (every layer), False
 # (none) or the layers' names (the last part of the module path); read when a weight is packed.
@@ -74,19 +89,8 @@ _GEMV_MAX_ROWS = {form: _gemv_max_rows(form) for form in ("int4", "int8", "int8_
 #   (W8A8: +0.67%, top-1 94.7%), so decode and prefill now round these layers alike. Adopted;
 #   qkv_proj and down_proj keep bf16 activations.
 Q8_TOLERANT_LAYERS = frozenset({"o_proj", "gate_up_proj", "down_proj"})
+GEMV_Q8_ACTIVATIONS: dict[int, bool | frozenset[str]] = {4: W8A8_LAYERS, 8: True}
 
-# Layers whose 4-bit weights get an int8 per-row copy for W8A8 (per-row int8 activations,
-# `w8a8_matmul`) for prompt tokens and decode steps of more than W8A8_OVER_INT4_ROWS tokens, in small models (where
-# the others keep a bf16 copy: `pagoda.model.quant.methods.DENSE_COPY_MAX_BYTES`), on CPUs
-# with int8 dot products (VNNI / AMX). Measured on the default model (docs/quantization.md,
-# benchmarks/quant_quality.py; AMD Zen 5, 2 threads):
-# - speed: torch._int_mm runs ~2x the bf16 matmul's rate (1.9 vs 0.97 TFLOP/s at 2048 rows);
-#   with the activations quantized and the products scaled in one op, 576->3072 takes 4.3 ms
-#   at 2048 rows against 7.7 (bf16), and 189 us at 64 rows against 328 (the int4 GEMV);
-# - quality (prefill, teacher-forced perplexity vs the float model): o_proj -0.08%, gate_up_proj
-#   +0.25% (one at a time), both +0.67% (top-1 agreement 94.7%, from 97.4% with the bf16 copy);
-#   down_proj (+0.83% alone) and qkv_proj (+1.03%) carry the outlier channels and stay out.
-W8A8_LAYERS = frozenset({"o_proj", "gate_up_proj"})
 # Decode rows above which an int4 form with a W8A8 copy takes it (prompt rows take it at any
 # count: `w8a8_for_prompt_tokens`): where the GEMV would hand over to a bf16 copy, 64 rows (8
 # with AMX). W8A8 is faster from ~16 rows (576->3072: 16 rows 73 vs 84 us, 64: 189 vs 328),
@@ -127,7 +131,6 @@ def has_w8a8_copies(module: torch.nn.Module) -> bool:
     `w8a8_for_prompt_tokens`: without one, nobody needs to know a step's prompt tokens)."""
     return any(isinstance(getattr(m, "packed", None), Int4Weight) and m.packed.w8a8 is not None
                for m in module.modules())
-GEMV_Q8_ACTIVATIONS: dict[int, bool | frozenset[str]] = {4: W8A8_LAYERS, 8: True}
 
 
 def gemv_q8_activations(bits: int, layer: str | None = None) -> bool:
@@ -303,17 +306,19 @@ class Int8Weight:
         q = self.q if self.q is not None else self.gemv.codes().contiguous()  # (only W8A8 forms run this hot)
         return w8a8_matmul(x, q, self.scale, out_dtype)
 
+    def _dense_over_rows(self) -> int:
+        """Rows above which a form with a bf16 copy takes it."""
+        return SMALL_M_MAX if self.gemv is None else _GEMV_MAX_ROWS["int8_q8" if self.gemv.q8 else "int8"]
+
     def weight_only_rows(self) -> int | float:
         """Rows up to which `matmul` takes the weight-only kernel (inf: at any count). The compiled
         decoder stack runs that kernel, so it takes steps of at most this many tokens."""
-        gemv_rows = SMALL_M_MAX if self.gemv is None else _GEMV_MAX_ROWS["int8_q8" if self.gemv.q8 else "int8"]
-        return min(gemv_rows if self.dense is not None else math.inf,
+        return min(self._dense_over_rows() if self.dense is not None else math.inf,
                    SMALL_M_MAX if self.w8a8_at_large_m else math.inf)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         x2, lead = _as_2d(x)
-        gemv_rows = SMALL_M_MAX if self.gemv is None else _GEMV_MAX_ROWS["int8_q8" if self.gemv.q8 else "int8"]
-        if self.dense is not None and x2.shape[0] > gemv_rows:
+        if self.dense is not None and x2.shape[0] > self._dense_over_rows():
             y = torch.nn.functional.linear(x2.to(self.dense.dtype), self.dense)
         elif self.w8a8_at_large_m and x2.shape[0] > SMALL_M_MAX:
             y = self.matmul_w8a8(x2, torch.float32 if self.float_out else x.dtype)
@@ -454,8 +459,7 @@ class Int4Weight:
         round the identity's rows, and the W8A8 and bf16 copies built from this would move."""
         eye = torch.eye(self.in_features, dtype=_KERNEL_DTYPE)
         if self.gemv is not None:
-            gemv = self.gemv
-            return torch.ops.pagoda.int4_gemv(eye, gemv.packed, gemv.scales, gemv.group_size).t().contiguous()
+            return dataclasses.replace(self.gemv, q8=False).matmul(eye).t().contiguous()
         return self.matmul_int4(eye).t().contiguous()
 
     def matmul_int4(self, x: torch.Tensor) -> torch.Tensor:
@@ -464,12 +468,15 @@ class Int4Weight:
         return torch._weight_int4pack_mm_for_cpu(x.to(_KERNEL_DTYPE), self.packed, self.group_size,
                                                  self.scales_zeros)
 
+    def _dense_over_rows(self) -> int:
+        """Rows above which a form with a bf16 copy takes it."""
+        return _GEMV_MAX_ROWS["int4"] if self.gemv is not None else SMALL_M_MAX
+
     def int4_rows(self) -> int | float:
         """Rows up to which `_matmul_by_rows` takes the 4-bit kernel (inf: at any count). The
         compiled decoder stack runs that kernel, so it takes steps of at most this many tokens."""
-        dense_over = _GEMV_MAX_ROWS["int4"] if self.gemv is not None else SMALL_M_MAX
         return min(W8A8_OVER_INT4_ROWS if self.w8a8 is not None else math.inf,
-                   dense_over if self.dense is not None else math.inf)
+                   self._dense_over_rows() if self.dense is not None else math.inf)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         generated = _GENERATED_TOKENS.get() if self.w8a8 is not None else None
@@ -491,7 +498,7 @@ class Int4Weight:
         rows = x2.shape[0]
         if self.w8a8 is not None and rows > W8A8_OVER_INT4_ROWS:
             y = self.w8a8.matmul_w8a8(x2, x.dtype)
-        elif self.dense is not None and rows > (_GEMV_MAX_ROWS["int4"] if self.gemv is not None else SMALL_M_MAX):
+        elif self.dense is not None and rows > self._dense_over_rows():
             y = torch.nn.functional.linear(x2.to(self.dense.dtype), self.dense)
         else:
             y = self.matmul_int4(x2)
