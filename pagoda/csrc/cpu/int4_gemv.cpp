@@ -93,27 +93,36 @@ inline void run_block(const Problem& p, int64_t block) {
   const __m512i t_lo = table_low();
   const __m512i t_hi = Bits == 4 ? t_lo : table_high_signed();
   __m512 tot[M];
+#pragma GCC unroll 8
   for (int m = 0; m < M; ++m) tot[m] = _mm512_setzero_ps();
   const uint8_t* w = p.w + block * block_bytes;
   const uint16_t* sc = p.sc + block * p.G * F::kScales;
-  for (int64_t g = 0; g < p.G; ++g) {
+  // Locals, and the loops unrolled: the compiler then keeps the row pointers in registers
+  // (576->3072 at 8-64 rows ~8% faster than reading them through `p`; Zen 5).
+  const uint16_t* xbase = p.x;
+  const float* sxp = p.sx;
+  const int64_t K = p.K, G = p.G;
+  for (int64_t g = 0; g < G; ++g) {
     __m512 acc_lo[M], acc_hi[M];
+#pragma GCC unroll 8
     for (int m = 0; m < M; ++m) acc_lo[m] = acc_hi[m] = _mm512_setzero_ps();
     const int64_t c0 = g * chunks_per_group;
     // Past the end of the weights or scales the prefetches touch other memory, never read.
     for (int64_t off = 0; off < chunks_per_group * kChunkBytes; off += 64)
       _mm_prefetch(reinterpret_cast<const char*>(w + c0 * kChunkBytes + off + kPrefetchBytes), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(sc + (g + kPrefetchGroups) * F::kScales), _MM_HINT_T0);
+#pragma GCC unroll 8
     for (int64_t c = c0; c < c0 + chunks_per_group; ++c) {
       const __m512i v =
           _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c * kChunkBytes)));
       const __m512i lo = _mm512_permutexvar_epi16(v, t_lo);  // the tables repeat: index bits 4.. do not matter
       const __m512i hi = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), t_hi);
-      for (int m = 0; m < M; ++m) {
+  #pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
         int32_t pair_lo, pair_hi;
-        std::memcpy(&pair_lo, p.x + m * p.K + F::kPerChunk * c, 4);
+        std::memcpy(&pair_lo, xbase + m * K + F::kPerChunk * c, 4);
         if constexpr (Bits == 4) {
-          std::memcpy(&pair_hi, p.x + m * p.K + 4 * c + 2, 4);
+          std::memcpy(&pair_hi, xbase + m * K + 4 * c + 2, 4);
         } else {
           pair_hi = pair_lo;
         }
@@ -125,12 +134,15 @@ inline void run_block(const Problem& p, int64_t block) {
     }
     const uint16_t* s = sc + g * F::kScales;
     const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s)));
+#pragma GCC unroll 8
     for (int m = 0; m < M; ++m) tot[m] = _mm512_fmadd_ps(_mm512_add_ps(acc_lo[m], acc_hi[m]), d, tot[m]);
     if constexpr (Bits == 4) {
       const __m512 off = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + 16)));
-      for (int m = 0; m < M; ++m) tot[m] = _mm512_fmadd_ps(off, _mm512_set1_ps(p.sx[m * p.G + g]), tot[m]);
+  #pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) tot[m] = _mm512_fmadd_ps(off, _mm512_set1_ps(sxp[m * G + g]), tot[m]);
     }
   }
+#pragma GCC unroll 8
   for (int m = 0; m < M; ++m) {
     const __m256bh out = _mm512_cvtneps_pbh(tot[m]);
     std::memcpy(p.y + m * p.ldy + block * kCols, &out, sizeof(out));

@@ -132,7 +132,7 @@ struct Problem {
 };
 
 template <int M>
-inline void run_block_int4(const Problem& p, int64_t block) {
+inline void run_block_int4_two_chains(const Problem& p, int64_t block) {
   const int64_t K = p.K, G = p.G, gs = p.group_size;
   const uint8_t* w = p.w + block * (K / 4) * kChunkBytes;
   const uint16_t* sc = p.sc + block * G * 32;
@@ -162,6 +162,54 @@ inline void run_block_int4(const Problem& p, int64_t block) {
   for (int m = 0; m < M; ++m) {
     const __m256bh out = _mm512_cvtneps_pbh(tot[m]);
     std::memcpy(p.y + m * p.ldy + block * kCols, &out, sizeof(out));
+  }
+}
+
+// From 4 rows on: one accumulator chain per row (M >= 4 chains hide vpdpbusd's latency), the
+// group's chunks unrolled and the row pointers in locals. Dropping the even/odd pair saves its
+// zeroing and adds: 576->3072 at 8-64 rows 13-17% faster (Zen 5, 1 and 2 threads, weights
+// from DRAM, A/B in one process). Below 4 rows the pair hides the latency (equal there). The
+// integer sums are exact, so both kernels give the same bits.
+template <int M>
+inline void run_block_int4(const Problem& p, int64_t block) {
+  if constexpr (M < 4) {
+    run_block_int4_two_chains<M>(p, block);
+  } else {
+    const int64_t K = p.K, G = p.G, gs = p.group_size;
+    const uint8_t* w = p.w + block * (K / 4) * kChunkBytes;
+    const uint16_t* sc = p.sc + block * G * 32;
+    const int8_t* xq = p.x.xq;  // locals: the compiler need not reload them after each asm
+    const float* xs = p.x.scale;
+    const float* xsum = p.x.sum_x;
+    __m512 tot[M];
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) tot[m] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      __m512i acc[M];
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_si512();
+      const int64_t c0 = g * gs / 4, c1 = c0 + gs / 4;
+#pragma GCC unroll 8
+      for (int64_t c = c0; c < c1; ++c) {
+        const __m512i w0 = unpack_int4(w + c * kChunkBytes);
+        const int8_t* xr = xq + 4 * c;
+#pragma GCC unroll 8
+        for (int m = 0; m < M; ++m) acc[m] = dot4(acc[m], w0, xr + m * K);
+      }
+      const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + g * 32)));
+      const __m512 off = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + g * 32 + 16)));
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) {
+        const __m512 ds = _mm512_mul_ps(d, _mm512_set1_ps(xs[m * G + g]));
+        tot[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m]), ds, tot[m]);
+        tot[m] = _mm512_fmadd_ps(off, _mm512_set1_ps(xsum[m * G + g]), tot[m]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      const __m256bh out = _mm512_cvtneps_pbh(tot[m]);
+      std::memcpy(p.y + m * p.ldy + block * kCols, &out, sizeof(out));
+    }
   }
 }
 
