@@ -7,7 +7,8 @@ quantization itself is what benchmarks/quant_quality.py measures against the flo
 
 - both forms (4-bit codes with d, m per group; 8-bit rows with one scale per row), every
   row count in one pass and in blocks of 8;
-- a row's result is bitwise the same whatever rows share its call;
+- a row's result is bitwise the same whatever rows share its call, also where a call of
+  several passes walks weights too large for the cache in tiles (the lm_head);
 - the int8 lm_head takes it by default where it runs and returns float32 logits; shapes off
   its grid keep bf16 activations.
 """
@@ -102,6 +103,19 @@ def test_a_row_does_not_depend_on_its_neighbours(bits: int) -> None:
     for i in range(19):
         assert torch.equal(gemv.matmul(x[i:i + 1].contiguous())[0], together[i])
     assert torch.equal(gemv.matmul(x[3:12].contiguous()), together[3:12])
+
+
+def test_tiled_passes_over_large_weights_give_the_same_bits() -> None:
+    # 16384 x 576 int8 (9.4 MB with scales) is above the kernel's 8 MB streaming bound: calls of
+    # more than 8 rows run every pass over an L2-sized tile of columns before the next tile.
+    # One row at a time takes the plain order (one pass); the rows must agree bit for bit,
+    # including a last pass of 3 rows and a last tile of fewer columns (N / 16 = 1024 blocks).
+    gen = torch.Generator().manual_seed(5)
+    gemv = Int8Weight.quantize(torch.randn(16384, 576, generator=gen) * 0.05, q8=True).gemv
+    x = torch.randn(19, 576, generator=gen).to(BF16)
+    together = gemv.matmul(x)
+    for i in range(19):
+        assert torch.equal(gemv.matmul(x[i:i + 1].contiguous())[0], together[i])
 
 
 def test_defaults_and_shapes_off_its_grid() -> None:
