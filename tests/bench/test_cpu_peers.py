@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import types
 import sys
 from pathlib import Path
 
@@ -272,3 +273,30 @@ def test_steadiness_stats_and_table_sections(capsys):
     out = capsys.readouterr().out
     assert "serving, concurrency 32" in out and "steadiness: 1 fresh runs" in out
     assert "| serve c=32 | pagoda |" in cpu_peers.markdown_table(report)
+
+
+def test_offline_figure_is_the_median_of_its_repeats(monkeypatch):
+    # A fake engine whose offline batches take 3, 1 and 2 (fake) seconds: the figure is the
+    # median call (2 s), every call's wall is kept, and each call generates the whole mix.
+    walls = iter([0.0, 3.0, 3.0, 4.0, 4.0, 6.0])
+    monkeypatch.setattr(cpu_peers.time, "perf_counter", lambda: next(walls))
+    calls = []
+
+    def gen(prompts, lens):
+        calls.append(list(lens))
+        return [types.SimpleNamespace(outputs=[types.SimpleNamespace(token_ids=list(range(n)))]) for n in lens]
+
+    requests = [([20, 21, 22], 4), ([23, 24], 6)]
+    job = {"requests": requests, "workloads": ["offline"], "offline_repeats": 3}
+    res = cpu_peers._generic_worker(job, gen, {})
+    assert calls[1:] == [[4, 6]] * 3  # after the warm-up call
+    assert res["offline"]["all_wall_s"] == [3.0, 1.0, 2.0]
+    assert res["offline"]["wall_s"] == 2.0 and res["offline"]["tok_s"] == 10 / 2.0
+
+
+def test_offline_repeats_refuse_a_prefix_cache(tmp_path):
+    cached = ["--cache-dir", str(tmp_path), "--pagoda-kwargs", '{"enable_prefix_caching": true}',
+              "--output", str(tmp_path / "o.json")]
+    with pytest.raises(SystemExit):  # the repeats would be served from the cache
+        cpu_peers.parse_args(cached)
+    assert cpu_peers.parse_args([*cached, "--offline-repeats", "1"]).offline_repeats == 1
