@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import types
 import sys
+import types
 from pathlib import Path
 
 import pytest

@@ -117,8 +117,8 @@ inline void run_block(const Problem& p, int64_t block) {
           _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c * kChunkBytes)));
       const __m512i lo = _mm512_permutexvar_epi16(v, t_lo);  // the tables repeat: index bits 4.. do not matter
       const __m512i hi = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), t_hi);
-  #pragma GCC unroll 8
-    for (int m = 0; m < M; ++m) {
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) {
         int32_t pair_lo, pair_hi;
         std::memcpy(&pair_lo, xbase + m * K + F::kPerChunk * c, 4);
         if constexpr (Bits == 4) {
@@ -138,8 +138,8 @@ inline void run_block(const Problem& p, int64_t block) {
     for (int m = 0; m < M; ++m) tot[m] = _mm512_fmadd_ps(_mm512_add_ps(acc_lo[m], acc_hi[m]), d, tot[m]);
     if constexpr (Bits == 4) {
       const __m512 off = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + 16)));
-  #pragma GCC unroll 8
-    for (int m = 0; m < M; ++m) tot[m] = _mm512_fmadd_ps(off, _mm512_set1_ps(sxp[m * G + g]), tot[m]);
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) tot[m] = _mm512_fmadd_ps(off, _mm512_set1_ps(sxp[m * G + g]), tot[m]);
     }
   }
 #pragma GCC unroll 8

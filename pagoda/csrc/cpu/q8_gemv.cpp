@@ -259,9 +259,11 @@ inline void run_block(const Problem& p, int64_t block) {
 constexpr int64_t kStreamedBytes = int64_t{8} << 20;
 constexpr int64_t kTileBytes = int64_t{512} << 10;
 
-template <int Bits>
-void run(const Problem& p0, int64_t M, int64_t num_blocks, int64_t block_bytes) {
-  auto pass = [&](int64_t m0) {
+// Calls f(m, p) for every pass of up to kMaxRows rows, in order: m the pass's row count as a
+// compile-time constant, p the problem moved to the pass's first row.
+template <typename F>
+inline void for_each_pass(const Problem& p0, int64_t M, F&& f) {
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
     Problem p = p0;
     p.x.xq += m0 * p.K;
     p.x.scale += m0 * p.G;
@@ -269,18 +271,18 @@ void run(const Problem& p0, int64_t M, int64_t num_blocks, int64_t block_bytes) 
     p.x.sum_q += m0 * p.G;
     if (p.y != nullptr) p.y += m0 * p.ldy;
     if (p.y32 != nullptr) p.y32 += m0 * p.ldy;
-    return p;
-  };
-  if (M <= kMaxRows || num_blocks * block_bytes < kStreamedBytes) {  // passes outer: each pass streams every block
-    for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-      const Problem p = pass(m0);
-      const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, M - m0));
-      pagoda_gemv::with_rows(rows, [&](auto m) {
-        at::parallel_for(0, num_blocks, 1, [&](int64_t begin, int64_t end) {
-          for (int64_t block = begin; block < end; ++block) run_block<Bits, decltype(m)::value>(p, block);
-        });
+    pagoda_gemv::with_rows(static_cast<int>(std::min<int64_t>(kMaxRows, M - m0)), [&](auto m) { f(m, p); });
+  }
+}
+
+template <int Bits>
+void run(const Problem& p0, int64_t M, int64_t num_blocks, int64_t block_bytes) {
+  if (M <= kMaxRows || num_blocks * block_bytes < kStreamedBytes) {  // passes outer: each streams every block
+    for_each_pass(p0, M, [&](auto m, const Problem& p) {
+      at::parallel_for(0, num_blocks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t block = begin; block < end; ++block) run_block<Bits, decltype(m)::value>(p, block);
       });
-    }
+    });
     return;
   }
   const int64_t tile = std::max<int64_t>(1, kTileBytes / block_bytes);
@@ -288,13 +290,9 @@ void run(const Problem& p0, int64_t M, int64_t num_blocks, int64_t block_bytes) 
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b0 = t * tile, b1 = std::min(num_blocks, b0 + tile);
-      for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-        const Problem p = pass(m0);
-        const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, M - m0));
-        pagoda_gemv::with_rows(rows, [&](auto m) {
-          for (int64_t block = b0; block < b1; ++block) run_block<Bits, decltype(m)::value>(p, block);
-        });
-      }
+      for_each_pass(p0, M, [&](auto m, const Problem& p) {
+        for (int64_t block = b0; block < b1; ++block) run_block<Bits, decltype(m)::value>(p, block);
+      });
     }
   });
 }
